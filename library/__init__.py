@@ -1,0 +1,1 @@
+"""Shared library of the textual-inversion toolkit: one focused module per job."""
