@@ -1,0 +1,174 @@
+"""The run folder: where a training run writes its files, and how a run is resumed from them.
+
+    output_dir/
+      config.toml                 resolved config of the run
+      NAME.pt, NAME.safetensors   final embedding (file stem = trigger word)
+      embeddings/NAME-N.pt ...    the embedding after exactly N optimizer updates
+      embeddings/NAME-N.optim     optimizer state after N updates (resume)
+      previews/NAME-N.png         preview images with A1111 infotext
+      loss.csv, logs/             loss per step (A1111's columns), TensorBoard events
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.embeddings import Embedding, load_embedding
+from library.errors import UserError
+
+LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+    name: str
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def previews_dir(self) -> Path:
+        return self.root / "previews"
+
+    @property
+    def loss_csv(self) -> Path:
+        return self.root / "loss.csv"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def final_file(self, fmt: str) -> Path:
+        return self.root / f"{self.name}.{fmt}"
+
+    def step_file(self, step: int, fmt: str) -> Path:
+        return self.embeddings_dir / f"{self.name}-{step}.{fmt}"
+
+    def optim_file(self, step: int) -> Path:
+        return self.embeddings_dir / f"{self.name}-{step}.optim"
+
+    def saved_steps(self) -> list[int]:
+        """Steps that have an embedding file in embeddings/, ascending."""
+        pattern = re.compile(rf"^{re.escape(self.name)}-(\d+)\.(pt|safetensors)$")
+        if not self.embeddings_dir.is_dir():
+            return []
+        found = {int(m.group(1)) for p in self.embeddings_dir.iterdir() if (m := pattern.match(p.name))}
+        return sorted(found)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder so a kill never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_training_state(path: Path, step: int, optimizer_state: dict, scaler_state: dict | None) -> None:
+    """Optimizer (and fp16 loss-scaler) state after `step` updates, loadable with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save({"step": step, "optimizer": optimizer_state, "scaler": scaler_state or {}}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_training_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise UserError(f"{path}: cannot read optimizer state ({exc.__class__.__name__}); delete it to restart the optimizer") from None
+
+
+@dataclass
+class ResumePoint:
+    embedding: Embedding
+    step: int
+    state: dict | None  # optimizer state, None when no .optim file is beside the embedding
+    source: Path
+
+
+def find_resume_point(target: Path, name: str) -> ResumePoint:
+    """Where to continue from: a run folder (its latest save) or one `NAME-N` embedding file."""
+    if target.is_dir():
+        run = RunFolder(target, name)
+        steps = [s for s in run.saved_steps() if run.optim_file(s).exists()] or run.saved_steps()
+        if not steps:
+            raise UserError(f"{target}: no saved '{name}-N' embeddings to resume from; check the folder and [embedding] name")
+        step = steps[-1]
+        file = next(f for fmt in ("pt", "safetensors") if (f := run.step_file(step, fmt)).exists())
+        optim = run.optim_file(step)
+    elif target.is_file():
+        file = target
+        optim = target.with_suffix(".optim")
+    else:
+        raise UserError(f"{target}: not found; give a run folder or a NAME-N embedding file to --resume")
+    embedding = load_embedding(file)
+    if embedding.step is None:
+        raise UserError(f"{file}: this embedding does not record its step; it can seed a run (embedding.init_from) but not resume one")
+    state = load_training_state(optim) if optim.exists() else None
+    if state is not None and state.get("step") != embedding.step:
+        state = None
+    return ResumePoint(embedding, embedding.step, state, file)
+
+
+def check_no_later_saves(run: RunFolder, step: int) -> None:
+    """Refuse to resume from an earlier step into a folder whose later saves would be overwritten."""
+    later = [s for s in run.saved_steps() if s > step]
+    if later:
+        raise UserError(
+            f"{run.step_file(later[0], 'pt').parent}: holds saves after step {step} (up to {later[-1]}); "
+            "resuming would overwrite them: move them away or set save.output_dir to a new folder"
+        )
+
+
+def trim_loss_log(run: RunFolder, step: int) -> None:
+    """Drop loss rows past `step` so a resumed run's log has each step once."""
+    if not run.loss_csv.exists():
+        return
+    with run.loss_csv.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, LOSS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(run.loss_csv, out.getvalue().encode())
+
+
+class LossLog:
+    """Appends A1111-style loss rows (step, epoch, epoch_step, loss, learn_rate) to loss.csv."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.open("a", newline="")
+        self.writer = csv.writer(self.handle)
+        if new:
+            self.writer.writerow(LOSS_COLUMNS)
+
+    def write(self, step: int, epoch: int, epoch_step: int, loss: float, lr: float) -> None:
+        self.writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", f"{lr:.10g}"])
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()

@@ -1,0 +1,255 @@
+"""Typed TOML configuration: each table is a frozen dataclass, and this is the only place defaults live.
+
+A preset is loaded with `load_config(TrainConfig, "presets/face.toml", ["train.lr=0.002"])`:
+unknown keys and wrong types are one-line `UserError`s naming the key and the closest valid one, and
+`dump_config` writes the fully resolved config beside every output so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from library.errors import UserError
+
+# --------------------------------------------------------------------------------------------------
+# Tables shared by the scripts
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the checkpoint to train on (or render with)."""
+
+    # A single-file checkpoint (.safetensors / .ckpt) as A1111 uses, or a diffusers folder.
+    # "builtin:tiny" is the small model built into the project (runs anywhere, learns nothing real).
+    checkpoint: str = "builtin:tiny"
+    vae: str = ""  # optional separate VAE file, as A1111's "SD VAE" setting
+    family: Literal["auto", "sd1", "sd2", "sd2-v"] = "auto"  # override only for files detection gets wrong
+    config_dir: str = ""  # optional diffusers-format config folder overriding the built-in configs
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """[preview] and friends: how images are rendered (A1111's txt2img settings)."""
+
+    prompt: str = ""  # "" = a prompt drawn from the training template, as A1111 does
+    negative_prompt: str = ""
+    seed: int = 12345678  # -1 = a new random seed each time
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M Karras"
+    width: int = 0  # 0 = the training resolution
+    height: int = 0
+    batch_size: int = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# train_textual_inversion.py
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """[embedding]: the new word being learned."""
+
+    name: str = ""  # trigger word = file stem of the saved embedding, e.g. "fr3nchl4dy"
+    init_text: str = "*"  # word(s) whose token vectors start the embedding ("" = zeros)
+    num_vectors: int = 1
+    init_rule: Literal["a1111", "kohya"] = "a1111"  # how init tokens fill the vectors (FACTS §2)
+    init_from: str = ""  # start from an existing embedding file instead of init_text
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """[dataset]: where the images and captions come from (FACTS §3)."""
+
+    image_dir: str = ""  # a Kohya parent folder (`100_name class/`) or a flat folder of images
+    dataset_config: str = ""  # a Kohya dataset TOML; when set, folder names are not parsed
+    resolution: int = 512
+    caption_extension: str = ".txt"
+    template: str = "subject_filewords"  # stock template name, a file path, or an inline "...[name]..." line
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # tags kept in place at the front when shuffling / dropping
+    tag_dropout: float = 0.0
+    flip_aug: bool = False
+    alpha_loss_weight: bool = False  # PNG alpha channel weights the loss
+    latent_sampling: Literal["once", "deterministic", "random"] = "once"
+    filename_word_regex: str = ""
+    filename_join_string: str = " "
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """[train]: the optimisation itself."""
+
+    max_steps: int = 1000  # optimizer updates
+    batch_size: int = 1  # per process
+    gradient_accumulation_steps: int = 1
+    # A number, or an A1111 schedule string such as "0.05:10, 0.02:20, 0.005" (FACTS §2).
+    lr: float | str = 0.005
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"  # shape for a plain number
+    lr_warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy"] = "adamw"
+    weight_decay: float = 0.0
+    clip_grad_mode: Literal["off", "value", "norm"] = "off"
+    clip_grad_value: float | str = 0.1  # a number or a schedule string, like lr
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    """[save]: what is written, where, and how often."""
+
+    output_dir: str = "output"
+    save_every_steps: int = 500  # 0 = only the final embedding
+    formats: tuple[str, ...] = ("pt", "safetensors")
+    save_optimizer_state: bool = True
+    embed_in_png: bool = False  # also write A1111 PNG embeddings beside the previews
+
+
+@dataclass(frozen=True)
+class PreviewConfig(SamplingConfig):
+    """[preview]: images rendered during training with the current vectors."""
+
+    every_steps: int = 0  # 0 = no previews
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole configuration of train_textual_inversion.py."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read a TOML preset (optional) and dotted `table.key=value` overrides into a frozen `cls`."""
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found; check the path (presets live in presets/)") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(cls, raw, prefix="", source=source)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {item!r}: write it as table.key=value, e.g. train.lr=0.002")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: model.checkpoint=/path/to/file.safetensors
+    *tables, leaf = key.strip().split(".")
+    node = raw
+    for table in tables:
+        node = node.setdefault(table, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {table!r} is not a table")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, fields)}")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: '{prefix}{name}' must be a table [{prefix}{name}]")
+            values[name] = _build(kind, value, f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(value, kind, f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _suggest(key: str, fields: dict) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid keys here: {', '.join(fields)}"
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{source}: '{key}' = {value!r} is not allowed{hint} Choose one of: {', '.join(allowed)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(value, option, key, source)
+            except UserError:
+                continue
+        raise UserError(f"{source}: '{key}' = {value!r} has the wrong type; expected {_type_name(kind)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        (inner, _) = typing.get_args(kind)
+        return tuple(_coerce(v, inner, key, source) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{source}: '{key}' = {value!r} must be true or false")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{source}: '{key}' = {value!r} has the wrong type; expected {_type_name(kind)}")
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(k) for k in typing.get_args(kind))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def config_to_dict(config: Any) -> dict:
+    """The config as plain TOML-ready tables (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: (config_to_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else plain(v))
+        for f in dataclasses.fields(config)
+    }
+
+
+def dump_config(config: Any) -> str:
+    """The resolved config as TOML text, loadable again by `load_config`."""
+    return tomli_w.dumps(config_to_dict(config))

@@ -1,0 +1,348 @@
+"""Textual-inversion training: set up, train, save. Only the new vectors are optimised.
+
+Every random draw of a step (which images, captions, noise, timesteps) is a pure function of
+(seed, step), so a resumed run and a data-parallel run give the same vectors as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from library import checkpoints as ckpt
+from library.config import TrainConfig, dump_config
+from library.data import TrainingData, scan_images
+from library.embeddings import Embedding, check_name, init_vectors, load_embedding, save_embedding
+from library.errors import UserError
+from library.models import SDParts, load_parts
+from library.optim import build_optimizer, clip_gradients
+from library.prompts import PromptEncoder
+from library.sampling import SampleSettings, format_infotext, generate, infotext_params, resolve_seed, save_png
+from library.schedules import build_schedule
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingStopped(UserError):
+    """Training ended early (NaN loss, Ctrl-C) after saving the last good state."""
+
+
+@dataclass
+class Trainer:
+    """The state of one run, built by `setup` and advanced by `train`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    parts: SDParts
+    data: TrainingData
+    encoder: PromptEncoder
+    vectors: torch.nn.Parameter
+    optimizer: torch.optim.Optimizer
+    run: ckpt.RunFolder
+    start_step: int
+    log: callable = print
+
+    # ------------------------------------------------------------------ one optimizer update
+    def loss_for(self, micro_step: int) -> torch.Tensor:
+        """Mean loss of this process's share of the global micro-batch `micro_step`."""
+        acc, cfg = self.accelerator, self.config.train
+        size, rank, world = cfg.batch_size, acc.process_index, acc.num_processes
+        batch = self.data.batch(micro_step, rank * size, size)
+        latents = batch.latents.to(acc.device, torch.float32)
+        gen = torch.Generator(acc.device).manual_seed(_mix(cfg.seed, micro_step))
+        # Draw for the whole global batch, then take this rank's rows: same draws for any process count.
+        noise = torch.randn((size * world, *latents.shape[1:]), generator=gen, device=acc.device)
+        timesteps = torch.randint(0, 1000, (size * world,), generator=gen, device=acc.device)
+        offsets = torch.randn((size * world, latents.shape[1], 1, 1), generator=gen, device=acc.device)
+        rows = slice(rank * size, (rank + 1) * size)
+        noise, timesteps = noise[rows] + cfg.noise_offset * offsets[rows], timesteps[rows]
+
+        scheduler = self.parts.noise_scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.parts.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        dtype = self.parts.unet.dtype
+        with acc.autocast():
+            cond = self.encoder.encode(batch.prompts)
+            pred = self.parts.unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if batch.loss_weights is not None:
+            loss = loss * batch.loss_weights.to(loss.device)
+        loss = loss.mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            loss = loss * _min_snr_weight(scheduler, timesteps, cfg.min_snr_gamma, self.parts.prediction_type)
+        return loss.mean()
+
+    def step(self, step: int, lr: float, clip: float | None) -> torch.Tensor:
+        """One optimizer update (over gradient accumulation); returns the mean loss, detached."""
+        acc, cfg = self.accelerator, self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=acc.device)
+        accum = cfg.gradient_accumulation_steps
+        for micro in range(accum):
+            loss = self.loss_for(step * accum + micro) / accum
+            acc.backward(loss)
+            total += loss.detach()
+        if acc.num_processes > 1:
+            self.vectors.grad = acc.reduce(self.vectors.grad, reduction="mean")
+            total = acc.reduce(total, reduction="mean")
+        if clip is not None:
+            clip_gradients(acc, [self.vectors], cfg.clip_grad_mode, clip)
+        if torch.isfinite(total):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        """Run from `start_step` to the end of the schedule, saving and previewing on the way."""
+        cfg, acc = self.config, self.accelerator
+        lr_schedule = build_schedule(cfg.train.lr, cfg.train.max_steps, cfg.train.lr_scheduler, cfg.train.lr_warmup_steps)
+        clip_schedule = None
+        if cfg.train.clip_grad_mode != "off":
+            clip_schedule = build_schedule(cfg.train.clip_grad_value, cfg.train.max_steps, what="clip_grad_value")
+        end = min(cfg.train.max_steps, lr_schedule.end_step)
+        if end < cfg.train.max_steps:
+            self.log(f"the lr schedule ends at step {end}: training stops there (A1111 rule)")
+        main = acc.is_main_process
+        loss_log = ckpt.LossLog(self.run.loss_csv) if main else None
+        writer = _tensorboard(self.run.logs_dir) if main else None
+        if main and cfg.preview.every_steps and self.start_step == 0:
+            self.preview(0)
+        stop = _StopRequest()
+        bar = tqdm(total=end, initial=self.start_step, disable=not main, desc=cfg.embedding.name, unit="step")
+        step = self.start_step
+        per_epoch = max(1, self.data.epoch_length // (cfg.train.batch_size * acc.num_processes))
+        try:
+            while step < end:
+                if stop.requested:
+                    self.save(step, final=False)
+                    raise TrainingStopped(
+                        f"interrupted after {step} steps; saved {self.run.step_file(step, cfg.save.formats[0])}; "
+                        f"continue with --resume {self.run.root}"
+                    )
+                lr = lr_schedule.value(step)
+                clip = clip_schedule.value(step) if clip_schedule else None
+                loss = self.step(step, lr, clip).item()
+                if not math.isfinite(loss):
+                    self.save(step, final=False)
+                    raise TrainingStopped(
+                        f"loss became {loss} at step {step + 1}; kept the last good embedding "
+                        f"{self.run.step_file(step, cfg.save.formats[0])}; lower train.lr or use mixed_precision=bf16"
+                    )
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+                if main:
+                    loss_log.write(step, (step - 1) // per_epoch, (step - 1) % per_epoch + 1, loss, lr)
+                    writer.add_scalar("loss", loss, step)
+                    writer.add_scalar("lr", lr, step)
+                if cfg.save.save_every_steps and step % cfg.save.save_every_steps == 0:
+                    self.save(step, final=False)
+                if main and cfg.preview.every_steps and step % cfg.preview.every_steps == 0:
+                    self.preview(step)
+        finally:
+            stop.restore()
+            bar.close()
+            if main:
+                loss_log.close()
+                writer.close()
+        return self.save(step, final=True)
+
+    # ------------------------------------------------------------------ outputs
+    def embedding(self, step: int) -> Embedding:
+        cfg = self.config
+        return Embedding(
+            name=cfg.embedding.name,
+            vectors=self.vectors.detach().float().cpu().clone(),
+            step=step,
+            checkpoint_hash=self.parts.checkpoint_hash or None,
+            checkpoint_name=self.parts.checkpoint_name,
+            metadata={"ti.train": dump_config(cfg.train)},
+        )
+
+    def save(self, step: int, *, final: bool) -> Path:
+        """Write the embedding after `step` updates in every format (and the optimizer state)."""
+        acc, cfg = self.accelerator, self.config
+        acc.wait_for_everyone()
+        first = None
+        if acc.is_main_process:
+            embedding = self.embedding(step)
+            for fmt in cfg.save.formats:
+                path = self.run.final_file(fmt) if final else self.run.step_file(step, fmt)
+                save_embedding(embedding, path, overwrite=final)
+                first = first or path
+            if not final and cfg.save.save_optimizer_state:
+                scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+                ckpt.save_training_state(self.run.optim_file(step), step, self.optimizer.state_dict(), scaler)
+        acc.wait_for_everyone()
+        return first or self.run.final_file(cfg.save.formats[0])
+
+    def preview(self, step: int) -> Path:
+        """Render the preview image for `step` with the current vectors, with A1111 infotext."""
+        cfg, parts = self.config.preview, self.parts
+        resolution = self.config.dataset.resolution
+        settings = SampleSettings(
+            steps=cfg.steps,
+            cfg_scale=cfg.cfg_scale,
+            width=cfg.width or resolution,
+            height=cfg.height or resolution,
+            sampler=cfg.sampler,
+            batch_size=cfg.batch_size,
+        )
+        prompt = cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(0, 0, 1).prompts[0]
+        seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
+        images = generate(parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings)
+        path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
+        for i, image in enumerate(images):
+            target = path if i == 0 else path.with_name(f"{path.stem}-{i}.png")
+            params = infotext_params(settings, seeds[i], parts)
+            save_png(image, target, format_infotext(prompt, cfg.negative_prompt, params), overwrite=True)
+        if self.config.save.embed_in_png:
+            card = self.run.previews_dir / f"{self.config.embedding.name}-{step}-embedding.png"
+            save_embedding(self.embedding(step), card, overwrite=True, image=images[0])
+        return path
+
+
+def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
+    """Load the model and data, create or restore the vectors and optimizer, prepare the run folder."""
+    cfg = config
+    if not cfg.embedding.name:
+        raise UserError("embedding.name is empty: set the trigger word, e.g. embedding.name=fr3nchl4dy")
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    run = ckpt.RunFolder(Path(cfg.save.output_dir), cfg.embedding.name)
+    point = ckpt.find_resume_point(Path(resume), cfg.embedding.name) if resume else None
+    _check_run_folder(run, point)
+
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    parts = load_parts(cfg.model, dtype=weight_dtype)
+    device = accelerator.device
+    parts.unet.to(device)
+    parts.text_encoder.to(device)
+    if cfg.train.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        parts.text_encoder.gradient_checkpointing_enable()
+    records = scan_images(cfg.dataset)
+    data = TrainingData(records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed)
+    if cfg.train.batch_size > data.num_images:
+        raise UserError(
+            f"{cfg.dataset.image_dir or cfg.dataset.dataset_config}: batch_size {cfg.train.batch_size} is larger than "
+            f"the {data.num_images} images; lower train.batch_size or add images"
+        )
+    # The SD VAE overflows in fp16; encode latents in fp32 then (a one-time cost), else in the weight dtype.
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+    parts.vae.to(device, vae_dtype)
+    data.cache_latents(parts.vae, device=device, dtype=vae_dtype)
+
+    start = _initial_vectors(cfg, parts, point)
+    vectors = torch.nn.Parameter(start.to(device, torch.float32))
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    encoder.set_embedding(cfg.embedding.name, vectors)
+    for warning in check_name(parts.tokenizer, cfg.embedding.name):
+        log(f"warning: {warning}")
+
+    optimizer = build_optimizer(cfg.train.optimizer, [vectors], lr=0.0, weight_decay=cfg.train.weight_decay)
+    start_step = 0
+    if point is not None:
+        start_step = point.step
+        if point.state is not None:
+            optimizer.load_state_dict(point.state["optimizer"])
+        else:
+            log(f"warning: no optimizer state beside {point.source}; the optimizer restarts from zero")
+        ckpt.trim_loss_log(run, start_step)
+    optimizer = accelerator.prepare(optimizer)
+    if point is not None and point.state and point.state.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(point.state["scaler"])
+    if accelerator.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_bytes(run.config_file, dump_config(cfg).encode())
+    log(
+        f"training '{cfg.embedding.name}' ({vectors.shape[0]} vectors x {vectors.shape[1]}) on {parts.checkpoint_name} "
+        f"[{parts.family}], {data.num_images} images, {accelerator.num_processes} process(es) on {device}, "
+        f"from step {start_step} -> {run.root}"
+    )
+    return Trainer(cfg, accelerator, parts, data, encoder, vectors, optimizer, run, start_step, log)
+
+
+def _check_run_folder(run: ckpt.RunFolder, point) -> None:
+    if point is None:
+        if run.config_file.exists() or run.saved_steps():
+            raise UserError(
+                f"{run.root}: already holds a training run; continue it with --resume {run.root}, "
+                "or set save.output_dir to a new folder"
+            )
+        return
+    ckpt.check_no_later_saves(run, point.step)
+
+
+def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
+    width = parts.text_encoder.get_input_embeddings().weight.shape[1]
+    if point is not None:
+        vectors, source = point.embedding.vectors, point.source
+    elif cfg.embedding.init_from:
+        vectors, source = load_embedding(cfg.embedding.init_from).vectors, cfg.embedding.init_from
+    else:
+        return init_vectors(parts.tokenizer, parts.text_encoder, cfg.embedding.init_text, cfg.embedding.num_vectors, cfg.embedding.init_rule)
+    if not isinstance(vectors, torch.Tensor) or vectors.shape[-1] != width:
+        shape = {k: tuple(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else tuple(vectors.shape)
+        raise UserError(f"{source}: embedding of shape {shape} does not fit this model's text encoder (width {width}); use an embedding made for this model family")
+    return vectors.float()
+
+
+def _mix(seed: int, step: int) -> int:
+    """A per-step generator seed: distinct for every (seed, step), stable across runs and processes."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=gamma) / snr
+    return weight if prediction_type == "epsilon" else weight * snr / (snr + 1)
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(path))
+
+
+class _StopRequest:
+    """First Ctrl-C asks the loop to save and stop at the next step boundary; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): keep default behaviour
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def run_training(config: TrainConfig, resume: str | None = None, log=print) -> Path:
+    """Train an embedding as the config says; returns the path of the final embedding file."""
+    started = time.perf_counter()
+    trainer = setup(config, resume=resume, log=log)
+    final = trainer.train()
+    trainer.accelerator.end_training()
+    if trainer.accelerator.is_main_process:
+        log(f"saved {final} after {time.perf_counter() - started:.1f} s")
+    return final
+
