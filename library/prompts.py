@@ -1,0 +1,415 @@
+"""A1111 prompt syntax and prompt encoding with textual-inversion embeddings.
+
+Follows AUTOMATIC1111's rules (FACTS.md section 4) so that a prompt gives the same conditioning here as
+in the web UI:
+- `(x)`, `[x]`, `(x:1.3)`, escapes and `BREAK` are parsed exactly as A1111's `parse_prompt_attention`;
+- prompts are cut into chunks of 75 tokens (+ BOS/EOS), backing up to a comma within the last 20 tokens;
+- an embedding is found by its name's token ids (longest name first) and its vectors replace the input
+  token embeddings of as many placeholder slots;
+- weights multiply the text encoder's output, which is then rescaled to its original mean.
+
+Deliberate differences from A1111: when a comma backtrack moves the tail of a chunk into the next one,
+embeddings in that tail move with their placeholder slots (A1111 leaves them behind, writing their
+vectors over padding); a weight that is not a number, `(x:.)`, is a UserError instead of a crash.
+Prompt editing (`[a:b:0.5]`) and `AND` are not part of this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+from library.errors import UserError
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk; BOS and EOS make it 77
+ROUND_MULTIPLIER = 1.1  # `(x)`
+SQUARE_MULTIPLIER = 1 / 1.1  # `[x]`
+EMBEDDING_PLACEHOLDER_ID = 0  # A1111 puts token id 0 in the slots an embedding's vectors fill
+_TOKENIZE_CACHE_SIZE = 4096  # captions repeat every epoch; distinct ones rarely exceed this
+
+# One token of A1111's attention syntax per match; group 1 is the number of a `:weight)` closer.
+_RE_ATTENTION = re.compile(
+    r"""
+      \\[()\[\]\\]              # escaped bracket or backslash: a literal character
+    | \\                        # a lone backslash: kept as text
+    | [(\[]                     # opening bracket
+    | :\s*([+-]?[.\d]+)\s*\)    # `:1.3)` closes a round bracket with an explicit weight
+    | [)\]]                     # closing bracket
+    | [^\\()\[\]:]+             # plain text
+    | :                         # a colon that is not part of a weight
+    """,
+    re.VERBOSE,
+)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+BREAK = ["BREAK", -1]  # how parse_prompt_attention marks a chunk break, as A1111 does
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """Split a prompt into `[[text, weight], ...]` exactly as A1111 does.
+
+    `(x)` multiplies by 1.1, `[x]` divides by 1.1, `(x:1.3)` multiplies by 1.3, nesting multiplies,
+    `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are literal characters, unclosed brackets close at the end, runs of
+    equal weight merge, `BREAK` becomes `["BREAK", -1]`, and an empty prompt gives `[["", 1.0]]`.
+    """
+    result: list[list] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for item in result[start:]:
+            item[1] *= multiplier
+
+    for match in _RE_ATTENTION.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            result.append([piece[1:], 1.0])
+        elif piece == "(":
+            open_round.append(len(result))
+        elif piece == "[":
+            open_square.append(len(result))
+        elif weight is not None and open_round:
+            multiply_from(open_round.pop(), _parse_weight(weight, text))
+        elif piece == ")" and open_round:
+            multiply_from(open_round.pop(), ROUND_MULTIPLIER)
+        elif piece == "]" and open_square:
+            multiply_from(open_square.pop(), SQUARE_MULTIPLIER)
+        else:
+            for i, part in enumerate(_RE_BREAK.split(piece)):
+                if i > 0:
+                    result.append(list(BREAK))
+                result.append([part, 1.0])
+
+    # Unclosed brackets close at the end, round ones first (the order fixes the float rounding).
+    for start in open_round:
+        multiply_from(start, ROUND_MULTIPLIER)
+    for start in open_square:
+        multiply_from(start, SQUARE_MULTIPLIER)
+
+    if not result:
+        return [["", 1.0]]
+    return _merge_equal_weights(result)
+
+
+def _parse_weight(weight: str, prompt: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:
+        raise UserError(
+            f"prompt {prompt!r}: {weight!r} is not a number; write an attention weight like (word:1.2)"
+        ) from None
+
+
+def _merge_equal_weights(items: list[list]) -> list[list]:
+    merged = [items[0]]
+    for text, weight in items[1:]:
+        if merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return merged
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """One 77-token window of a prompt, as the text encoder sees it.
+
+    `tokens` holds BOS, 75 prompt or padding ids and EOS (SD2: pad ids after the first EOS);
+    `multipliers` the attention weight of each token. Each fix `(offset, name)` says that embedding
+    `name` fills `tokens[offset + 1 : offset + 1 + n]` (offset counts from after BOS, as in A1111).
+    """
+
+    tokens: tuple[int, ...]
+    multipliers: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+class _ChunkBuilder:
+    """Collects the 75-token bodies of one prompt's chunks, following A1111's tokenize_line."""
+
+    def __init__(self, bos: int, eos: int, pad: int, comma_backtrack: int):
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.comma_backtrack = comma_backtrack
+        self.chunks: list[PromptChunk] = []
+        self._start_body()
+
+    def _start_body(self) -> None:
+        self.tokens: list[int] = []
+        self.multipliers: list[float] = []
+        self.fixes: list[tuple[int, str]] = []
+        self.last_comma = -1
+
+    @property
+    def full(self) -> bool:
+        return len(self.tokens) == CHUNK_LENGTH
+
+    def next_chunk(self) -> None:
+        """Pad the current body, wrap it in BOS/EOS and start a new one."""
+        missing = CHUNK_LENGTH - len(self.tokens)
+        tokens = [self.bos] + self.tokens + [self.eos] * (missing + 1)
+        # SD2's tokenizer pads with its own id: everything after the first EOS becomes padding.
+        first_eos = tokens.index(self.eos)
+        tokens[first_eos + 1 :] = [self.pad] * (len(tokens) - first_eos - 1)
+        multipliers = [1.0] + self.multipliers + [1.0] * (missing + 1)
+        self.chunks.append(PromptChunk(tuple(tokens), tuple(multipliers), tuple(self.fixes)))
+        self._start_body()
+
+    def wants_backtrack(self) -> bool:
+        """True when the body is full and a comma lies within the last `comma_backtrack` tokens."""
+        return (
+            self.comma_backtrack > 0
+            and self.full
+            and self.last_comma != -1
+            and len(self.tokens) - self.last_comma <= self.comma_backtrack
+        )
+
+    def backtrack_to_comma(self) -> None:
+        """End the chunk right after its last comma; the tokens after it open the next chunk."""
+        cut = self.last_comma + 1
+        tokens, multipliers = self.tokens[cut:], self.multipliers[cut:]
+        # Placeholders never straddle the cut (it follows a real comma token), so fixes move whole.
+        moved = [(offset - cut, name) for offset, name in self.fixes if offset >= cut]
+        self.tokens, self.multipliers = self.tokens[:cut], self.multipliers[:cut]
+        self.fixes = [(offset, name) for offset, name in self.fixes if offset < cut]
+        self.next_chunk()
+        self.tokens, self.multipliers, self.fixes = tokens, multipliers, moved
+
+    def add_token(self, token: int, weight: float) -> None:
+        self.tokens.append(token)
+        self.multipliers.append(weight)
+
+    def add_embedding(self, name: str, num_vectors: int, weight: float) -> None:
+        """Reserve placeholder slots for an embedding; it never straddles two chunks."""
+        if len(self.tokens) + num_vectors > CHUNK_LENGTH:
+            self.next_chunk()
+        self.fixes.append((len(self.tokens), name))
+        self.tokens += [EMBEDDING_PLACEHOLDER_ID] * num_vectors
+        self.multipliers += [weight] * num_vectors
+
+    def finish(self) -> tuple[PromptChunk, ...]:
+        if self.tokens or not self.chunks:
+            self.next_chunk()
+        return tuple(self.chunks)
+
+
+class PromptEncoder:
+    """Encodes prompts like A1111 does, with textual-inversion embeddings placed by their token ids."""
+
+    def __init__(self, tokenizer, text_encoder, *, clip_skip: int = 1, comma_backtrack: int = 20):
+        num_layers = text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= num_layers:
+            raise UserError(
+                f"clip_skip must be between 1 and {num_layers} for this text encoder, got {clip_skip}"
+            )
+        if comma_backtrack < 0:
+            raise UserError(
+                f"comma_backtrack must be 0 (off) or a positive token count, got {comma_backtrack}"
+            )
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+        self.comma_backtrack = comma_backtrack
+        self._bos = tokenizer.bos_token_id
+        self._eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self._pad = self._eos if pad is None else pad
+        self._comma = tokenizer.get_vocab().get(",</w>")
+        self._vectors: dict[str, torch.Tensor] = {}
+        self._name_ids: dict[str, tuple[int, ...]] = {}
+        # first token id -> [(ids, name)], longest first, so `name-20` wins over `name`
+        self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        self._tokenize_cached = functools.lru_cache(maxsize=_TOKENIZE_CACHE_SIZE)(self._tokenize_uncached)
+        self._empty_chunk = self._new_builder().finish()[0]
+
+    # ----- embeddings -------------------------------------------------------------------------------
+
+    @property
+    def embedding_names(self) -> list[str]:
+        """Names of the registered embeddings, in registration order."""
+        return list(self._vectors)
+
+    def set_embedding(self, name: str, vectors: torch.Tensor) -> None:
+        """Register (or replace) embedding `name` with `vectors` of shape [n, dim].
+
+        The tensor is kept by reference, so a trainable nn.Parameter receives gradients from `encode`
+        and optimizer updates show in the next call.
+        """
+        width = self.text_encoder.get_input_embeddings().embedding_dim
+        if vectors.ndim != 2 or vectors.shape[1] != width:
+            raise UserError(
+                f"embedding {name!r} has shape {tuple(vectors.shape)}, but this text encoder needs "
+                f"[num_vectors, {width}]; use an embedding made for this model family"
+            )
+        if not 1 <= vectors.shape[0] <= CHUNK_LENGTH:
+            raise UserError(
+                f"embedding {name!r} has {vectors.shape[0]} vectors; it needs 1 to {CHUNK_LENGTH} to fit a prompt"
+            )
+        ids = tuple(self._tokenize([name])[0])
+        if not ids:
+            raise UserError(
+                f"embedding name {name!r} has no tokens; give it a name made of letters or digits"
+            )
+        for other, other_ids in self._name_ids.items():
+            if other != name and other_ids == ids:
+                raise UserError(
+                    f"embedding names {name!r} and {other!r} read as the same tokens in a prompt; rename one"
+                )
+        self._vectors[name] = vectors
+        self._name_ids[name] = ids
+        self._rebuild_lookup()
+
+    def remove_embedding(self, name: str) -> None:
+        """Forget embedding `name`; its name is plain text in prompts again."""
+        if name not in self._vectors:
+            raise UserError(f"no embedding named {name!r}; registered: {self.embedding_names}")
+        del self._vectors[name]
+        del self._name_ids[name]
+        self._rebuild_lookup()
+
+    def _rebuild_lookup(self) -> None:
+        self._lookup = {}
+        for name, ids in self._name_ids.items():
+            self._lookup.setdefault(ids[0], []).append((ids, name))
+        for candidates in self._lookup.values():
+            candidates.sort(key=lambda entry: len(entry[0]), reverse=True)
+        self._tokenize_cached.cache_clear()
+
+    def _embedding_at(self, tokens: list[int], position: int) -> tuple[str, int] | None:
+        """The longest embedding name whose ids start at `position`, and how many ids it spans."""
+        for ids, name in self._lookup.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(ids)]) == ids:
+                return name, len(ids)
+        return None
+
+    # ----- tokenization -----------------------------------------------------------------------------
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: prompts longer than 77 tokens are expected here, they get chunked.
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def _new_builder(self) -> _ChunkBuilder:
+        return _ChunkBuilder(self._bos, self._eos, self._pad, self.comma_backtrack)
+
+    def tokenize_line(self, text: str) -> list[PromptChunk]:
+        """Cut one prompt into 77-token chunks, with weights and embedding placements (cached per text)."""
+        return list(self._tokenize_cached(text))
+
+    def _tokenize_uncached(self, text: str) -> tuple[PromptChunk, ...]:
+        parsed = parse_prompt_attention(text)
+        builder = self._new_builder()
+        for tokens, (piece, weight) in zip(
+            self._tokenize([piece for piece, _ in parsed]), parsed, strict=True
+        ):
+            if piece == BREAK[0] and weight == BREAK[1]:
+                builder.next_chunk()
+                continue
+            position = 0
+            while position < len(tokens):
+                if tokens[position] == self._comma:
+                    builder.last_comma = len(builder.tokens)
+                elif builder.wants_backtrack():
+                    builder.backtrack_to_comma()
+                if builder.full:
+                    builder.next_chunk()
+                found = self._embedding_at(tokens, position)
+                if found is None:
+                    builder.add_token(tokens[position], weight)
+                    position += 1
+                else:
+                    name, span = found
+                    builder.add_embedding(name, self._vectors[name].shape[0], weight)
+                    position += span
+        return builder.finish()
+
+    # ----- encoding ---------------------------------------------------------------------------------
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Encode prompts to [B, 77 * k, dim]; shorter prompts are padded with empty chunks."""
+        return self._encode_groups([prompts])[0]
+
+    def encode_pair(self, prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts and negative prompts padded to the same length, as classifier-free guidance needs.
+
+        Each side keeps its own emphasis normalisation, as when A1111 encodes them separately.
+        """
+        cond, uncond = self._encode_groups([prompts, negatives])
+        return cond, uncond
+
+    def _encode_groups(self, groups: list[list[str]]) -> list[torch.Tensor]:
+        """Encode several batches in one text-encoder call; chunks are normalised per batch and index."""
+        if any(len(group) == 0 for group in groups):
+            raise ValueError("encode needs at least one prompt")
+        chunk_lists = [[self._tokenize_cached(prompt) for prompt in group] for group in groups]
+        count = max(len(chunks) for group in chunk_lists for chunks in group)
+        # Rows are ordered group, chunk index, prompt: each (group, index) block is A1111's chunk batch.
+        rows = [
+            chunks[i] if i < len(chunks) else self._empty_chunk
+            for group in chunk_lists
+            for i in range(count)
+            for chunks in group
+        ]
+        z = self._run_text_encoder(rows)
+        outputs, start = [], 0
+        for group in groups:
+            size = len(group) * count
+            block = z[start : start + size].view(count, len(group), *z.shape[1:])
+            block = self._apply_emphasis(block, rows[start : start + size])
+            outputs.append(block.transpose(0, 1).reshape(len(group), count * z.shape[1], z.shape[2]))
+            start += size
+        return outputs
+
+    def _apply_emphasis(self, z: torch.Tensor, rows: list[PromptChunk]) -> torch.Tensor:
+        """A1111 "Original" emphasis on z [k, B, 77, dim]: weight each token, then restore each chunk batch's mean."""
+        if all(weight == 1.0 for row in rows for weight in row.multipliers):
+            return z  # multiplying by ones and rescaling by 1 changes nothing
+        multipliers = torch.tensor([row.multipliers for row in rows], dtype=torch.float32, device=z.device)
+        z32 = z.float()
+        original_mean = z32.mean(dim=(1, 2, 3), keepdim=True)
+        weighted = z32 * multipliers.view(z.shape[:3]).unsqueeze(-1)
+        weighted = weighted * (original_mean / weighted.mean(dim=(1, 2, 3), keepdim=True))
+        return weighted.to(z.dtype)
+
+    def _run_text_encoder(self, rows: list[PromptChunk]) -> torch.Tensor:
+        """Run the text encoder on the chunks' ids with embedding vectors in their slots -> [R, 77, dim]."""
+        token_embedding = self.text_encoder.get_input_embeddings()
+        device = token_embedding.weight.device
+        input_ids = torch.tensor([row.tokens for row in rows], dtype=torch.long, device=device)
+        hook = self._make_fix_hook(rows, device)
+        # The hook lives only for this call, so the text encoder behaves normally everywhere else.
+        handle = token_embedding.register_forward_hook(hook) if hook is not None else None
+        try:
+            output = self.text_encoder(input_ids=input_ids, output_hidden_states=self.clip_skip > 1)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.clip_skip == 1:
+            return output.last_hidden_state
+        # transformers 4.x nests the layers in `text_model`; 5.x puts them on the model itself.
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(output.hidden_states[-self.clip_skip])
+
+    def _make_fix_hook(self, rows: list[PromptChunk], device: torch.device):
+        """A forward hook that writes the embeddings' vectors over their placeholder slots, or None."""
+        row_index: list[int] = []
+        slot_index: list[int] = []
+        pieces: list[torch.Tensor] = []
+        for row, chunk in enumerate(rows):
+            for offset, name in chunk.fixes:
+                vectors = self._vectors[name]
+                count = vectors.shape[0]
+                row_index += [row] * count
+                slot_index += range(offset + 1, offset + 1 + count)  # +1 skips BOS
+                pieces.append(vectors)
+        if not pieces:
+            return None
+        rows_at = torch.tensor(row_index, dtype=torch.long, device=device)
+        slots_at = torch.tensor(slot_index, dtype=torch.long, device=device)
+
+        def write_vectors(module, inputs, output: torch.Tensor) -> torch.Tensor:
+            values = torch.cat([piece.to(device=output.device, dtype=output.dtype) for piece in pieces])
+            # Out-of-place index_put: autograd carries the gradient to the vectors, not to the table.
+            return output.index_put((rows_at, slots_at), values)
+
+        return write_vectors
