@@ -1,0 +1,308 @@
+"""Sampling (previews, generation) and A1111 infotext, on the tiny models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from PIL import Image
+
+from library.errors import UserError
+from library.infotext import format_infotext, infotext_params, parse_infotext, save_png
+from library.sampling import (
+    SAMPLERS,
+    SampleSettings,
+    build_scheduler,
+    decode_images,
+    generate,
+    initial_noise,
+    resolve_seed,
+    sample_latents,
+    vae_scale_factor,
+)
+from library.tiny import build_tiny_parts
+
+# Small enough for a CPU: the tiny VAE halves the size, so these are 24x16 latents.
+SMALL = SampleSettings(steps=4, cfg_scale=7.0, width=48, height=32, batch_size=4)
+
+
+class PlainEncoder:
+    """Stand-in for library.prompts.PromptEncoder: plain token ids through the tiny text encoder."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        ids = self.parts.tokenizer(
+            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.parts.text_encoder(ids).last_hidden_state
+
+    def encode_pair(self, prompts, negatives):
+        return self._encode(prompts), self._encode(negatives)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def run(parts, seeds, settings=SMALL, prompts=None, negatives=None):
+    prompts = prompts or ["a photo of a cat"] * len(seeds)
+    negatives = negatives or ["blurry"] * len(seeds)
+    return generate(parts, PlainEncoder(parts), prompts, negatives, seeds, settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_v():
+    return build_tiny_parts("sd2-v", seed=0)
+
+
+# ---------------------------------------------------------------- samplers and seeds
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_gives_finite_images_of_the_requested_size(tiny_sd1, sampler):
+    settings = dataclasses.replace(SMALL, sampler=sampler)
+    images = run(tiny_sd1, [1, 2], settings)
+    assert len(images) == 2
+    for image in images:
+        assert image.mode == "RGB" and image.size == (48, 32)
+        array = pixels(image)
+        assert np.isfinite(array).all() and array.std() > 0
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a"])
+def test_an_image_does_not_depend_on_its_batch_mates(tiny_sd1, sampler):
+    settings = dataclasses.replace(SMALL, sampler=sampler)
+    batch = run(tiny_sd1, [100, 101, 102, 103], settings)
+    # Same batch size, other seeds around it, another place in the batch: bitwise the same image.
+    others = run(tiny_sd1, [102, 201, 202, 203], settings)
+    np.testing.assert_array_equal(pixels(others[0]), pixels(batch[2]))
+    # Alone, or in batches of 3 + 1: BLAS picks other kernels for other batch sizes (even the UNet's
+    # first Linear differs in the last float bit), so pixels may move by one level, and rarely.
+    for alone_or_split in (
+        run(tiny_sd1, [102], dataclasses.replace(settings, batch_size=1))[0],
+        run(tiny_sd1, [100, 101, 102, 103], dataclasses.replace(settings, batch_size=3))[2],
+    ):
+        diff = np.abs(pixels(alone_or_split).astype(int) - pixels(batch[2]).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_a_seed_starts_from_the_same_noise_in_any_batch():
+    batch = initial_noise([100, 101, 102, 103], (4, 16, 24), "cpu", torch.float32)
+    assert torch.equal(initial_noise([102], (4, 16, 24), "cpu", torch.float32)[0], batch[2])
+
+
+def test_different_seeds_give_different_images(tiny_sd1):
+    first, second = run(tiny_sd1, [7, 8])
+    assert np.abs(pixels(first).astype(int) - pixels(second).astype(int)).max() > 0
+
+
+def test_initial_noise_is_a1111_cpu_noise_per_seed():
+    noise = initial_noise([5, 6], (4, 8, 8), "cpu", torch.float16)
+    assert noise.shape == (2, 4, 8, 8) and noise.dtype == torch.float16
+    # A1111 with "RNG: CPU": torch.randn(shape) from a CPU generator seeded with the image's seed.
+    expected = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(6))
+    assert torch.equal(noise[1], expected.half())
+    assert torch.equal(initial_noise([6], (4, 8, 8), "cpu", torch.float32)[0], expected)
+
+
+def test_dpmpp_2m_karras_is_the_documented_diffusers_scheduler(tiny_sd1):
+    scheduler = build_scheduler("DPM++ 2M Karras", tiny_sd1.noise_scheduler.config)
+    assert isinstance(scheduler, DPMSolverMultistepScheduler)
+    assert scheduler.config.algorithm_type == "dpmsolver++"
+    assert scheduler.config.solver_order == 2
+    assert scheduler.config.use_karras_sigmas is True
+    # The model's noise schedule is kept.
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.beta_end == 0.012
+    assert isinstance(
+        build_scheduler("Euler a", tiny_sd1.noise_scheduler.config), EulerAncestralDiscreteScheduler
+    )
+
+
+def test_sampling_leaves_the_training_scheduler_alone(tiny_sd1):
+    before = dict(tiny_sd1.noise_scheduler.config)
+    timesteps = tiny_sd1.noise_scheduler.timesteps.clone()
+    run(tiny_sd1, [1])
+    assert dict(tiny_sd1.noise_scheduler.config) == before
+    assert torch.equal(tiny_sd1.noise_scheduler.timesteps, timesteps)
+
+
+def test_v_prediction_model_samples_and_uses_its_prediction_type(tiny_v):
+    assert build_scheduler("DDIM", tiny_v.noise_scheduler.config).config.prediction_type == "v_prediction"
+    images = run(tiny_v, [3])
+    assert images[0].size == (48, 32) and pixels(images[0]).std() > 0
+    cond, uncond = PlainEncoder(tiny_v).encode_pair(["a cat"], [""])
+    config = dict(tiny_v.noise_scheduler.config)
+    as_v = sample_latents(tiny_v.unet, config, cond, uncond, [3], SMALL, vae_scale_factor=2)
+    as_eps = sample_latents(
+        tiny_v.unet, dict(config, prediction_type="epsilon"), cond, uncond, [3], SMALL, vae_scale_factor=2
+    )
+    assert torch.isfinite(as_v).all() and not torch.allclose(as_v, as_eps)
+
+
+def test_cfg_scale_changes_the_image(tiny_sd1):
+    guided = run(tiny_sd1, [11], dataclasses.replace(SMALL, cfg_scale=7.0))[0]
+    plain = run(tiny_sd1, [11], dataclasses.replace(SMALL, cfg_scale=1.0))[0]
+    assert np.abs(pixels(guided).astype(int) - pixels(plain).astype(int)).max() > 0
+
+
+def test_half_precision_unet_samples_close_to_float32(tiny_sd1):
+    cond, uncond = PlainEncoder(tiny_sd1).encode_pair(["a cat"], ["blurry"])
+    config = dict(tiny_sd1.noise_scheduler.config)
+    full = sample_latents(tiny_sd1.unet, config, cond, uncond, [4], SMALL, vae_scale_factor=2)
+    bf16 = copy.deepcopy(tiny_sd1.unet).to(torch.bfloat16)
+    half = sample_latents(bf16, config, cond.bfloat16(), uncond.bfloat16(), [4], SMALL, vae_scale_factor=2)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).abs().mean() < 0.1 * full.abs().mean()
+
+
+def test_one_encoding_serves_many_seeds_and_progress_is_reported(tiny_sd1):
+    cond, uncond = PlainEncoder(tiny_sd1).encode_pair(["a cat"], [""])
+    calls = []
+    latents = sample_latents(
+        tiny_sd1.unet,
+        dict(tiny_sd1.noise_scheduler.config),
+        cond,
+        uncond,
+        [1, 2, 3],
+        SMALL,
+        vae_scale_factor=vae_scale_factor(tiny_sd1.vae),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert latents.shape == (3, 4, 16, 24)
+    assert calls == [(i, SMALL.steps) for i in range(1, SMALL.steps + 1)]
+    images = decode_images(tiny_sd1.vae, latents)
+    assert [image.size for image in images] == [(48, 32)] * 3
+
+
+def test_resolve_seed_follows_a1111():
+    drawn = {resolve_seed(-1) for _ in range(20)}
+    assert len(drawn) > 1
+    assert all(0 <= seed < 4294967294 for seed in drawn)
+    assert resolve_seed(1234) == 1234 and resolve_seed(0) == 0
+    with pytest.raises(UserError, match="-1"):
+        resolve_seed(-5)
+
+
+def test_unknown_sampler_names_the_valid_ones(tiny_sd1):
+    with pytest.raises(UserError) as error:
+        SampleSettings(sampler="DPM++ 3M Turbo")
+    for name in ("DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM"):
+        assert f'"{name}"' in str(error.value)
+    with pytest.raises(UserError, match="Euler a"):
+        build_scheduler("euler_a", tiny_sd1.noise_scheduler.config)
+
+
+def test_bad_sizes_and_counts_are_refused(tiny_sd1):
+    with pytest.raises(UserError, match="multiples of 2"):
+        run(tiny_sd1, [1], dataclasses.replace(SMALL, width=47))
+    with pytest.raises(UserError, match="steps"):
+        SampleSettings(steps=0)
+    with pytest.raises(ValueError, match="one prompt, negative and seed"):
+        generate(tiny_sd1, PlainEncoder(tiny_sd1), ["a"], ["b"], [1, 2], SMALL)
+
+
+# ---------------------------------------------------------------- infotext
+
+FACTS_EXAMPLE = (
+    "<prompt>\nNegative prompt: <negative>\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, "
+    "Seed: 4240233169, Size: 512x512, Model hash: 9aba26abdf, Model: deliberate_v2"
+)
+
+
+def test_infotext_matches_a1111_layout():
+    params = {
+        "Steps": 30,
+        "Sampler": "DPM++ 2M Karras",
+        "CFG scale": 7,
+        "Seed": 4240233169,
+        "Size": "512x512",
+        "Model hash": "9aba26abdf",
+        "Model": "deliberate_v2",
+    }
+    assert format_infotext("<prompt>", "<negative>", params) == FACTS_EXAMPLE
+
+
+def test_infotext_params_from_settings_and_model():
+    model = {"checkpoint_name": "deliberate_v2", "checkpoint_hash": "9aba26abdf"}
+    params = infotext_params(SampleSettings(), 4240233169, model, {"TI hashes": "sks: 0123abcd"})
+    assert list(params)[:7] == ["Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model"]
+    text = format_infotext("<prompt>", "<negative>", params)
+    assert text.startswith(FACTS_EXAMPLE + ", ")
+    assert text.endswith(', RNG: CPU, TI hashes: "sks: 0123abcd"')
+    # A fractional CFG keeps its decimals; an unknown hash is left out.
+    unhashed = {"checkpoint_name": "tiny-sd1", "checkpoint_hash": ""}
+    params = infotext_params(SampleSettings(cfg_scale=7.5), 1, unhashed)
+    assert params["CFG scale"] == 7.5 and "Model hash" not in params and params["Model"] == "tiny-sd1"
+
+
+def test_infotext_params_take_sdparts(tiny_sd1):
+    params = infotext_params(SMALL, 5, tiny_sd1)
+    assert params["Model"] == "tiny-sd1" and params["Size"] == "48x32" and params["Seed"] == 5
+
+
+def test_values_with_commas_colons_or_quotes_are_quoted():
+    text = format_infotext("p", "", {"Steps": 20, "Model": "my, model", "Note": "a: b", "Quote": 'say "hi"'})
+    assert text == 'p\nSteps: 20, Model: "my, model", Note: "a: b", Quote: "say \\"hi\\""'
+    assert parse_infotext(text)[2] == {
+        "Steps": "20",
+        "Model": "my, model",
+        "Note": "a: b",
+        "Quote": 'say "hi"',
+    }
+
+
+def test_empty_negative_leaves_out_its_line():
+    text = format_infotext("a cat", "", {"Steps": 20, "Sampler": "Euler", "Seed": 1, "Extra": None})
+    assert text == "a cat\nSteps: 20, Sampler: Euler, Seed: 1"
+
+
+def test_infotext_round_trips():
+    params = infotext_params(SMALL, 4240233169, {"checkpoint_name": "v1-5, pruned", "checkpoint_hash": "abc"})
+    prompt = "a photo of sks woman,\n(smiling:1.2), outdoors"
+    for negative in ["", "blurry, lowres\ntext: watermark"]:
+        got_prompt, got_negative, got_params = parse_infotext(format_infotext(prompt, negative, params))
+        assert got_prompt == prompt and got_negative == negative
+        assert got_params == {key: str(value) for key, value in params.items()}
+
+
+def test_parses_an_a1111_infotext():
+    text = (
+        "girl with a beret, ((eyeshadow)), detailed\n"
+        "Negative prompt: ugly, [blurry]\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 965400086, Size: 512x512, Model hash: 45dee52b"
+    )
+    prompt, negative, params = parse_infotext(text)
+    assert prompt == "girl with a beret, ((eyeshadow)), detailed"
+    assert negative == "ugly, [blurry]"
+    assert params == {
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "7",
+        "Seed": "965400086",
+        "Size": "512x512",
+        "Model hash": "45dee52b",
+    }
+    # A last line with fewer than three entries is part of the prompt.
+    assert parse_infotext("a cat\nstyle: oil") == ("a cat\nstyle: oil", "", {})
+
+
+def test_saved_png_carries_parameters_and_is_not_overwritten(tmp_path, tiny_sd1):
+    image = run(tiny_sd1, [9])[0]
+    text = format_infotext("a cat — ünïcode", "", infotext_params(SMALL, 9, tiny_sd1))
+    path = save_png(image, tmp_path / "00000-9.png", text)
+    with Image.open(path) as saved:
+        assert saved.format == "PNG"
+        assert saved.text["parameters"] == text
+        np.testing.assert_array_equal(np.asarray(saved), pixels(image))
+    with pytest.raises(UserError, match="already exists"):
+        save_png(image, path, "other")
+    save_png(image, path, "other", overwrite=True)
+    with Image.open(path) as saved:
+        assert saved.text["parameters"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-9.png"]
