@@ -10,7 +10,8 @@ in the web UI:
 
 Deliberate differences from A1111: when a comma backtrack moves the tail of a chunk into the next one,
 embeddings in that tail move with their placeholder slots (A1111 leaves them behind, writing their
-vectors over padding); a weight that is not a number, `(x:.)`, is a UserError instead of a crash.
+vectors over padding); a weight that is not a number, `(x:.)`, is a UserError instead of a crash; if
+the weighted output's mean is exactly zero the mean is not restored (A1111 would return inf/NaN).
 Prompt editing (`[a:b:0.5]`) and `AND` are not part of this module.
 """
 
@@ -368,7 +369,10 @@ class PromptEncoder:
         z32 = z.float()
         original_mean = z32.mean(dim=(1, 2, 3), keepdim=True)
         weighted = z32 * multipliers.view(z.shape[:3]).unsqueeze(-1)
-        weighted = weighted * (original_mean / weighted.mean(dim=(1, 2, 3), keepdim=True))
+        ratio = original_mean / weighted.mean(dim=(1, 2, 3), keepdim=True)
+        # A weighted mean of exactly zero would give inf (A1111 then returns inf/NaN): leave it unscaled.
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+        weighted = weighted * ratio
         return weighted.to(z.dtype)
 
     def _run_text_encoder(self, rows: list[PromptChunk]) -> torch.Tensor:
