@@ -1,0 +1,537 @@
+"""Training data: find images and captions (Kohya folders, flat A1111 folders, Kohya dataset TOML), cache
+their latents, and serve deterministic batches.
+
+Problems with the data that training can survive (a folder without a repeat prefix, a dataset-config key we
+accept but ignore) are reported with `warnings.warn(..., DataWarning)`; scripts show them as log lines.
+Anything that would make training wrong raises `UserError`.
+
+Randomness: the sample at (global step, position in the global batch) is a pure function of
+(seed, step, position). Epoch e is a permutation, seeded with (seed, e), of every image repeated `repeats`
+times; global batches run through these epochs in order, across epoch boundaries. Template line, tag
+shuffle/dropout, flip and latent draw of a sample come from a generator seeded with (seed, step, position),
+so resuming at any step, or splitting a global batch across processes, gives identical samples.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+import tomllib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.captions import (
+    caption_from_stem,
+    check_caption_extension,
+    fill_template,
+    load_template,
+    process_tags,
+    read_caption,
+    read_text_file,
+)
+from library.errors import UserError
+from library.images import alpha_loss_weight, as_size, encode_images, list_images
+
+LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
+
+# Kohya folder names: "<repeats>_<class tokens>"; Kohya also accepts a bare "<repeats>".
+_KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)
+
+# Sub-streams of the seed, so that permutations, per-sample draws and cached draws never share numbers.
+_STREAM_EPOCH, _STREAM_SAMPLE, _STREAM_CACHE = 1, 2, 3
+
+
+class DataWarning(UserWarning):
+    """A dataset problem that training survives: a skipped folder, an ignored dataset-config key."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The [dataset] table of a preset. Values here are the defaults for Kohya dataset-config subsets."""
+
+    image_dir: str = ""  # Kohya parent folder (subfolders "10_sks woman") or a flat folder of images
+    dataset_config: str = ""  # path to a Kohya dataset TOML; when set, image_dir is ignored
+    resolution: int | tuple[int, int] = 512  # square side, or (width, height)
+    caption_extension: str = ".txt"  # A1111 uses .txt, Kohya .caption
+    template: str = "subject_filewords"  # stock name, path to a file, or inline text with [name]
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # tags kept in place at the front when shuffling or dropping
+    tag_dropout: float = 0.0  # probability of dropping each non-kept tag
+    flip_aug: bool = False
+    alpha_loss_weight: bool = False  # use PNG alpha as a per-pixel loss weight
+    latent_sampling: str = "once"  # once | deterministic | random (A1111)
+    filename_word_regex: str = ""  # A1111: captions from file stems keep only the regex's matches...
+    filename_join_string: str = " "  # ...joined by this
+
+    def __post_init__(self) -> None:
+        if self.latent_sampling not in LATENT_SAMPLING_METHODS:
+            raise UserError(
+                f"latent_sampling {self.latent_sampling!r} must be one of {', '.join(LATENT_SAMPLING_METHODS)}"
+            )
+        if not 0.0 <= self.tag_dropout < 1.0:
+            raise UserError(f"tag_dropout {self.tag_dropout} must be at least 0 and below 1")
+        if self.keep_tokens < 0:
+            raise UserError(f"keep_tokens {self.keep_tokens} must be 0 or more")
+        check_caption_extension(self.caption_extension)
+        as_size(self.resolution)
+
+
+@dataclass
+class ImageRecord:
+    """One training image with the settings of the folder or subset it came from."""
+
+    path: Path
+    caption: str  # caption file, else class tokens, else A1111 words from the file stem
+    repeats: int
+    class_tokens: str = ""
+    flip_aug: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    resolution: tuple[int, int] = (512, 512)  # (width, height)
+    caption_prefix: str = ""  # Kohya subset options, added around the caption after tag processing
+    caption_suffix: str = ""
+
+
+def scan_images(settings: DataSettings) -> list[ImageRecord]:
+    """Find the training images and their captions.
+
+    With `settings.dataset_config`, read the Kohya dataset TOML; otherwise `settings.image_dir` is either
+    a Kohya parent folder (subfolders `<repeats>_<class tokens>`) or a flat folder of images (repeats 1).
+    """
+    if settings.dataset_config:
+        return records_from_dataset_config(Path(settings.dataset_config).expanduser(), settings)
+    if not settings.image_dir:
+        raise UserError("no training images: set image_dir (a folder of images) or dataset_config (a TOML)")
+    return scan_folder(Path(settings.image_dir).expanduser(), settings)
+
+
+def scan_folder(root: Path, settings: DataSettings) -> list[ImageRecord]:
+    """Records of a Kohya parent folder or, when it has no `<repeats>_...` subfolders, of a flat folder."""
+    if not root.is_dir():
+        raise UserError(f"image_dir {root} does not exist or is not a folder")
+    subfolders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=str)
+    parsed = [(folder, _parse_kohya_name(folder.name)) for folder in subfolders]
+    kohya = [(folder, spec) for folder, spec in parsed if spec is not None]
+    direct = list_images(root)
+    if not kohya:
+        if not direct:
+            hint = (
+                " (name subfolders like '10_sks woman': 10 repeats, class tokens 'sks woman')"
+                if subfolders
+                else ""
+            )
+            raise UserError(f"image_dir {root} has no images and no <repeats>_<class> subfolders{hint}")
+        if subfolders:
+            _warn(
+                f"{root}: using the images directly inside it; subfolders without a repeat prefix are ignored"
+            )
+        return [make_record(path, settings, repeats=1) for path in direct]
+    for folder, spec in parsed:
+        if spec is None:
+            _warn(f"skipping folder {folder}: its name has no repeat count (name it like '10_sks woman')")
+    if direct:
+        _warn(
+            f"{root}: {len(direct)} images directly inside it are ignored; only <repeats>_<class> subfolders count"
+        )
+    records = []
+    for folder, (repeats, class_tokens) in kohya:
+        if repeats < 1:
+            _warn(f"skipping folder {folder}: 0 repeats")
+            continue
+        images = list_images(folder)
+        if not images:
+            _warn(f"skipping folder {folder}: it has no images")
+        records += [make_record(p, settings, repeats=repeats, class_tokens=class_tokens) for p in images]
+    if not records:
+        raise UserError(f"image_dir {root}: none of its <repeats>_<class> subfolders holds any images")
+    return records
+
+
+def _parse_kohya_name(name: str) -> tuple[int, str] | None:
+    match = _KOHYA_FOLDER.fullmatch(name)
+    return (int(match.group(1)), match.group(2) or "") if match else None
+
+
+def make_record(
+    path: Path, settings: DataSettings, *, repeats: int, class_tokens: str = "", **options
+) -> ImageRecord:
+    """One record; `options` override the ImageRecord fields that otherwise come from `settings`."""
+    values = dict(
+        flip_aug=settings.flip_aug,
+        shuffle_tags=settings.shuffle_tags,
+        keep_tokens=settings.keep_tokens,
+        tag_dropout=settings.tag_dropout,
+        resolution=as_size(settings.resolution),
+        caption_extension=settings.caption_extension,
+    )
+    values.update(options)
+    extension = values.pop("caption_extension")
+    caption = read_caption(path, extension)
+    if caption is None:
+        _warn_other_caption_extension(path, extension)
+        caption = class_tokens or caption_from_stem(
+            path.stem, settings.filename_word_regex, settings.filename_join_string
+        )
+    return ImageRecord(path=path, caption=caption, repeats=repeats, class_tokens=class_tokens, **values)
+
+
+def _warn_other_caption_extension(path: Path, extension: str) -> None:
+    # Kohya writes ".caption", A1111 ".txt": a mismatch silently trains on fallback captions otherwise.
+    for other in (".txt", ".caption"):
+        if other != extension and path.with_name(path.stem + other).is_file():
+            _warn(
+                f"{path.parent}: found {other} caption files but caption_extension is {extension!r}; "
+                f"set caption_extension = {other!r} to use them"
+            )
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, DataWarning, stacklevel=3)
+
+
+# Kohya dataset-config keys and their types. Subset keys may sit in [general], [[datasets]] or
+# [[datasets.subsets]] and fall back in that order; dataset keys may sit in [general] or [[datasets]].
+_SUBSET_KEYS = {
+    "num_repeats": int,
+    "class_tokens": str,
+    "caption_extension": str,
+    "shuffle_caption": bool,
+    "keep_tokens": int,
+    "flip_aug": bool,
+    "caption_tag_dropout_rate": float,
+    "caption_prefix": str,
+    "caption_suffix": str,
+}
+_DATASET_KEYS = {"resolution": list, "batch_size": int}
+_SUBSET_ONLY_KEYS = {"image_dir": str, "is_reg": bool}
+_NO_BUCKETS = "no aspect-ratio buckets here: every image is resized and centre-cropped to resolution"
+# Accepted so that Kohya configs load, but not implemented: key -> (Kohya's default, why). A value other
+# than the default gives a DataWarning.
+_IGNORED_SUBSET_KEYS = {
+    "color_aug": (False, "colour augmentation is not implemented"),
+    "random_crop": (False, "images are always centre-cropped"),
+    "face_crop_aug_range": (None, "face-crop augmentation is not implemented"),
+    "caption_separator": (",", "tags are always separated by ','"),
+    "keep_tokens_separator": ("", "use keep_tokens instead"),
+    "secondary_separator": ("", "secondary separators are not implemented"),
+    "enable_wildcard": (False, "wildcard captions are not implemented; the first caption line is used"),
+    "token_warmup_min": (1, "token warmup is not implemented"),
+    "token_warmup_step": (0, "token warmup is not implemented"),
+    "caption_dropout_rate": (0, "whole-caption dropout is not implemented; use caption_tag_dropout_rate"),
+    "caption_dropout_every_n_epochs": (0, "whole-caption dropout is not implemented"),
+    "cache_info": (False, "the image list is read at every start"),
+}
+_IGNORED_DATASET_KEYS = {
+    "enable_bucket": (False, _NO_BUCKETS),
+    "min_bucket_reso": (256, _NO_BUCKETS),
+    "max_bucket_reso": (1024, _NO_BUCKETS),
+    "bucket_reso_steps": (64, _NO_BUCKETS),
+    "bucket_no_upscale": (False, _NO_BUCKETS),
+    "network_multiplier": (1.0, "it applies to LoRA networks only"),
+}
+_UNSUPPORTED_KEYS = {
+    "metadata_file": "fine-tuning datasets (metadata_file) are not supported; put captions in files beside the images",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
+}
+_GENERAL_ALLOWED = {**_SUBSET_KEYS, **_DATASET_KEYS, **_IGNORED_SUBSET_KEYS, **_IGNORED_DATASET_KEYS}
+_TABLE_KEYS = {
+    "[general]": set(_GENERAL_ALLOWED),
+    "[[datasets]]": set(_GENERAL_ALLOWED) | {"subsets"},
+    "[[datasets.subsets]]": set(_SUBSET_KEYS) | set(_SUBSET_ONLY_KEYS) | set(_IGNORED_SUBSET_KEYS),
+}
+
+
+def read_dataset_config(path: Path) -> dict:
+    """Parse and check a Kohya dataset TOML: unknown keys and wrong types are UserErrors naming the key."""
+    if not path.is_file():
+        raise UserError(f"dataset_config {path} not found")
+    try:
+        config = tomllib.loads(read_text_file(path))
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"dataset_config {path} is not valid TOML: {error}") from error
+    for key in config:
+        if key not in ("general", "datasets"):
+            _unknown_key(path, key, "the top level", {"general", "datasets"})
+    general = config.get("general", {})
+    datasets = config.get("datasets", [])
+    if not isinstance(general, dict) or not isinstance(datasets, list) or not datasets:
+        raise UserError(f"dataset_config {path} needs a [[datasets]] table with [[datasets.subsets]] in it")
+    _check_table(path, "[general]", general)
+    for dataset in datasets:
+        _check_table(path, "[[datasets]]", dataset)
+        subsets = dataset.get("subsets", [])
+        if not isinstance(subsets, list) or not subsets:
+            raise UserError(
+                f"dataset_config {path}: every [[datasets]] needs at least one [[datasets.subsets]]"
+            )
+        for subset in subsets:
+            _check_table(path, "[[datasets.subsets]]", subset)
+            if "image_dir" not in subset:
+                raise UserError(f"dataset_config {path}: a [[datasets.subsets]] has no image_dir")
+    return config
+
+
+def _check_table(path: Path, where: str, table: dict) -> None:
+    for key, value in table.items():
+        if key in _UNSUPPORTED_KEYS:
+            raise UserError(f"dataset_config {path}: {key}: {_UNSUPPORTED_KEYS[key]}")
+        if key not in _TABLE_KEYS[where]:
+            _unknown_key(path, key, where, _TABLE_KEYS[where])
+        expected = {**_SUBSET_KEYS, **_DATASET_KEYS, **_SUBSET_ONLY_KEYS}.get(key)
+        if expected is list:
+            as_size(value)  # resolution: int or [width, height]
+        elif expected is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"dataset_config {path}: {key} in {where} must be a number, not {value!r}")
+        elif expected is not None and (type(value) is not expected):
+            raise UserError(
+                f"dataset_config {path}: {key} in {where} must be {expected.__name__}, not {value!r}"
+            )
+
+
+def _unknown_key(path: Path, key: str, where: str, allowed: set[str]) -> None:
+    home = [table for table, keys in _TABLE_KEYS.items() if key in keys]
+    if home:
+        raise UserError(f"dataset_config {path}: key {key!r} is not allowed in {where}; put it in {home[-1]}")
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(sorted(allowed))}"
+    raise UserError(f"dataset_config {path}: unknown key {key!r} in {where}; {hint}")
+
+
+def records_from_dataset_config(path: Path, settings: DataSettings) -> list[ImageRecord]:
+    """Records of every subset of a Kohya dataset TOML; each value falls back subset -> dataset -> general
+    -> `settings`. Relative image_dir paths are taken from the TOML's folder if they exist there, else
+    from the working directory (Kohya's rule)."""
+    config = read_dataset_config(path)
+    general = config.get("general", {})
+    _warn_ignored_keys(
+        path, [general, *config["datasets"]], [s for d in config["datasets"] for s in d["subsets"]]
+    )
+    records = []
+    for dataset in config["datasets"]:
+        for subset in dataset["subsets"]:
+            records += _subset_records(path, settings, (subset, dataset, general))
+    if not records:
+        raise UserError(f"dataset_config {path}: its subsets hold no training images")
+    return records
+
+
+def _subset_records(path: Path, settings: DataSettings, tables: tuple[dict, ...]) -> list[ImageRecord]:
+    def value(key: str, default):
+        return next((table[key] for table in tables if key in table), default)
+
+    image_dir = Path(tables[0]["image_dir"]).expanduser()
+    if not image_dir.is_absolute() and (path.parent / image_dir).is_dir():
+        image_dir = path.parent / image_dir
+    if tables[0].get("is_reg", False):
+        _warn(f"{path}: skipping regularization subset {image_dir} (is_reg): TI training does not use it")
+        return []
+    if not image_dir.is_dir():
+        raise UserError(f"dataset_config {path}: image_dir {image_dir} does not exist or is not a folder")
+    images = list_images(image_dir)
+    if not images:
+        raise UserError(
+            f"dataset_config {path}: image_dir {image_dir} has no images (.png .jpg .jpeg .webp .bmp)"
+        )
+    repeats = value("num_repeats", 1)
+    dropout = float(value("caption_tag_dropout_rate", settings.tag_dropout))
+    keep_tokens = value("keep_tokens", settings.keep_tokens)
+    if repeats < 1 or keep_tokens < 0 or not 0 <= dropout < 1:
+        raise UserError(
+            f"dataset_config {path}: subset {image_dir} needs num_repeats >= 1, keep_tokens >= 0 "
+            "and 0 <= caption_tag_dropout_rate < 1"
+        )
+    options = dict(
+        caption_extension=check_caption_extension(value("caption_extension", settings.caption_extension)),
+        flip_aug=value("flip_aug", settings.flip_aug),
+        shuffle_tags=value("shuffle_caption", settings.shuffle_tags),
+        keep_tokens=keep_tokens,
+        tag_dropout=dropout,
+        resolution=as_size(value("resolution", settings.resolution)),
+        caption_prefix=value("caption_prefix", ""),
+        caption_suffix=value("caption_suffix", ""),
+    )
+    class_tokens = value("class_tokens", "")
+    return [make_record(p, settings, repeats=repeats, class_tokens=class_tokens, **options) for p in images]
+
+
+def _warn_ignored_keys(path: Path, upper: list[dict], subsets: list[dict]) -> None:
+    ignored = {**_IGNORED_SUBSET_KEYS, **_IGNORED_DATASET_KEYS}
+    seen = set()
+    for table in [*upper, *subsets]:
+        for key, value in table.items():
+            if key in ignored and value != ignored[key][0] and (key, repr(value)) not in seen:
+                seen.add((key, repr(value)))
+                _warn(f"{path}: {key} = {value!r} is ignored: {ignored[key][1]}")
+
+
+def dataset_config_batch_size(path: str | Path) -> int | None:
+    """The batch_size a Kohya dataset TOML asks for (None if it sets none); one value for all datasets."""
+    config = read_dataset_config(Path(path).expanduser())
+    general = config.get("general", {})
+    sizes = {dataset.get("batch_size", general.get("batch_size")) for dataset in config["datasets"]}
+    if len(sizes) > 1:
+        raise UserError(
+            f"dataset_config {path}: datasets ask for different batch_size values {sorted(sizes, key=str)}; "
+            "use one batch_size for all"
+        )
+    return sizes.pop()
+
+
+@dataclass
+class Batch:
+    """Part of one global batch, ready for the UNet."""
+
+    latents: torch.Tensor  # [B, 4, h, w] float32, on the cache device, already scaled
+    prompts: list[str]
+    loss_weights: torch.Tensor | None  # [B, 1, h, w] (min 0, mean 1 per image) or None
+    sample_ids: list[int]  # index of each sample's ImageRecord
+    flipped: list[bool] = field(default_factory=list)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that depends only on (seed, *parts), stable across processes and machines."""
+    words = np.random.SeedSequence([seed % 2**64, *parts]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class TrainingData:
+    """Cached latents plus captions, serving samples as a pure function of (seed, step, position).
+
+    `batch_size` is the global batch size (all processes and accumulation micro-batches together): step s
+    consumes samples s * batch_size ... (s + 1) * batch_size - 1 of the epoch stream.
+    """
+
+    def __init__(
+        self, records: Sequence[ImageRecord], settings: DataSettings, *, name: str, seed: int, batch_size: int
+    ):
+        if not records:
+            raise UserError("no training images found")
+        distinct = len({record.path for record in records})
+        if batch_size > distinct:
+            raise UserError(
+                f"batch_size {batch_size} is larger than the {distinct} distinct training images; "
+                "lower batch_size or add images"
+            )
+        if batch_size < 1:
+            raise UserError(f"batch_size {batch_size} must be at least 1")
+        sizes = sorted({record.resolution for record in records})
+        if len(sizes) > 1:
+            raise UserError(f"datasets use different resolutions {sizes}; set one resolution for all of them")
+        self.records = list(records)
+        self.settings, self.name, self.seed, self.batch_size = settings, name, seed, batch_size
+        self.template_lines = load_template(settings.template)
+        self.resolution = sizes[0]
+        # Epoch stream before shuffling: record i appears repeats_i times.
+        self._stream = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
+        self._permutations: dict[int, np.ndarray] = {}
+        self._slots: dict[tuple[int, bool], int] = {}
+        self._mean: torch.Tensor | None = None  # [slots, 4, h, w], scaled; the sample for "once"
+        self._std: torch.Tensor | None = None  # only for "random"
+        self._weights: list[torch.Tensor | None] = []
+
+    @property
+    def num_images(self) -> int:
+        """Number of image records (an image listed in two subsets counts twice)."""
+        return len(self.records)
+
+    @property
+    def epoch_length(self) -> int:
+        """Samples per epoch: every image times its repeats."""
+        return len(self._stream)
+
+    def cache_latents(
+        self,
+        vae: torch.nn.Module,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        batch_size: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Encode every image (and its mirror image when flip_aug is on) with the VAE and keep the latents.
+
+        The VAE must already sit on `device` in `dtype`. Latents are scaled by the VAE's scaling_factor and
+        stored in float32 on `device`. `progress(done, total)` is called after each VAE batch.
+        """
+        cache = encode_images(
+            [(record.path, record.resolution, record.flip_aug) for record in self.records],
+            vae,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            method=self.settings.latent_sampling,
+            seed=derive_seed(self.seed, _STREAM_CACHE),
+            want_alpha=self.settings.alpha_loss_weight,
+            progress=progress,
+        )
+        self._slots, self._mean, self._std = cache.slots, cache.mean, cache.std
+        self._weights = [
+            None if alpha is None else alpha_loss_weight(alpha, cache.latent_size).to(device)
+            for alpha in cache.alphas
+        ]
+
+    def batch(self, step: int, start: int, size: int) -> Batch:
+        """Samples at positions [start, start + size) of the global batch of `step` (0-based)."""
+        if self._mean is None:
+            raise RuntimeError("TrainingData.batch() needs cache_latents() first")
+        if step < 0 or start < 0 or size < 1 or start + size > self.batch_size:
+            raise ValueError(
+                f"positions [{start}, {start + size}) of step {step} lie outside the global batch "
+                f"of {self.batch_size}"
+            )
+        samples = [self._sample(step, position) for position in range(start, start + size)]
+        latents = torch.stack([latent for latent, *_ in samples])
+        weights = None
+        if any(w is not None for w in self._weights):
+            ones = torch.ones_like(latents[0, :1])
+            weights = torch.stack([ones if w is None else w for *_, w in samples])
+        return Batch(
+            latents=latents,
+            prompts=[prompt for _, prompt, *_ in samples],
+            loss_weights=weights,
+            sample_ids=[index for _, _, index, _, _ in samples],
+            flipped=[flipped for _, _, _, flipped, _ in samples],
+        )
+
+    def record_at(self, step: int, position: int) -> int:
+        """Index of the record drawn at (step, position)."""
+        epoch, offset = divmod(step * self.batch_size + position, self.epoch_length)
+        if epoch not in self._permutations:
+            if len(self._permutations) > 4:  # a batch touches at most two epochs; keep memory flat
+                self._permutations.clear()
+            rng = np.random.default_rng(derive_seed(self.seed, _STREAM_EPOCH, epoch))
+            self._permutations[epoch] = self._stream[rng.permutation(self.epoch_length)]
+        return int(self._permutations[epoch][offset])
+
+    def _sample(self, step: int, position: int):
+        index = self.record_at(step, position)
+        record = self.records[index]
+        sample_seed = derive_seed(self.seed, _STREAM_SAMPLE, step, position)
+        rng = random.Random(sample_seed)
+        flipped = record.flip_aug and rng.random() < 0.5
+        line = rng.choice(self.template_lines)
+        caption = process_tags(
+            record.caption,
+            rng,
+            shuffle=record.shuffle_tags,
+            keep_tokens=record.keep_tokens,
+            dropout=record.tag_dropout,
+        )
+        caption = " ".join(part for part in (record.caption_prefix, caption, record.caption_suffix) if part)
+        slot = self._slots[(index, flipped)]
+        latent = self._mean[slot]
+        if self._std is not None:
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(sample_seed))
+            latent = latent + self._std[slot] * noise.to(latent.device)
+        weight = self._weights[index]
+        if weight is not None and flipped:
+            weight = weight.flip(-1)
+        return latent, fill_template(line, self.name, caption), index, flipped, weight

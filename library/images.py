@@ -1,0 +1,222 @@
+"""Load training images: any PIL mode to RGB, EXIF orientation, cover-resize and centre crop, alpha.
+
+Colour follows A1111 and Kohya, which both train on `Image.convert("RGB")`: the RGB stored under a
+transparent pixel is kept as it is (no compositing onto a background). Alpha is returned separately so that
+it can serve as a per-pixel loss weight (FACTS §2) when the user asks for it; otherwise it is ignored.
+Flatten images yourself beforehand if you want them on a particular background.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from library.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Modes that carry 16-bit grey values; PIL's own convert("RGB") clips them at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with a supported image extension (any case).
+
+    Names starting with "." are skipped: macOS leaves `._name.png` resource forks beside real images.
+    """
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The images directly inside `folder` (not recursive, as Kohya), sorted by name for determinism."""
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def as_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Normalise a resolution to (width, height); an int means a square. Kohya writes [width, height]."""
+    if isinstance(resolution, bool):
+        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
+    if isinstance(resolution, int):
+        size = (resolution, resolution)
+    elif isinstance(resolution, (tuple, list)) and len(resolution) == 2:
+        size = (resolution[0], resolution[1])
+    else:
+        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
+    for side in size:
+        # Multiples of 8: SD's VAE halves the image three times; anything else is silently cropped.
+        if not isinstance(side, int) or isinstance(side, bool) or side <= 0 or side % 8:
+            raise UserError(
+                f"resolution {list(size)} must be positive multiples of 8 (e.g. 512 or [768, 512])"
+            )
+    return size
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image with EXIF orientation applied; UserError if it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(
+            f"cannot read image {path}: {error}; re-save it as PNG or JPEG or remove it"
+        ) from error
+
+
+def split_rgb_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """Convert any PIL mode to an RGB image plus an 8-bit alpha image (None when there is no alpha)."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(image), None
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image), None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        return rgba.convert("RGB"), rgba.getchannel("A")
+    try:
+        return image.convert("RGB"), None
+    except ValueError as error:
+        raise UserError(f"cannot convert image mode {image.mode} to RGB: {error}") from error
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    # 65535 / 257 = 255: maps the 16-bit range exactly onto 8 bits.
+    grey = np.asarray(image, dtype=np.float64)
+    grey8 = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey8] * 3, axis=-1), mode="RGB")
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    # Print files often carry an ICC profile; without it, fall back to PIL's plain formula.
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass
+    return image.convert("RGB")
+
+
+def cover_crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centred box of the source image that, scaled to `size`, covers it exactly.
+
+    Scale so the image covers the target (for a square target: short side = training size), then take the
+    centre. Working in source coordinates lets one Lanczos resize do scaling and cropping together.
+    """
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    box_w, box_h = target_w / scale, target_h / scale
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
+
+
+def load_training_image(
+    path: str | Path, size: int | tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load an image as a training tensor.
+
+    Returns `(pixels, alpha)`: pixels `[3, H, W]` float32 in [-1, 1]; alpha `[H, W]` float32 in [0, 1],
+    or None when the image has no alpha channel. `size` is an int (square) or (width, height).
+    """
+    path = Path(path)
+    width, height = as_size(size)
+    rgb, alpha = split_rgb_alpha(open_image(path))
+    box = cover_crop_box(rgb.width, rgb.height, (width, height))
+    rgb = rgb.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    if alpha is None:
+        return pixels, None
+    alpha = alpha.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    return pixels, torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+
+
+def alpha_loss_weight(alpha: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
+    """Turn an alpha map `[H, W]` into a loss weight `[1, h, w]` at latent size, min 0 and mean 1.
+
+    Like A1111: shift to min 0, divide by the mean, so the loss stays comparable with unweighted images.
+    A uniform alpha (e.g. a fully opaque RGBA file) carries no information; A1111 would divide by zero
+    there, we return None (weight 1 everywhere) instead.
+    """
+    small = F.interpolate(alpha[None, None].float(), size=latent_size, mode="area")[0]
+    small = small - small.min()
+    mean = small.mean()
+    if mean <= 1e-6:
+        return None
+    return small / mean
+
+
+@dataclass
+class LatentCache:
+    """Scaled VAE latents of the training images, one slot per (record index, flipped)."""
+
+    slots: dict[tuple[int, bool], int]
+    mean: torch.Tensor  # [slots, C, h, w] float32: the cached sample ("once") or the mean
+    std: torch.Tensor | None  # [slots, C, h, w] float32, kept only for "random" sampling
+    alphas: list[torch.Tensor | None]  # per record: alpha [H, W] at training size, or None
+    latent_size: tuple[int, int]  # (h, w)
+
+
+@torch.no_grad()
+def encode_images(
+    items: list[tuple[Path, tuple[int, int], bool]],
+    vae: torch.nn.Module,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    batch_size: int,
+    method: str,
+    seed: int,
+    want_alpha: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatentCache:
+    """Encode images `(path, (width, height), also_flipped)` with the VAE, in batches of `batch_size`.
+
+    `method` is A1111's latent sampling: "once" caches one sample (drawn with a generator seeded from
+    `seed` and the slot, so it is reproducible), "deterministic" the mean, "random" the mean and std.
+    """
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    jobs = [
+        (index, flipped) for index, (_, _, flip) in enumerate(items) for flipped in (False, True)[: 1 + flip]
+    ]
+    alphas: list[torch.Tensor | None] = [None] * len(items)
+    means, stds = [], []
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first : first + batch_size]
+        pixels = []
+        for index, flipped in chunk:
+            path, size, _ = items[index]
+            image, alpha = load_training_image(path, size)
+            if want_alpha and not flipped:
+                alphas[index] = alpha
+            pixels.append(image.flip(-1) if flipped else image)
+        dist = vae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            names = ", ".join(str(items[index][0]) for index, _ in chunk)
+            raise UserError(
+                f"the VAE gave NaN/inf latents in {dtype} for {names}; encode with float32 or bfloat16"
+            )
+        means.append((mean - shift) * scale)
+        stds.append(std * scale)
+        if progress is not None:
+            progress(min(first + batch_size, len(jobs)), len(jobs))
+    mean, std = torch.cat(means), torch.cat(stds)
+    if method == "once":
+        generator = torch.Generator().manual_seed(seed)
+        mean = mean + std * torch.randn(mean.shape, generator=generator).to(std.device)
+    return LatentCache(
+        slots={job: slot for slot, job in enumerate(jobs)},
+        mean=mean,
+        std=std if method == "random" else None,
+        alphas=alphas,
+        latent_size=(mean.shape[-2], mean.shape[-1]),
+    )
