@@ -5,7 +5,8 @@ class tokens of a Kohya folder or, A1111 style, to the file stem. A template tur
 `[name]` becomes the embedding's keyword and `[filewords]` the caption.
 
 How a `template` setting is read, in this order:
-  1. a stock name: `subject`, `subject_filewords`, `style`, `style_filewords`, `none` (".txt" optional);
+  1. a stock name: `subject`, `subject_filewords`, `style`, `style_filewords`, `none`; written with
+     ".txt" (`style.txt`) it means a file of that name if one exists, else the stock file;
   2. an existing file, or any value ending in ".txt" (a missing one is an error): one prompt per line;
   3. a value containing `[name]` or `[filewords]` is an inline template; several prompts may be
      separated by newlines (a TOML multi-line string);
@@ -76,7 +77,7 @@ def load_template(spec: str) -> list[str]:
     if not spec.strip():
         raise UserError(f"template is empty; use a stock name ({', '.join(STOCK_TEMPLATES)}), a file or text")
     stock_name = spec.removesuffix(".txt")
-    if stock_name in STOCK_TEMPLATES and not Path(spec).is_file():
+    if spec in STOCK_TEMPLATES or (stock_name in STOCK_TEMPLATES and not Path(spec).is_file()):
         return _template_lines(read_text_file(TEMPLATE_DIR / f"{stock_name}.txt"), spec)
     path = Path(spec).expanduser()
     if spec.endswith(".txt") or path.is_file():

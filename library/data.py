@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -267,7 +268,7 @@ def read_dataset_config(path: Path) -> dict:
     for dataset in datasets:
         _check_table(path, "[[datasets]]", dataset)
         subsets = dataset.get("subsets", [])
-        if not isinstance(subsets, list) or not subsets:
+        if not isinstance(subsets, list) or not subsets or not all(isinstance(t, dict) for t in subsets):
             raise UserError(
                 f"dataset_config {path}: every [[datasets]] needs at least one [[datasets.subsets]]"
             )
@@ -279,6 +280,8 @@ def read_dataset_config(path: Path) -> dict:
 
 
 def _check_table(path: Path, where: str, table: dict) -> None:
+    if not isinstance(table, dict):
+        raise UserError(f"dataset_config {path}: {where} must be a table, not {table!r}")
     for key, value in table.items():
         if key in _UNSUPPORTED_KEYS:
             raise UserError(f"dataset_config {path}: {key}: {_UNSUPPORTED_KEYS[key]}")
@@ -396,6 +399,14 @@ class Batch:
     flipped: list[bool] = field(default_factory=list)
 
 
+class _Sample(NamedTuple):
+    latent: torch.Tensor
+    prompt: str
+    index: int
+    flipped: bool
+    weight: torch.Tensor | None
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that depends only on (seed, *parts), stable across processes and machines."""
     words = np.random.SeedSequence([seed % 2**64, *parts]).generate_state(2, dtype=np.uint32)
@@ -406,7 +417,13 @@ class TrainingData:
     """Cached latents plus captions, serving samples as a pure function of (seed, step, position).
 
     `batch_size` is the global batch size (all processes and accumulation micro-batches together): step s
-    consumes samples s * batch_size ... (s + 1) * batch_size - 1 of the epoch stream.
+    consumes samples s * batch_size ... (s + 1) * batch_size - 1 of the epoch stream. With data parallel,
+    process r of n asks for `batch(step, r * b, b)` with b = batch_size // n; every process caches all
+    images, since any image can land at any position.
+
+    Per-image options (resolution, flip_aug, tag shuffle/dropout, keep_tokens) come from the records, so
+    that dataset-TOML subsets keep their own values; `settings` supplies template, latent_sampling and
+    alpha_loss_weight.
     """
 
     def __init__(
@@ -414,14 +431,14 @@ class TrainingData:
     ):
         if not records:
             raise UserError("no training images found")
+        if batch_size < 1:
+            raise UserError(f"batch_size {batch_size} must be at least 1")
         distinct = len({record.path for record in records})
         if batch_size > distinct:
             raise UserError(
                 f"batch_size {batch_size} is larger than the {distinct} distinct training images; "
                 "lower batch_size or add images"
             )
-        if batch_size < 1:
-            raise UserError(f"batch_size {batch_size} must be at least 1")
         sizes = sorted({record.resolution for record in records})
         if len(sizes) > 1:
             raise UserError(f"datasets use different resolutions {sizes}; set one resolution for all of them")
@@ -488,17 +505,27 @@ class TrainingData:
                 f"of {self.batch_size}"
             )
         samples = [self._sample(step, position) for position in range(start, start + size)]
-        latents = torch.stack([latent for latent, *_ in samples])
+        latents = torch.stack([sample.latent for sample in samples])
         weights = None
-        if any(w is not None for w in self._weights):
+        if any(weight is not None for weight in self._weights):
+            # Images without alpha weigh 1 everywhere, so the batch keeps one shape.
             ones = torch.ones_like(latents[0, :1])
-            weights = torch.stack([ones if w is None else w for *_, w in samples])
+            weights = torch.stack([ones if s.weight is None else s.weight for s in samples])
         return Batch(
             latents=latents,
-            prompts=[prompt for _, prompt, *_ in samples],
+            prompts=[sample.prompt for sample in samples],
             loss_weights=weights,
-            sample_ids=[index for _, _, index, _, _ in samples],
-            flipped=[flipped for _, _, _, flipped, _ in samples],
+            sample_ids=[sample.index for sample in samples],
+            flipped=[sample.flipped for sample in samples],
+        )
+
+    def summary(self) -> str:
+        """One line for the training log."""
+        folders = len({record.path.parent for record in self.records})
+        width, height = self.resolution
+        return (
+            f"{self.num_images} images in {folders} folder(s), {self.epoch_length} samples per epoch, "
+            f"{width}x{height}, latent sampling {self.settings.latent_sampling}"
         )
 
     def record_at(self, step: int, position: int) -> int:
@@ -511,7 +538,7 @@ class TrainingData:
             self._permutations[epoch] = self._stream[rng.permutation(self.epoch_length)]
         return int(self._permutations[epoch][offset])
 
-    def _sample(self, step: int, position: int):
+    def _sample(self, step: int, position: int) -> _Sample:
         index = self.record_at(step, position)
         record = self.records[index]
         sample_seed = derive_seed(self.seed, _STREAM_SAMPLE, step, position)
@@ -534,4 +561,4 @@ class TrainingData:
         weight = self._weights[index]
         if weight is not None and flipped:
             weight = weight.flip(-1)
-        return latent, fill_template(line, self.name, caption), index, flipped, weight
+        return _Sample(latent, fill_template(line, self.name, caption), index, flipped, weight)
