@@ -16,7 +16,7 @@ import functools
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +294,7 @@ def save_embedding(
     if image is not None and suffix not in png_embedding.IMAGE_FORMATS:
         raise UserError(f"{path}: a picture can only be stored in a .png or .webp embedding")
     tensors = _checked_tensors(embedding, path)
+    _extra_metadata(embedding)  # checks the metadata before anything is written
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass overwrite=True (--overwrite) or choose another name")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,10 +325,12 @@ def _checked_tensors(embedding: Embedding, path: Path) -> dict[str, torch.Tensor
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over `path`."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(temp_name)
+    """Write through a temporary file in the same folder, then rename it over `path`.
+
+    The writers create the temporary file themselves, so it gets the usual permissions (mkstemp's
+    owner-only mode would carry over to the embedding).
+    """
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         write(temp)
         os.replace(temp, path)

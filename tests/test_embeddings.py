@@ -216,6 +216,8 @@ def test_round_trip(tmp_path, suffix):
     assert loaded.metadata[TRAINING_SETTINGS_KEY] == '{"lr": 0.005}'
     assert STORED_NAME_KEY not in loaded.metadata
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"myemb{suffix}"]  # no temporary files left
+    (tmp_path / "plain").write_bytes(b"")  # the file gets the permissions of any new file, not owner-only
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".png"])
@@ -282,35 +284,69 @@ def test_safetensors_is_kohya_layout_with_modelspec(tmp_path):
     assert header["modelspec.prediction_type"] == "v"
 
 
-def test_png_panels_alone_carry_the_embedding(tmp_path):
+class A1111Encoder(json.JSONEncoder):
+    """A1111's EmbeddingEncoder: tensors become {"TORCHTENSOR": nested lists}."""
+
+    def default(self, o):
+        if isinstance(o, torch.Tensor):
+            return {"TORCHTENSOR": o.cpu().detach().numpy().tolist()}
+        return super().default(o)
+
+
+def test_png_text_chunk_and_panels_are_a1111_bytes(tmp_path):
     embedding = sample(n=4)
     picture = Image.new("RGB", (96, 80), (200, 120, 40))
     path = save_embedding(embedding, tmp_path / "myemb.png", image=picture)
+    pt_dict = torch.load(save_embedding(embedding, tmp_path / "myemb.pt"), weights_only=True)
+    expected_json = json.dumps(pt_dict, cls=A1111Encoder)
     with Image.open(path) as saved:
-        chunk = json.loads(base64.b64decode(saved.text["sd-ti-embedding"]), object_hook=_tensor_hook)
-        stripped_pixels = saved.convert("RGB")
-        # The picture sits between the panels, behind a one-pixel black separator on each side.
-        panel = (saved.width - 96 - 2) // 2
-        assert saved.height == 80 and np.array_equal(
-            np.array(stripped_pixels)[:, panel + 1 : panel + 97], np.array(picture)
-        )
+        assert base64.b64decode(saved.text["sd-ti-embedding"]).decode() == expected_json
+        pixels = np.array(saved.convert("RGB"))
+
+    # A1111's insert: panels of height h, nibbles padded to whole h*3 columns (always adding some).
+    packed = np.frombuffer(zlib.compress(expected_json.encode(), level=9), np.uint8)
+    size = packed.size + (80 - packed.size % 80)
+    size += 80 * 3 - size % (80 * 3)
+    panel = size // (80 * 3)
+    assert pixels.shape == (80, 96 + 2 * panel + 2, 3)
+    assert np.array_equal(pixels[:, panel + 1 : panel + 97], np.array(picture))
+    assert not pixels[:, panel].any() and not pixels[:, panel + 97].any()  # black separators
+    stream = reference_lcg()
+    noise = np.array([next(stream) for _ in range(size)], dtype=np.uint8).reshape(80, panel, 3) & 0x0F
+    assert np.array_equal(
+        pixels[:, :panel] & 0x0F, np.resize(packed & 0x0F, size).reshape(80, panel, 3) ^ noise
+    )
+    assert np.array_equal(
+        pixels[:, panel + 98 :] & 0x0F, np.resize(packed >> 4, size).reshape(80, panel, 3) ^ noise
+    )
+
+
+def test_png_panels_alone_carry_the_embedding(tmp_path):
+    embedding = sample(n=4)
+    path = save_embedding(embedding, tmp_path / "myemb.png")  # on a generated card
     stripped = tmp_path / "stripped.png"
-    stripped_pixels.save(stripped)  # pixels only: the text chunk is gone
+    with Image.open(path) as saved:
+        saved.convert("RGB").save(stripped)  # pixels only: the text chunk is gone
     assert "sd-ti-embedding" not in Image.open(stripped).text
 
-    from_panels = reference_extract(Image.open(stripped))
-    for data in (chunk, from_panels):
-        assert data["name"] == "myemb" and data["step"] == 120 and data["string_to_token"] == {"*": 265}
-        assert torch.equal(data["string_to_param"]["*"].float(), embedding.vectors)
+    data = reference_extract(Image.open(stripped))
+    assert data["name"] == "myemb" and data["step"] == 120 and data["string_to_token"] == {"*": 265}
+    assert torch.equal(data["string_to_param"]["*"].float(), embedding.vectors)
     loaded = load_embedding(stripped)
     assert loaded.name == "myemb" and torch.equal(loaded.vectors, embedding.vectors)
 
 
 def test_lcg_matches_a1111_reference_values():
-    # From A1111's image_embedding.py self-test: the first values, and the sum of the next 100,000.
-    first = [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79, 78, 14, 52, 215]
+    # From A1111's image_embedding.py self-test: the first 100 values, and the sum of the next 100,000.
+    first = [
+        253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79, 78, 14, 52, 215,
+        220, 194, 126, 28, 240, 179, 160, 153, 149, 50, 105, 14, 21, 218, 199, 18, 54, 198, 193, 38,
+        128, 19, 53, 195, 124, 75, 205, 12, 6, 145, 0, 28, 30, 148, 8, 45, 218, 171, 55, 249,
+        97, 166, 12, 35, 0, 41, 221, 122, 215, 170, 31, 113, 186, 97, 119, 31, 23, 185, 66, 140,
+        30, 41, 37, 63, 137, 109, 216, 55, 159, 145, 82, 204, 86, 73, 222, 44, 198, 118, 240, 97,
+    ]  # fmt: skip
     stream = lcg_stream(100_100)
-    assert stream[:20].tolist() == first
+    assert stream[:100].tolist() == first
     assert int(stream[100:].astype(np.int64).sum()) == 12731374
 
 
@@ -330,7 +366,7 @@ def _tiny_pipeline():
     )
 
 
-@pytest.mark.parametrize(("suffix", "token"), [(".safetensors", "tok"), (".pt", "tok"), (".pt", None)])
+@pytest.mark.parametrize(("suffix", "token"), [(".safetensors", "<tok>"), (".pt", "<tok>"), (".pt", None)])
 def test_diffusers_load_textual_inversion_accepts_our_files(tmp_path, suffix, token):
     embedding = sample(width=32)  # the tiny text encoder is 32 wide
     path = save_embedding(embedding, tmp_path / f"myemb{suffix}")
@@ -439,6 +475,8 @@ def test_save_never_overwrites_silently(tmp_path):
     expect_user_error(lambda: save_embedding(other, tmp_path / "myemb.ckpt"), "myemb.ckpt", ".safetensors")
     flat = Embedding("flat", torch.zeros(768))
     expect_user_error(lambda: save_embedding(flat, tmp_path / "flat.pt"), "flat.pt", "[num_vectors, width]")
+    odd = Embedding("odd", vectors(), metadata={"ti.lr": 0.1})
+    expect_user_error(lambda: save_embedding(odd, tmp_path / "odd.safetensors"), "ti.lr", "strings")
     picture = Image.new("RGB", (8, 8))
     expect_user_error(lambda: save_embedding(other, tmp_path / "x.pt", image=picture), "x.pt", ".png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["myemb.pt"]
