@@ -71,16 +71,21 @@ class DataSettings:
     filename_join_string: str = " "  # ...joined by this
 
     def __post_init__(self) -> None:
-        if self.latent_sampling not in LATENT_SAMPLING_METHODS:
-            raise UserError(
-                f"latent_sampling {self.latent_sampling!r} must be one of {', '.join(LATENT_SAMPLING_METHODS)}"
-            )
-        if not 0.0 <= self.tag_dropout < 1.0:
-            raise UserError(f"tag_dropout {self.tag_dropout} must be at least 0 and below 1")
-        if self.keep_tokens < 0:
-            raise UserError(f"keep_tokens {self.keep_tokens} must be 0 or more")
-        check_caption_extension(self.caption_extension)
-        as_size(self.resolution)
+        check_data_settings(self)
+
+
+def check_data_settings(settings) -> None:
+    """Check the values of DataSettings (or any object with its fields, such as the preset's table)."""
+    if settings.latent_sampling not in LATENT_SAMPLING_METHODS:
+        raise UserError(
+            f"latent_sampling {settings.latent_sampling!r} must be one of {', '.join(LATENT_SAMPLING_METHODS)}"
+        )
+    if not 0.0 <= settings.tag_dropout < 1.0:
+        raise UserError(f"tag_dropout {settings.tag_dropout} must be at least 0 and below 1")
+    if settings.keep_tokens < 0:
+        raise UserError(f"keep_tokens {settings.keep_tokens} must be 0 or more")
+    check_caption_extension(settings.caption_extension)
+    as_size(settings.resolution)
 
 
 @dataclass
@@ -106,6 +111,7 @@ def scan_images(settings: DataSettings) -> list[ImageRecord]:
     With `settings.dataset_config`, read the Kohya dataset TOML; otherwise `settings.image_dir` is either
     a Kohya parent folder (subfolders `<repeats>_<class tokens>`) or a flat folder of images (repeats 1).
     """
+    check_data_settings(settings)
     if settings.dataset_config:
         return records_from_dataset_config(Path(settings.dataset_config).expanduser(), settings)
     if not settings.image_dir:
@@ -429,6 +435,7 @@ class TrainingData:
     def __init__(
         self, records: Sequence[ImageRecord], settings: DataSettings, *, name: str, seed: int, batch_size: int
     ):
+        check_data_settings(settings)
         if not records:
             raise UserError("no training images found")
         if batch_size < 1:

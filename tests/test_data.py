@@ -424,6 +424,10 @@ def test_corrupt_image_and_bad_resolution(tmp_path, vae):
         data.cache_latents(vae, device="cpu", dtype=torch.float32)
     with pytest.raises(UserError, match="multiples of 8"):
         DataSettings(resolution=500)
+    with pytest.raises(
+        UserError, match="latent_sampling 'sometimes' must be one of once, deterministic, random"
+    ):
+        DataSettings(latent_sampling="sometimes")
 
 
 def test_batch_size_larger_than_distinct_images(tmp_path):
@@ -493,7 +497,11 @@ def test_latent_sampling_deterministic_is_the_scaled_mean_and_flip_is_encoded(tm
 def test_latent_sampling_once_is_one_fixed_sample(tmp_path, vae):
     records = _one_image(tmp_path)
     mean, std = _vae_encoding(vae, records[0].path)
-    data = make_data(records, batch_size=1, vae=vae, latent_sampling="once")
+    data = make_data(records, batch_size=1, latent_sampling="once")
+    calls = []
+    data.cache_latents(vae, device="cpu", dtype=torch.float32, progress=lambda *done: calls.append(done))
+    assert calls == [(1, 1)]
+    assert "1 images in 1 folder(s), 1 samples per epoch, 16x16, latent sampling once" == data.summary()
     first = data.batch(0, 0, 1).latents
     assert all(torch.equal(first, data.batch(step, 0, 1).latents) for step in (1, 5, 50))
     assert not torch.allclose(first[0], mean, atol=1e-4)  # a sample, not the mean
