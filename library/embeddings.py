@@ -405,7 +405,8 @@ def _write_pt(embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path
 def _write_safetensors(
     embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any
 ) -> None:
-    safetensors.torch.save_file(tensors, temp, metadata=_safetensors_header(embedding))
+    # Through bytes: save_file creates owner-only files, unlike every other writer here.
+    temp.write_bytes(safetensors.torch.save(tensors, metadata=_safetensors_header(embedding)))
 
 
 def _write_image(
