@@ -179,25 +179,28 @@ def encode_images(
 ) -> LatentCache:
     """Encode images `(path, (width, height), also_flipped)` with the VAE, in batches of `batch_size`.
 
-    `method` is A1111's latent sampling: "once" caches one sample (drawn with a generator seeded from
-    `seed` and the slot, so it is reproducible), "deterministic" the mean, "random" the mean and std.
+    `method` is A1111's latent sampling: "once" caches one sample (its noise comes from a generator
+    seeded with `seed`, so it is reproducible), "deterministic" the mean, "random" the mean and std.
     """
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    # One job per cached latent: (index, False) and, for flip_aug images, (index, True) right after it.
     jobs = [
         (index, flipped) for index, (_, _, flip) in enumerate(items) for flipped in (False, True)[: 1 + flip]
     ]
     alphas: list[torch.Tensor | None] = [None] * len(items)
     means, stds = [], []
+    loaded: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # the mirror job reuses the decoded image
     for first in range(0, len(jobs), batch_size):
         chunk = jobs[first : first + batch_size]
         pixels = []
         for index, flipped in chunk:
-            path, size, _ = items[index]
-            image, alpha = load_training_image(path, size)
-            if want_alpha and not flipped:
-                alphas[index] = alpha
-            pixels.append(image.flip(-1) if flipped else image)
+            if loaded[0] != index:
+                path, size, _ = items[index]
+                image, alpha = load_training_image(path, size)
+                loaded = (index, image)
+                alphas[index] = alpha if want_alpha else None
+            pixels.append(loaded[1].flip(-1) if flipped else loaded[1])
         dist = vae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
