@@ -1,16 +1,28 @@
 """Load Stable Diffusion 1.x / 2.x checkpoints offline into one `SDParts` object.
 
 Single-file checkpoints in the original (CompVis/A1111) layout and diffusers folders are both read
-without touching the network: configs and tokenizers ship in `library/assets`.
+without touching the network: configs and tokenizers ship in `library/assets`. Models are built on the
+meta device and take the file's tensors directly, so nothing is randomly initialised first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import accelerate
+import torch
+import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from library import convert
+from library.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -71,3 +83,455 @@ class SDParts:
 def load_tokenizer(family: str) -> CLIPTokenizer:
     """The real CLIP tokenizer for a family, from the folder shipped with the project."""
     return CLIPTokenizer.from_pretrained(FAMILIES[family].tokenizer_dir, local_files_only=True)
+
+
+def a1111_short_hash(path) -> str:
+    """A1111's short checkpoint hash: the first 10 hex digits of the whole file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading state dicts
+
+# Training bookkeeping that old LDM .ckpt files pickle beside the weights (Lightning callbacks, numpy
+# step counters). These names are read as an inert stand-in, so none of their code runs; any other
+# Python object in a pickle is refused.
+_BOOKKEEPING_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+)
+
+
+class _Inert:
+    """Stands in for a bookkeeping object: accepts anything, keeps nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a .safetensors file, or of a .ckpt/.pt/.bin read weights-only.
+
+    A nested `"state_dict"` is unwrapped. The format is told from the file's first bytes, not its name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the path (a diffusers model is a folder)")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise UserError(f"{path}: the file is empty; download it again")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive or legacy pickle
+        return _read_pickle(path)
+    return _read_safetensors(path)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy when the tensor sits at an odd address inside the file's buffer: CPU kernels take other
+    code paths on unaligned memory (slower, and not bitwise equal to the same weights aligned)."""
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: _aligned(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"{path}: not a readable .safetensors file ({_first_line(e)}); it may be truncated, download it again"
+        ) from None
+
+
+def _read_pickle(path: Path) -> tuple[dict, dict]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, RuntimeError, zipfile.BadZipFile):
+        found = []  # legacy format: the weights-only unpickler below checks every global itself
+    refused = [name for name in found if name not in _BOOKKEEPING_GLOBALS]
+    if refused:
+        raise UserError(
+            f"{path}: refused: the pickle would run {refused[0]}, which a weights file never needs; "
+            "use a .safetensors copy of this model"
+        )
+    try:
+        with torch.serialization.safe_globals([(_Inert, name) for name in found]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path}: refused: the pickle holds Python objects, not just tensors ({_first_line(e)}); "
+            "use a .safetensors copy of this model"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)}); download it again") from None
+    metadata = {}
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        if isinstance(data.get("metadata"), dict):
+            metadata = {str(k): str(v) for k, v in data["metadata"].items()}
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a dict of weights")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+# --------------------------------------------------------------------------------------------------
+# What a single file holds
+
+
+def _refuse_foreign(path: Path, sd: dict) -> None:
+    """Name what the file is when it is not an SD 1.x / 2.x text-to-image checkpoint."""
+    keys = list(sd)
+
+    def has(part: str) -> bool:
+        return any(part in k for k in keys)
+
+    what = None
+    if not keys:
+        what = "holds no tensors (an embedding or an optimizer state?); pass a model checkpoint"
+    elif has("conditioner.embedders."):
+        what = "is an SDXL checkpoint; only SD 1.x and 2.x models are supported"
+    elif has("joint_blocks."):
+        what = "is an SD3 checkpoint; only SD 1.x and 2.x models are supported"
+    elif has("double_blocks."):
+        what = "is a Flux checkpoint; only SD 1.x and 2.x models are supported"
+    elif has("lora_") or has(".lora_down.") or has(".lora_A."):
+        what = "is a LoRA, not a model; pass the base checkpoint it was trained on"
+    elif "emb_params" in sd or "string_to_param" in sd:
+        what = "is a textual-inversion embedding, not a model checkpoint"
+    elif all(k.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv") for k in keys):
+        what = "is a VAE file; pass it as the VAE beside a full SD checkpoint"
+    elif f"{convert.UNET_PREFIX}input_blocks.0.0.weight" not in sd:
+        what = "is not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* UNet weights)"
+    elif has(f"{convert.UNET_PREFIX}label_emb."):
+        what = "is an SD2 unCLIP or upscaler model; use a text-to-image SD 1.x/2.x checkpoint"
+    else:
+        channels = sd[f"{convert.UNET_PREFIX}input_blocks.0.0.weight"].shape[1]
+        if channels != 4:
+            kind = {9: "an inpainting", 8: "an InstructPix2Pix"}.get(channels, f"a {channels}-channel")
+            what = f"is {kind} model; train embeddings on the matching base (text-to-image) model"
+    if what:
+        raise UserError(f"{path}: {what}")
+
+
+def _text_layout(path: Path, sd: dict) -> str:
+    """ "sd1" for a CLIP ViT-L text encoder, "sd2" for OpenCLIP ViT-H."""
+    if f"{convert.CLIP_PREFIX}embeddings.token_embedding.weight" in sd:
+        return "sd1"
+    if f"{convert.OPENCLIP_PREFIX}token_embedding.weight" in sd:
+        return "sd2"
+    raise UserError(
+        f"{path}: has no text encoder weights (cond_stage_model.*); pass a complete SD checkpoint"
+    )
+
+
+def _prediction_hint(path: Path, metadata: dict) -> str | None:
+    """SD2 family from a config A1111 reads beside the file (`<name>.yaml`) or from ModelSpec metadata."""
+    beside = path.with_suffix(".yaml")
+    if beside.is_file():
+        try:
+            config = yaml.safe_load(beside.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{beside}: not valid YAML ({_first_line(e)}); fix or remove it") from None
+        params = (config.get("model") or {}).get("params") or {}
+        return "sd2-v" if params.get("parameterization") == "v" else "sd2"
+    spec = metadata.get("modelspec.prediction_type")
+    return {"v": "sd2-v", "epsilon": "sd2"}.get(spec)
+
+
+@torch.no_grad()
+def is_v_prediction(unet: UNet2DConditionModel) -> bool:
+    """A1111's test for SD2 v-prediction weights (`is_using_v_parameterization_for_sd2`).
+
+    On a constant latent at timestep 999 with a constant context, a v-model's output minus its input
+    averages below -1, an epsilon model's does not. Run it in float32 on the CPU, as A1111 does.
+    """
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=unet.dtype, device=unet.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=unet.dtype, device=unet.device)
+    out = unet(x, torch.tensor([999], device=unet.device), encoder_hidden_states=context).sample
+    return (out - x).mean().item() < -1
+
+
+# --------------------------------------------------------------------------------------------------
+# Building models from a single file
+
+_VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+# Attention names of diffusers VAE files written before diffusers 0.14.
+_OLD_VAE_ATTENTION = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
+
+def _base_configs(family: str, config_dir) -> dict[str, dict]:
+    folder = Path(config_dir) if config_dir else ASSETS / "configs" / family
+    configs = {}
+    for part in ("unet", "vae", "text_encoder"):
+        file = folder / part / "config.json"
+        try:
+            configs[part] = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise UserError(
+                f"{file}: missing; a config folder holds unet/, vae/ and text_encoder/ config.json files"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}: not valid JSON ({e})") from None
+    return configs
+
+
+def _derive(path: Path, derive, *args) -> dict:
+    """Run a config derivation or key conversion; a missing or odd tensor means a damaged file."""
+    try:
+        return derive(*args)
+    except (KeyError, ValueError, StopIteration, IndexError, AttributeError) as e:
+        raise UserError(
+            f"{path}: incomplete or unusual SD weights ({type(e).__name__}: {e}); is the file damaged?"
+        ) from None
+
+
+def _build(make, state: dict, what: str, path: Path, dtype: torch.dtype):
+    """A model made on the meta device that takes `state`'s tensors (cast to `dtype`) as its weights."""
+    with accelerate.init_empty_weights():
+        model = make()
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
+        raise UserError(
+            f"{path}: the {what} weights do not fit the {what} they were read as ({detail})"
+        ) from None
+    return model.eval().requires_grad_(False)
+
+
+def _vae_part(sd: dict) -> dict:
+    """VAE tensors without their prefix: `first_stage_model.` in checkpoints, none or `vae.` in VAE files."""
+    for prefix in (convert.VAE_PREFIX, "vae.", ""):
+        part = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        part = {k: v for k, v in part.items() if k.split(".")[0] in _VAE_ROOTS}
+        if part:
+            return part
+    return {}
+
+
+def _build_vae(
+    path: Path, vae_sd: dict, base: dict, metadata: dict | None, dtype: torch.dtype
+) -> AutoencoderKL:
+    """The VAE of an original- or diffusers-layout state dict; `metadata` None = take `base` as it is."""
+    if any(k.startswith("encoder.down_blocks.") for k in vae_sd):  # diffusers layout: to the original first
+        for old, new in _OLD_VAE_ATTENTION.items():
+            vae_sd = {k.replace(old, new): v for k, v in vae_sd.items()}
+        levels = 1 + max(convert._indices(vae_sd, "encoder.down_blocks."))
+        vae_sd = _derive(path, convert.vae_to_ldm, vae_sd, levels)
+    config = base
+    if metadata is not None:
+        config = _derive(path, convert.vae_config_from_ldm, vae_sd, base)
+        convert.apply_architecture({"vae": config}, metadata)
+    state = _derive(path, convert.vae_from_ldm, vae_sd, config)
+    return _build(lambda: AutoencoderKL.from_config(config), state, "VAE", path, dtype)
+
+
+def _load_vae(vae, base: dict, derive: bool, dtype: torch.dtype) -> AutoencoderKL:
+    """A separate VAE: an A1111-style file, a diffusers VAE file, or a diffusers (VAE) folder."""
+    path = Path(vae)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        return _from_pretrained(AutoencoderKL, folder, dtype)
+    sd, metadata = read_state_dict(path)
+    vae_sd = _vae_part(sd)
+    if not vae_sd:
+        raise UserError(f"{path}: holds no VAE weights (encoder.*, decoder.*); pass a VAE file or folder")
+    return _build_vae(path, vae_sd, base, metadata if derive else None, dtype)
+
+
+def _single_file_family(path: Path, family: str, layout: str, metadata: dict) -> str | None:
+    """The family the caller asked for or a config/metadata names; None when only the UNet can tell."""
+    if family != "auto":
+        if family not in FAMILIES:
+            raise UserError(f"{path}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
+        if (family == "sd1") != (layout == "sd1"):
+            encoder = "CLIP ViT-L (SD1)" if layout == "sd1" else "OpenCLIP ViT-H (SD2)"
+            fits = "sd1" if layout == "sd1" else "sd2 or sd2-v"
+            raise UserError(f"{path}: family={family} does not fit its {encoder} text encoder; use {fits}")
+        return family
+    return "sd1" if layout == "sd1" else _prediction_hint(path, metadata)
+
+
+def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dtype) -> SDParts:
+    sd, metadata = read_state_dict(path)
+    sd = convert.fix_legacy_clip_keys(sd)
+    _refuse_foreign(path, sd)
+    layout = _text_layout(path, sd)
+    chosen = _single_file_family(path, family, layout, metadata)
+    base = _base_configs(chosen or "sd2", config_dir)
+    configs = dict(base)
+    if not config_dir:  # the shipped configs are a template; the weights' shapes decide the sizes
+        configs["unet"] = _derive(path, convert.unet_config_from_ldm, sd, base["unet"])
+        configs["text_encoder"] = _derive(
+            path, convert.text_config_from_ldm, sd, base["text_encoder"], layout == "sd2"
+        )
+        convert.apply_architecture(configs, metadata)
+
+    # Telling SD2 epsilon from v needs the UNet run once in float32, as A1111 does.
+    unet_state = _derive(path, convert.unet_from_ldm, sd, configs["unet"])
+    unet_dtype = torch.float32 if chosen is None else dtype
+    unet = _build(
+        lambda: UNet2DConditionModel.from_config(configs["unet"]), unet_state, "UNet", path, unet_dtype
+    )
+    if chosen is None:
+        chosen = "sd2-v" if is_v_prediction(unet) else "sd2"
+        unet.to(dtype)
+        if not config_dir and convert.ARCH_KEY not in metadata:
+            unet.register_to_config(sample_size=_base_configs(chosen, None)["unet"]["sample_size"])
+
+    text_state = _derive(path, convert.text_from_ldm, sd, configs["text_encoder"], layout == "sd2")
+    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
+    text_encoder = _build(lambda: CLIPTextModel(text_config), text_state, "text encoder", path, dtype)
+
+    vae_base = _base_configs(chosen, config_dir)["vae"]
+    if vae is not None:
+        vae_model = _load_vae(vae, vae_base, not config_dir, dtype)
+    else:
+        vae_sd = _vae_part(sd)
+        if not vae_sd:
+            raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
+        vae_model = _build_vae(path, vae_sd, vae_base, None if config_dir else metadata, dtype)
+    return SDParts(
+        family=chosen,
+        tokenizer=load_tokenizer(chosen),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae_model,
+        noise_scheduler=DDPMScheduler(**FAMILIES[chosen].scheduler_config),
+        checkpoint_name=path.stem,
+        checkpoint_hash=a1111_short_hash(path),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusers folders
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
+    """A diffusers/transformers model from a local folder (never the hub), fp16-variant files included."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json; pass a diffusers model folder")
+    weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
+    plain = [w for w in weights if w.count(".") == 1 or w.endswith(".index.json")]
+    variant = "fp16" if not plain and any(".fp16." in w for w in weights) else None
+    dtype_arg = {"dtype": dtype} if cls is CLIPTextModel else {"torch_dtype": dtype}
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{folder}: cannot load the {cls.__name__} ({_first_line(e)})") from None
+    return model.eval().requires_grad_(False)
+
+
+def _folder_family(folder: Path, family: str, text_config: dict) -> str:
+    """SD1 or SD2 from the text encoder (768 or 1024 wide; else CLIP's quick_gelu marks SD1), and
+    epsilon or v from the scheduler's prediction_type."""
+    width = text_config.get("hidden_size")
+    sd1 = width == 768 or (width != 1024 and text_config.get("hidden_act") == "quick_gelu")
+    if family != "auto":
+        if family not in FAMILIES:
+            raise UserError(f"{folder}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
+        if (family == "sd1") != sd1:
+            raise UserError(f"{folder}: family={family} does not fit its {width}-wide text encoder")
+        return family
+    if sd1:
+        return "sd1"
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file() else None
+    return "sd2-v" if prediction == "v_prediction" else "sd2"
+
+
+def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype) -> SDParts:
+    if config_dir:
+        raise UserError(
+            f"{folder}: config_dir is for single-file checkpoints; a diffusers folder has its configs"
+        )
+    if (folder / "text_encoder_2").is_dir():
+        raise UserError(f"{folder}: is an SDXL model; only SD 1.x and 2.x models are supported")
+    for part in ("unet", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise UserError(
+                f"{folder}: not a diffusers SD folder (no {part}/config.json); pass the folder with model_index.json"
+            )
+    chosen = _folder_family(folder, family, json.loads((folder / "text_encoder" / "config.json").read_text()))
+    tokenizer_dir = folder / "tokenizer"
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tokenizer = load_tokenizer(chosen)
+    if vae is not None:
+        vae_model = _load_vae(vae, _base_configs(chosen, None)["vae"], True, dtype)
+    else:
+        vae_model = _from_pretrained(AutoencoderKL, folder / "vae", dtype)
+    return SDParts(
+        family=chosen,
+        tokenizer=tokenizer,
+        text_encoder=_from_pretrained(CLIPTextModel, folder / "text_encoder", dtype),
+        unet=_from_pretrained(UNet2DConditionModel, folder / "unet", dtype),
+        vae=vae_model,
+        noise_scheduler=DDPMScheduler(**FAMILIES[chosen].scheduler_config),
+        checkpoint_name=folder.name,
+        checkpoint_hash="",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def load_sd(
+    path, *, family: str = "auto", vae=None, config_dir=None, dtype: torch.dtype = torch.float32
+) -> SDParts:
+    """Load an SD 1.x / 2.x model offline: a single-file checkpoint or a diffusers folder.
+
+    path: `.safetensors`, or `.ckpt`/`.pt` (read weights-only: a pickle that would run code is refused),
+        in the original CompVis/A1111 layout; or a diffusers folder.
+    family: "auto" tells SD1 (CLIP text encoder) from SD2 (OpenCLIP), and SD2 epsilon from v-prediction
+        by a `<name>.yaml` beside the file (as A1111), ModelSpec metadata, or A1111's test run of the UNet;
+        "sd1" / "sd2" / "sd2-v" overrides that for files the detection gets wrong.
+    vae: an optional separate VAE (A1111 file such as vae-ft-mse-840000-ema-pruned, diffusers file or folder).
+    config_dir: a diffusers-style folder of unet/vae/text_encoder config.json used as is, instead of the
+        shipped configs with sizes read from the weights.
+    dtype: the dtype of the loaded weights. Models come back in eval mode with gradients off.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, family, vae, config_dir, dtype)
+    return _load_single_file(path, family, vae, config_dir, dtype)
+
+
+def load_parts(model, *, dtype: torch.dtype = torch.float32) -> SDParts:
+    """The model a `[model]` config table names ("builtin:tiny" = the small model built in code)."""
+    if model.checkpoint == "builtin:tiny":
+        from library.tiny import build_tiny_parts  # tiny.py imports this module
+
+        parts = build_tiny_parts("sd1" if model.family == "auto" else model.family, seed=0)
+        for module in (parts.unet, parts.vae, parts.text_encoder):
+            module.to(dtype)
+        return parts
+    return load_sd(
+        model.checkpoint,
+        family=model.family,
+        vae=model.vae or None,
+        config_dir=model.config_dir or None,
+        dtype=dtype,
+    )

@@ -1,0 +1,453 @@
+"""Convert SD 1.x / 2.x weights between the original single-file layout and diffusers.
+
+Original -> diffusers uses diffusers' own key converters; the sizes that vary between models (channels,
+levels, layers, widths) are read from the weights' shapes over a base config of the family.
+Diffusers -> original, which diffusers ships only as a script, is written here, so that a model can go
+back to A1111, ComfyUI or Kohya as one file (`save_single_file`) or out as a diffusers folder
+(`save_diffusers`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors.torch import save_file
+
+from library.errors import UserError
+
+if TYPE_CHECKING:
+    from library.models import SDParts
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+# Metadata key holding the few sizes the weights cannot tell (attention head counts, sample sizes).
+ARCH_KEY = "sd_ti.architecture"
+ARCH_FIELDS = {
+    "unet": ("attention_head_dim", "sample_size"),
+    "text_encoder": ("num_attention_heads",),
+    "vae": ("sample_size",),
+}
+CLIP_HEAD_WIDTH = 64  # CLIP ViT-L and OpenCLIP ViT-H both use 64-wide attention heads
+
+# --------------------------------------------------------------------------------------------------
+# Original -> diffusers
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _indices(keys, prefix: str) -> set[int]:
+    """The numbers n of keys that start with `prefix` + "n."."""
+    return {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+
+
+def fix_legacy_clip_keys(sd: dict) -> dict:
+    """Early SD1 files (older transformers) lack the `text_model.` level in the CLIP keys."""
+    old = "cond_stage_model.transformer."
+    fixed = {}
+    for key, value in sd.items():
+        rest = key[len(old) :]
+        if key.startswith(old) and rest.split(".", 1)[0] in ("embeddings", "encoder", "final_layer_norm"):
+            key = CLIP_PREFIX + rest
+        fixed[key] = value
+    return fixed
+
+
+def _scaled_heads(base: dict, channels: list[int]):
+    """Head counts for non-standard widths: SD1 keeps its head count, SD2 keeps its head width."""
+    heads = base["attention_head_dim"]
+    if isinstance(heads, int):
+        return heads
+    width = base["block_out_channels"][0] // heads[0]
+    return [max(1, c // width) for c in channels]
+
+
+def unet_config_from_ldm(sd: dict, base: dict) -> dict:
+    """The diffusers UNet config of an original-layout state dict, derived from its shapes."""
+    u = _strip(sd, UNET_PREFIX)
+    num_inputs = 1 + max(_indices(u, "input_blocks."))
+    levels = 1 + sum(f"input_blocks.{i}.0.op.weight" in u for i in range(num_inputs))
+    per_level = num_inputs // levels  # resnets of a level + its downsampler (conv_in for level 0)
+    firsts = [1 + level * per_level for level in range(levels)]
+    channels = [u[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] for i in firsts]
+    attn = [k for k in u if ".transformer_blocks." in k]
+    config = dict(
+        base,
+        in_channels=u["input_blocks.0.0.weight"].shape[1],
+        out_channels=u["out.2.weight"].shape[0],
+        block_out_channels=channels,
+        layers_per_block=per_level - 1,
+        down_block_types=[
+            "CrossAttnDownBlock2D" if f"input_blocks.{i}.1.proj_in.weight" in u else "DownBlock2D"
+            for i in firsts
+        ],
+        up_block_types=[
+            "CrossAttnUpBlock2D"
+            if f"output_blocks.{level * per_level}.1.proj_in.weight" in u
+            else "UpBlock2D"
+            for level in range(levels)
+        ],
+        cross_attention_dim=next(u[k].shape[1] for k in attn if k.endswith("attn2.to_k.weight")),
+        use_linear_projection=next(u[k].ndim for k in u if k.endswith(".proj_in.weight")) == 2,
+        transformer_layers_per_block=1 + max(_indices(u, "middle_block.1.transformer_blocks.")),
+    )
+    if channels != list(base["block_out_channels"]):
+        config["attention_head_dim"] = _scaled_heads(base, channels)
+    return config
+
+
+def vae_config_from_ldm(vae_sd: dict, base: dict) -> dict:
+    """The diffusers VAE config of an original-layout VAE state dict (keys without a prefix)."""
+    levels = 1 + max(_indices(vae_sd, "encoder.down."))
+    return dict(
+        base,
+        in_channels=vae_sd["encoder.conv_in.weight"].shape[1],
+        out_channels=vae_sd["decoder.conv_out.weight"].shape[0],
+        latent_channels=vae_sd["post_quant_conv.weight"].shape[0],
+        block_out_channels=[vae_sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        layers_per_block=1 + max(_indices(vae_sd, "encoder.down.0.block.")),
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
+
+
+def text_config_from_ldm(sd: dict, base: dict, openclip: bool) -> dict:
+    """The CLIPTextModel config of an original-layout state dict (CLIP for SD1, OpenCLIP for SD2)."""
+    if openclip:
+        t = _strip(sd, OPENCLIP_PREFIX)
+        blocks = 1 + max(_indices(t, "transformer.resblocks."))
+        # A full OpenCLIP dump (it has text_projection) holds a last block that SD2 never runs: SD2 reads
+        # the penultimate layer. Files converted from diffusers hold only the blocks that are used.
+        layers = blocks - 1 if "text_projection" in t else blocks
+        token, position = t["token_embedding.weight"], t["positional_embedding"]
+        intermediate = t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    else:
+        t = _strip(sd, CLIP_PREFIX)
+        layers = 1 + max(_indices(t, "encoder.layers."))
+        token, position = t["embeddings.token_embedding.weight"], t["embeddings.position_embedding.weight"]
+        intermediate = t["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    config = dict(
+        base,
+        vocab_size=token.shape[0],
+        hidden_size=token.shape[1],
+        max_position_embeddings=position.shape[0],
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+    )
+    if token.shape[1] != base["hidden_size"]:
+        config["num_attention_heads"] = max(1, token.shape[1] // CLIP_HEAD_WIDTH)
+    return config
+
+
+def apply_architecture(configs: dict[str, dict], metadata: dict[str, str]) -> None:
+    """Put the sizes recorded by `save_single_file` (if any) over the derived configs, in place."""
+    recorded = json.loads(metadata.get(ARCH_KEY) or "{}")
+    for part, fields in ARCH_FIELDS.items():
+        for field in fields:
+            if part in configs and field in recorded.get(part, {}):
+                configs[part][field] = recorded[part][field]
+
+
+def unet_from_ldm(sd: dict, config: dict) -> dict:
+    """Diffusers UNet state dict from an original-layout state dict (non-EMA weights, as A1111 uses)."""
+    return convert_ldm_unet_checkpoint(sd, config)
+
+
+def vae_from_ldm(vae_sd: dict, config: dict) -> dict:
+    """Diffusers VAE state dict from an original-layout VAE state dict (keys without a prefix)."""
+    return convert_ldm_vae_checkpoint(vae_sd, config)
+
+
+def text_from_ldm(sd: dict, config: dict, openclip: bool) -> dict:
+    """CLIPTextModel state dict from an original-layout state dict."""
+    if openclip:
+        # The converter only reads the hidden size from the model, to split the fused q/k/v weights.
+        holder = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
+        state = convert_open_clip_checkpoint(holder, sd, prefix=OPENCLIP_PREFIX)
+    else:
+        state = convert_ldm_clip_checkpoint(sd)
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    layers = config["num_hidden_layers"]
+    return {
+        k: v
+        for k, v in state.items()
+        if k not in ("embeddings.position_ids", "text_projection.weight")
+        and not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= layers)
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusers -> original
+
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_key(key: str, per_level: int, up_attention: list[bool]) -> str:
+    p = key.split(".")
+    if p[0] == "mid_block":  # resnet, attention, resnet -> middle_block.0 / .1 / .2
+        index = 1 if p[1] == "attentions" else 2 * int(p[2])
+        return f"middle_block.{index}.{_unet_module(p[1], p[3:])}"
+    if p[0] in ("down_blocks", "up_blocks"):
+        level, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "downsamplers":
+            return f"input_blocks.{(level + 1) * per_level}.0.op.{rest[-1]}"
+        if kind == "upsamplers":  # after the level's last resnet (and its attention, if any)
+            slot = 2 if up_attention[level] else 1
+            return f"output_blocks.{level * per_level + per_level - 1}.{slot}.conv.{rest[-1]}"
+        index = 1 + level * per_level + j if p[0] == "down_blocks" else level * per_level + j
+        block = "input_blocks" if p[0] == "down_blocks" else "output_blocks"
+        slot = 0 if kind == "resnets" else 1  # each original block holds [resnet, attention]
+        return f"{block}.{index}.{slot}.{_unet_module(kind, rest)}"
+    head, leaf = key.rsplit(".", 1)
+    return f"{_UNET_TOP[head]}.{leaf}"
+
+
+def _unet_module(kind: str, rest: list[str]) -> str:
+    if kind == "resnets":
+        return ".".join([_UNET_RESNET[rest[0]], *rest[1:]])
+    return ".".join(rest)  # attention blocks keep their inner names
+
+
+def unet_to_ldm(state: dict, config) -> dict:
+    """Original-layout UNet keys (with the `model.diffusion_model.` prefix) of a diffusers UNet."""
+    per_level = config["layers_per_block"] + 1
+    up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    return {UNET_PREFIX + _unet_key(k, per_level, up_attention): v for k, v in state.items()}
+
+
+def _vae_key(key: str, levels: int) -> str:
+    p = key.split(".")
+    coder = p[0]
+    if coder not in ("encoder", "decoder") or p[1] in ("conv_in", "conv_out"):
+        return key
+    if p[1] == "conv_norm_out":
+        return f"{coder}.norm_out.{p[-1]}"
+    if p[1] == "mid_block" and p[2] == "resnets":
+        return f"{coder}.mid.block_{int(p[3]) + 1}." + _vae_resnet(p[4:])
+    if p[1] == "mid_block":
+        return f"{coder}.mid.attn_1.{_VAE_ATTENTION['.'.join(p[4:-1])]}.{p[-1]}"
+    # The decoder's up blocks run from the smallest size up; the original numbers them the other way.
+    level = int(p[2]) if coder == "encoder" else levels - 1 - int(p[2])
+    name = "down" if coder == "encoder" else "up"
+    if p[3] == "resnets":
+        return f"{coder}.{name}.{level}.block.{p[4]}." + _vae_resnet(p[5:])
+    return f"{coder}.{name}.{level}.{name}sample.conv.{p[-1]}"
+
+
+def _vae_resnet(rest: list[str]) -> str:
+    return ".".join(["nin_shortcut" if rest[0] == "conv_shortcut" else rest[0], *rest[1:]])
+
+
+def vae_to_ldm(state: dict, levels: int) -> dict:
+    """Original-layout VAE keys (no prefix) of a diffusers VAE; attention projections become 1x1 convs."""
+    out = {}
+    for key, value in state.items():
+        new = _vae_key(key, levels)
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def clip_to_ldm(state: dict) -> dict:
+    """SD1 layout: the transformers CLIP keys under `cond_stage_model.transformer.text_model.`."""
+    return {
+        CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k
+    }
+
+
+def openclip_to_ldm(state: dict) -> dict:
+    """SD2 layout: OpenCLIP keys with fused q/k/v, plus the last block SD2 skips and `text_projection`.
+
+    Diffusers keeps only the layers SD2 runs. A full OpenCLIP text tower has one block more; it is written
+    as all zeros, which makes it an exact identity (zero LayerNorm gains -> zero attention and MLP input,
+    zero biases -> zero residual), so tools that run it still get the same output. `text_projection` (unused
+    by SD) is an identity matrix.
+    """
+    s = {k.removeprefix("text_model."): v for k, v in state.items()}
+    layers = 1 + max(_indices(s, "encoder.layers."))
+    width = s["embeddings.token_embedding.weight"].shape[1]
+    out = {
+        "token_embedding.weight": s["embeddings.token_embedding.weight"],
+        "positional_embedding": s["embeddings.position_embedding.weight"],
+        "ln_final.weight": s["final_layer_norm.weight"],
+        "ln_final.bias": s["final_layer_norm.bias"],
+    }
+    for i in range(layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            qkv = [s[f"{src}self_attn.{n}_proj.{leaf}"] for n in "qkv"]
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat(qkv)
+            out[f"{dst}attn.out_proj.{leaf}"] = s[f"{src}self_attn.out_proj.{leaf}"]
+            out[f"{dst}ln_1.{leaf}"] = s[f"{src}layer_norm1.{leaf}"]
+            out[f"{dst}ln_2.{leaf}"] = s[f"{src}layer_norm2.{leaf}"]
+            out[f"{dst}mlp.c_fc.{leaf}"] = s[f"{src}mlp.fc1.{leaf}"]
+            out[f"{dst}mlp.c_proj.{leaf}"] = s[f"{src}mlp.fc2.{leaf}"]
+    first, extra = "transformer.resblocks.0.", f"transformer.resblocks.{layers}."
+    for key in [k for k in out if k.startswith(first)]:
+        out[extra + key[len(first) :]] = torch.zeros_like(out[key])
+    out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
+    return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+
+
+def to_ldm_state_dict(parts: SDParts) -> dict:
+    """The whole model in the original single-file layout (SD1: CLIP keys, SD2: OpenCLIP keys)."""
+    unet = unet_to_ldm(parts.unet.state_dict(), parts.unet.config)
+    levels = len(parts.vae.config.block_out_channels)
+    vae = {VAE_PREFIX + k: v for k, v in vae_to_ldm(parts.vae.state_dict(), levels).items()}
+    te = parts.text_encoder.state_dict()
+    text = clip_to_ldm(te) if parts.family == "sd1" else openclip_to_ldm(te)
+    return {**unet, **vae, **text}
+
+
+def architecture_metadata(parts: SDParts, title: str) -> dict[str, str]:
+    """SAI ModelSpec keys (as Kohya writes them) plus the sizes the weights cannot tell."""
+    architecture = {
+        "sd1": "stable-diffusion-v1",
+        "sd2": "stable-diffusion-v2-512",
+        "sd2-v": "stable-diffusion-v2-768-v",
+    }
+    resolution = parts.unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    recorded = {
+        name: {field: getattr(model.config, field) for field in ARCH_FIELDS[name]}
+        for name, model in (("unet", parts.unet), ("text_encoder", parts.text_encoder), ("vae", parts.vae))
+    }
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture[parts.family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if parts.prediction_type == "v_prediction" else "epsilon",
+        ARCH_KEY: json.dumps(recorded),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing files
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; choose another name or pass overwrite=True")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_single_file(
+    parts: SDParts, path, *, dtype: torch.dtype = torch.float16, overwrite: bool = False
+) -> Path:
+    """Write the whole model as one original-layout checkpoint that A1111, ComfyUI and Kohya load.
+
+    `.safetensors` carries ModelSpec metadata; `.ckpt` is `torch.save({"state_dict": ..., "metadata": ...})`.
+    Weights are cast to `dtype` (fp16 by default, as checkpoints are shared).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".ckpt"):
+        raise UserError(
+            f"{path}: a single-file checkpoint is written as .safetensors or .ckpt; rename the output"
+        )
+    _check_target(path, overwrite)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_ldm_state_dict(parts).items()}
+    metadata = architecture_metadata(parts, path.stem)
+    if suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    else:
+        _atomic_write(path, lambda tmp: torch.save({"state_dict": state, "metadata": metadata}, tmp))
+    return path
+
+
+def _write_text_encoder_weights(text_encoder, folder: Path) -> None:
+    """Text-encoder weights under `text_model.`, the key layout every transformers release reads."""
+    for old in folder.glob("model*.safetensors*"):
+        old.unlink()
+    state = {"text_model." + k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    os.replace(folder, old)
+    os.replace(new, folder)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def save_diffusers(parts: SDParts, folder, *, overwrite: bool = False) -> Path:
+    """Write the model as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/) that `StableDiffusionPipeline.from_pretrained` and `load_sd` read offline.
+
+    The tokenizer folder also gets `vocab.json` and `merges.txt`, which older transformers releases need.
+    """
+    folder = Path(folder)
+    _check_target(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            scheduler=parts.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _write_text_encoder_weights(parts.text_encoder, tmp / "text_encoder")
+        parts.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
