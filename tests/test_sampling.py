@@ -26,8 +26,8 @@ from library.sampling import (
 )
 from library.tiny import build_tiny_parts
 
-# Small enough for a CPU: the tiny VAE halves the size, so these are 24x16 latents.
-SMALL = SampleSettings(steps=4, cfg_scale=7.0, width=48, height=32, batch_size=4)
+# Small enough for a CPU: the tiny VAE halves the size, so these are 16x12 latents (width x height).
+SMALL = SampleSettings(steps=4, cfg_scale=7.0, width=32, height=24, batch_size=4)
 
 
 class PlainEncoder:
@@ -40,7 +40,7 @@ class PlainEncoder:
         ids = self.parts.tokenizer(
             texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
-        return self.parts.text_encoder(ids).last_hidden_state
+        return self.parts.text_encoder(ids.to(self.parts.text_encoder.device)).last_hidden_state
 
     def encode_pair(self, prompts, negatives):
         return self._encode(prompts), self._encode(negatives)
@@ -70,7 +70,7 @@ def test_every_sampler_gives_finite_images_of_the_requested_size(tiny_sd1, sampl
     images = run(tiny_sd1, [1, 2], settings)
     assert len(images) == 2
     for image in images:
-        assert image.mode == "RGB" and image.size == (48, 32)
+        assert image.mode == "RGB" and image.size == (32, 24)
         array = pixels(image)
         assert np.isfinite(array).all() and array.std() > 0
 
@@ -135,7 +135,7 @@ def test_sampling_leaves_the_training_scheduler_alone(tiny_sd1):
 def test_v_prediction_model_samples_and_uses_its_prediction_type(tiny_v):
     assert build_scheduler("DDIM", tiny_v.noise_scheduler.config).config.prediction_type == "v_prediction"
     images = run(tiny_v, [3])
-    assert images[0].size == (48, 32) and pixels(images[0]).std() > 0
+    assert images[0].size == (32, 24) and pixels(images[0]).std() > 0
     cond, uncond = PlainEncoder(tiny_v).encode_pair(["a cat"], [""])
     config = dict(tiny_v.noise_scheduler.config)
     as_v = sample_latents(tiny_v.unet, config, cond, uncond, [3], SMALL, vae_scale_factor=2)
@@ -174,10 +174,10 @@ def test_one_encoding_serves_many_seeds_and_progress_is_reported(tiny_sd1):
         vae_scale_factor=vae_scale_factor(tiny_sd1.vae),
         progress=lambda done, total: calls.append((done, total)),
     )
-    assert latents.shape == (3, 4, 16, 24)
+    assert latents.shape == (3, 4, 12, 16)
     assert calls == [(i, SMALL.steps) for i in range(1, SMALL.steps + 1)]
     images = decode_images(tiny_sd1.vae, latents)
-    assert [image.size for image in images] == [(48, 32)] * 3
+    assert [image.size for image in images] == [(32, 24)] * 3
 
 
 def test_resolve_seed_follows_a1111():
@@ -200,7 +200,7 @@ def test_unknown_sampler_names_the_valid_ones(tiny_sd1):
 
 def test_bad_sizes_and_counts_are_refused(tiny_sd1):
     with pytest.raises(UserError, match="multiples of 2"):
-        run(tiny_sd1, [1], dataclasses.replace(SMALL, width=47))
+        run(tiny_sd1, [1], dataclasses.replace(SMALL, width=31))
     with pytest.raises(UserError, match="steps"):
         SampleSettings(steps=0)
     with pytest.raises(ValueError, match="one prompt, negative and seed"):
@@ -243,7 +243,7 @@ def test_infotext_params_from_settings_and_model():
 
 def test_infotext_params_take_sdparts(tiny_sd1):
     params = infotext_params(SMALL, 5, tiny_sd1)
-    assert params["Model"] == "tiny-sd1" and params["Size"] == "48x32" and params["Seed"] == 5
+    assert params["Model"] == "tiny-sd1" and params["Size"] == "32x24" and params["Seed"] == 5
 
 
 def test_values_with_commas_colons_or_quotes_are_quoted():
