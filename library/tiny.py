@@ -75,7 +75,7 @@ def build_tiny_parts(family: str = "sd1", seed: int = 0) -> SDParts:
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(family)))
     # A freshly built LayerNorm has zero bias, so every output token would have mean 0 and A1111's
     # emphasis mean-restore would divide by ~0. Real CLIP has a learned bias; give the tiny one one too.
-    text_encoder.text_model.final_layer_norm.bias.data.normal_(0.0, 0.5)
+    getattr(text_encoder, "text_model", text_encoder).final_layer_norm.bias.data.normal_(0.0, 0.5)
     scheduler = DDPMScheduler(**FAMILIES[family].scheduler_config)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
