@@ -72,7 +72,7 @@ class DatasetConfig:
 
     image_dir: str = ""  # a Kohya parent folder (`100_name class/`) or a flat folder of images
     dataset_config: str = ""  # a Kohya dataset TOML; when set, folder names are not parsed
-    resolution: int = 512
+    resolution: int | tuple[int, int] = 512  # square side, or [width, height]; multiples of 8
     caption_extension: str = ".txt"
     template: str = "subject_filewords"  # stock template name, a file path, or an inline "...[name]..." line
     shuffle_tags: bool = False
@@ -83,6 +83,11 @@ class DatasetConfig:
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
     filename_word_regex: str = ""
     filename_join_string: str = " "
+
+    def __post_init__(self) -> None:
+        from library.data import check_data_settings  # data.py builds on this table; import late
+
+        check_data_settings(self)
 
 
 @dataclass(frozen=True)

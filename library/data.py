@@ -36,6 +36,7 @@ from library.captions import (
     read_caption,
     read_text_file,
 )
+from library.config import DatasetConfig as DataSettings  # the [dataset] table of a preset
 from library.errors import UserError
 from library.images import alpha_loss_weight, as_size, encode_images, list_images
 
@@ -50,28 +51,6 @@ _STREAM_EPOCH, _STREAM_SAMPLE, _STREAM_CACHE = 1, 2, 3
 
 class DataWarning(UserWarning):
     """A dataset problem that training survives: a skipped folder, an ignored dataset-config key."""
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """The [dataset] table of a preset. Values here are the defaults for Kohya dataset-config subsets."""
-
-    image_dir: str = ""  # Kohya parent folder (subfolders "10_sks woman") or a flat folder of images
-    dataset_config: str = ""  # path to a Kohya dataset TOML; when set, image_dir is ignored
-    resolution: int | tuple[int, int] = 512  # square side, or (width, height)
-    caption_extension: str = ".txt"  # A1111 uses .txt, Kohya .caption
-    template: str = "subject_filewords"  # stock name, path to a file, or inline text with [name]
-    shuffle_tags: bool = False
-    keep_tokens: int = 0  # tags kept in place at the front when shuffling or dropping
-    tag_dropout: float = 0.0  # probability of dropping each non-kept tag
-    flip_aug: bool = False
-    alpha_loss_weight: bool = False  # use PNG alpha as a per-pixel loss weight
-    latent_sampling: str = "once"  # once | deterministic | random (A1111)
-    filename_word_regex: str = ""  # A1111: captions from file stems keep only the regex's matches...
-    filename_join_string: str = " "  # ...joined by this
-
-    def __post_init__(self) -> None:
-        check_data_settings(self)
 
 
 def check_data_settings(settings) -> None:

@@ -20,12 +20,21 @@ from tqdm.auto import tqdm
 from library import checkpoints as ckpt
 from library.config import TrainConfig, dump_config
 from library.data import TrainingData, scan_images
-from library.embeddings import Embedding, check_name, init_vectors, load_embedding, save_embedding
+from library.embeddings import (
+    MODELSPEC_ARCHITECTURES,
+    TRAINING_SETTINGS_KEY,
+    Embedding,
+    check_name,
+    init_vectors,
+    load_embedding,
+    save_embedding,
+)
 from library.errors import UserError
 from library.models import SDParts, load_parts
 from library.optim import build_optimizer, clip_gradients
 from library.prompts import PromptEncoder
-from library.sampling import SampleSettings, format_infotext, generate, infotext_params, resolve_seed, save_png
+from library.infotext import format_infotext, infotext_params, save_png
+from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import build_schedule
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,7 +129,7 @@ class Trainer:
         stop = _StopRequest()
         bar = tqdm(total=end, initial=self.start_step, disable=not main, desc=cfg.embedding.name, unit="step")
         step = self.start_step
-        per_epoch = max(1, self.data.epoch_length // (cfg.train.batch_size * acc.num_processes))
+        per_epoch = max(1, self.data.epoch_length // (self.data.batch_size * cfg.train.gradient_accumulation_steps))
         try:
             while step < end:
                 if stop.requested:
@@ -166,7 +175,10 @@ class Trainer:
             step=step,
             checkpoint_hash=self.parts.checkpoint_hash or None,
             checkpoint_name=self.parts.checkpoint_name,
-            metadata={"ti.train": dump_config(cfg.train)},
+            metadata={
+                TRAINING_SETTINGS_KEY: dump_config(cfg.train),
+                "modelspec.architecture": MODELSPEC_ARCHITECTURES[self.parts.family],
+            },
         )
 
     def save(self, step: int, *, final: bool) -> Path:
@@ -189,16 +201,16 @@ class Trainer:
     def preview(self, step: int) -> Path:
         """Render the preview image for `step` with the current vectors, with A1111 infotext."""
         cfg, parts = self.config.preview, self.parts
-        resolution = self.config.dataset.resolution
+        width, height = self.data.resolution
         settings = SampleSettings(
             steps=cfg.steps,
             cfg_scale=cfg.cfg_scale,
-            width=cfg.width or resolution,
-            height=cfg.height or resolution,
+            width=cfg.width or width,
+            height=cfg.height or height,
             sampler=cfg.sampler,
             batch_size=cfg.batch_size,
         )
-        prompt = cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(0, 0, 1).prompts[0]
+        prompt = cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
         seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
         images = generate(parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings)
         path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
@@ -231,12 +243,14 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         parts.unet.enable_gradient_checkpointing()
         parts.text_encoder.gradient_checkpointing_enable()
     records = scan_images(cfg.dataset)
-    data = TrainingData(records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed)
-    if cfg.train.batch_size > data.num_images:
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    distinct = len({record.path for record in records})
+    if global_batch > distinct:
         raise UserError(
-            f"{cfg.dataset.image_dir or cfg.dataset.dataset_config}: batch_size {cfg.train.batch_size} is larger than "
-            f"the {data.num_images} images; lower train.batch_size or add images"
+            f"{cfg.dataset.dataset_config or cfg.dataset.image_dir}: batch of {global_batch} is larger than its "
+            f"{distinct} images; lower train.batch_size or add images"
         )
+    data = TrainingData(records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch)
     # The SD VAE overflows in fp16; encode latents in fp32 then (a one-time cost), else in the weight dtype.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
     parts.vae.to(device, vae_dtype)

@@ -1,0 +1,33 @@
+"""Small builders shared by the end-to-end tests: datasets on disk and tiny checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (230, 210, 40), (150, 50, 200), (240, 140, 20)]
+
+
+def make_images(folder: Path, count: int = 8, size: int = 32, caption: str | None = "a shape") -> Path:
+    """`count` small pictures of coloured squares on gray, with optional caption files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        lo, hi = 4 + i % 5, size - 4 - i % 3
+        ImageDraw.Draw(image).rectangle((lo, lo, hi, hi), fill=COLOURS[i % len(COLOURS)])
+        image.save(folder / f"{i:02d}.png")
+        if caption is not None:
+            (folder / f"{i:02d}.txt").write_text(f"{caption}, picture {i}\n")
+    return folder
+
+
+def tiny_checkpoint(tmp_path: Path, family: str = "sd1") -> Path:
+    """A tiny model saved as an original-layout single-file checkpoint, as users have them."""
+    from library.convert import save_single_file
+    from library.tiny import build_tiny_parts
+
+    path = tmp_path / f"tiny-{family}.safetensors"
+    if not path.exists():
+        save_single_file(build_tiny_parts(family, seed=0), path)
+    return path
