@@ -35,7 +35,7 @@ from library.optim import build_optimizer, clip_gradients
 from library.prompts import PromptEncoder
 from library.infotext import format_infotext, infotext_params, save_png
 from library.sampling import SampleSettings, generate, resolve_seed
-from library.schedules import build_schedule
+from library.schedules import Schedule, build_schedule
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,6 +57,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     run: ckpt.RunFolder
     start_step: int
+    lr_schedule: Schedule
+    clip_schedule: Schedule | None
     log: callable = print
 
     # ------------------------------------------------------------------ one optimizer update
@@ -114,10 +116,7 @@ class Trainer:
     def train(self) -> Path:
         """Run from `start_step` to the end of the schedule, saving and previewing on the way."""
         cfg, acc = self.config, self.accelerator
-        lr_schedule = build_schedule(cfg.train.lr, cfg.train.max_steps, cfg.train.lr_scheduler, cfg.train.lr_warmup_steps)
-        clip_schedule = None
-        if cfg.train.clip_grad_mode != "off":
-            clip_schedule = build_schedule(cfg.train.clip_grad_value, cfg.train.max_steps, what="clip_grad_value")
+        lr_schedule, clip_schedule = self.lr_schedule, self.clip_schedule
         end = min(cfg.train.max_steps, lr_schedule.end_step)
         if end < cfg.train.max_steps:
             self.log(f"the lr schedule ends at step {end}: training stops there (A1111 rule)")
@@ -213,6 +212,7 @@ class Trainer:
         prompt = cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
         seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
         images = generate(parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings)
+        self.run.previews_dir.mkdir(parents=True, exist_ok=True)
         path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
         for i, image in enumerate(images):
             target = path if i == 0 else path.with_name(f"{path.stem}-{i}.png")
@@ -229,7 +229,13 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     cfg = config
     if not cfg.embedding.name:
         raise UserError("embedding.name is empty: set the trigger word, e.g. embedding.name=fr3nchl4dy")
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # Check what can be checked before loading anything, so bad input fails fast and writes nothing.
+    t = cfg.train
+    lr_schedule = build_schedule(t.lr, t.max_steps, t.lr_scheduler, t.lr_warmup_steps)
+    clip_schedule = None
+    if t.clip_grad_mode != "off":
+        clip_schedule = build_schedule(t.clip_grad_value, t.max_steps, what="clip_grad_value")
+    accelerator = Accelerator(mixed_precision=t.mixed_precision)
     run = ckpt.RunFolder(Path(cfg.save.output_dir), cfg.embedding.name)
     point = ckpt.find_resume_point(Path(resume), cfg.embedding.name) if resume else None
     _check_run_folder(run, point)
@@ -263,7 +269,8 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     for warning in check_name(parts.tokenizer, cfg.embedding.name):
         log(f"warning: {warning}")
 
-    optimizer = build_optimizer(cfg.train.optimizer, [vectors], lr=0.0, weight_decay=cfg.train.weight_decay)
+    # The schedule sets the rate before every update; this first value only has to be valid.
+    optimizer = build_optimizer(cfg.train.optimizer, [vectors], lr=1e-3, weight_decay=cfg.train.weight_decay)
     start_step = 0
     if point is not None:
         start_step = point.step
@@ -283,7 +290,9 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         f"[{parts.family}], {data.num_images} images, {accelerator.num_processes} process(es) on {device}, "
         f"from step {start_step} -> {run.root}"
     )
-    return Trainer(cfg, accelerator, parts, data, encoder, vectors, optimizer, run, start_step, log)
+    return Trainer(
+        cfg, accelerator, parts, data, encoder, vectors, optimizer, run, start_step, lr_schedule, clip_schedule, log
+    )
 
 
 def _check_run_folder(run: ckpt.RunFolder, point) -> None:

@@ -39,3 +39,12 @@ def tiny_sd2():
     from library.tiny import build_tiny_parts
 
     return build_tiny_parts("sd2", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each in-process training run starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
