@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,8 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         head = f.read(16)
     if not head:
         raise UserError(f"{path}: the file is empty; download it again")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive or legacy pickle
+    # safetensors: an 8-byte header length, then the JSON header; torch: a zip archive or a bare pickle.
+    if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return _read_pickle(path)
     return _read_safetensors(path)
 
@@ -172,9 +174,10 @@ def _read_pickle(path: Path) -> tuple[dict, dict]:
         with torch.serialization.safe_globals([(_Inert, name) for name in found]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"would run {found.group(1)}" if found else "holds Python objects, not just tensors"
         raise UserError(
-            f"{path}: refused: the pickle holds Python objects, not just tensors ({_first_line(e)}); "
-            "use a .safetensors copy of this model"
+            f"{path}: refused: the pickle {what}; use a .safetensors copy of this model"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)}); download it again") from None
