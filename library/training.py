@@ -235,7 +235,8 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     clip_schedule = None
     if t.clip_grad_mode != "off":
         clip_schedule = build_schedule(t.clip_grad_value, t.max_steps, what="clip_grad_value")
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    # Without a GPU, accelerate treats a multi-process launch (torchrun) as data parallel only when told cpu=True.
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     run = ckpt.RunFolder(Path(cfg.save.output_dir), cfg.embedding.name)
     point = ckpt.find_resume_point(Path(resume), cfg.embedding.name) if resume else None
     _check_run_folder(run, point)
