@@ -281,6 +281,22 @@ def vae_to_ldm(state: dict, levels: int) -> dict:
     return out
 
 
+# Attention names in diffusers VAE files written before diffusers 0.14.
+_OLD_VAE_ATTENTION = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
+
+def diffusers_vae_to_ldm(state: dict) -> dict:
+    """Original-layout keys of a diffusers VAE file (any diffusers release), its levels read from the keys."""
+    for old, new in _OLD_VAE_ATTENTION.items():
+        state = {k.replace(old, new): v for k, v in state.items()}
+    return vae_to_ldm(state, levels=1 + max(_indices(state, "encoder.down_blocks.")))
+
+
 def clip_to_ldm(state: dict) -> dict:
     """SD1 layout: the transformers CLIP keys under `cond_stage_model.transformer.text_model.`."""
     return {
@@ -364,6 +380,13 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: already exists; choose another name or pass overwrite=True")
 
 
+def _usual_mode(directory: bool) -> int:
+    """The permissions a plain open()/mkdir() would give: temporary files and folders are private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, so a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +394,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _usual_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -446,6 +470,7 @@ def save_diffusers(parts: SDParts, folder, *, overwrite: bool = False) -> Path:
         pipe.save_pretrained(tmp, safe_serialization=True)
         _write_text_encoder_weights(parts.text_encoder, tmp / "text_encoder")
         parts.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+        os.chmod(tmp, _usual_mode(directory=True))
         _replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

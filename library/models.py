@@ -272,13 +272,6 @@ def is_v_prediction(unet: UNet2DConditionModel) -> bool:
 # Building models from a single file
 
 _VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
-# Attention names of diffusers VAE files written before diffusers 0.14.
-_OLD_VAE_ATTENTION = {
-    ".query.": ".to_q.",
-    ".key.": ".to_k.",
-    ".value.": ".to_v.",
-    ".proj_attn.": ".to_out.0.",
-}
 
 
 def _base_configs(family: str, config_dir) -> dict[str, dict]:
@@ -337,10 +330,7 @@ def _build_vae(
 ) -> AutoencoderKL:
     """The VAE of an original- or diffusers-layout state dict; `metadata` None = take `base` as it is."""
     if any(k.startswith("encoder.down_blocks.") for k in vae_sd):  # diffusers layout: to the original first
-        for old, new in _OLD_VAE_ATTENTION.items():
-            vae_sd = {k.replace(old, new): v for k, v in vae_sd.items()}
-        levels = 1 + max(convert._indices(vae_sd, "encoder.down_blocks."))
-        vae_sd = _derive(path, convert.vae_to_ldm, vae_sd, levels)
+        vae_sd = _derive(path, convert.diffusers_vae_to_ldm, vae_sd)
     config = base
     if metadata is not None:
         config = _derive(path, convert.vae_config_from_ldm, vae_sd, base)
@@ -375,22 +365,28 @@ def _single_file_family(path: Path, family: str, layout: str, metadata: dict) ->
     return "sd1" if layout == "sd1" else _prediction_hint(path, metadata)
 
 
+def _single_file_configs(path: Path, sd: dict, family: str, layout: str, config_dir, metadata: dict) -> dict:
+    """The configs to build with: `config_dir`'s as they are, else the shipped ones with the sizes that
+    vary (channels, levels, layers, widths) read from the weights, and those our files record."""
+    configs = _base_configs(family, config_dir)
+    if not config_dir:
+        configs["unet"] = _derive(path, convert.unet_config_from_ldm, sd, configs["unet"])
+        configs["text_encoder"] = _derive(
+            path, convert.text_config_from_ldm, sd, configs["text_encoder"], layout == "sd2"
+        )
+        convert.apply_architecture(configs, metadata)
+    return configs
+
+
 def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dtype) -> SDParts:
     sd, metadata = read_state_dict(path)
     sd = convert.fix_legacy_clip_keys(sd)
     _refuse_foreign(path, sd)
     layout = _text_layout(path, sd)
     chosen = _single_file_family(path, family, layout, metadata)
-    base = _base_configs(chosen or "sd2", config_dir)
-    configs = dict(base)
-    if not config_dir:  # the shipped configs are a template; the weights' shapes decide the sizes
-        configs["unet"] = _derive(path, convert.unet_config_from_ldm, sd, base["unet"])
-        configs["text_encoder"] = _derive(
-            path, convert.text_config_from_ldm, sd, base["text_encoder"], layout == "sd2"
-        )
-        convert.apply_architecture(configs, metadata)
+    configs = _single_file_configs(path, sd, chosen or "sd2", layout, config_dir, metadata)
 
-    # Telling SD2 epsilon from v needs the UNet run once in float32, as A1111 does.
+    # Telling SD2 epsilon from v takes one run of the UNet in float32, as A1111 does.
     unet_state = _derive(path, convert.unet_from_ldm, sd, configs["unet"])
     unet_dtype = torch.float32 if chosen is None else dtype
     unet = _build(
@@ -398,8 +394,9 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     )
     if chosen is None:
         chosen = "sd2-v" if is_v_prediction(unet) else "sd2"
-        unet.to(dtype)
-        if not config_dir and convert.ARCH_KEY not in metadata:
+        if dtype != torch.float32:
+            unet.to(dtype)
+        if not config_dir and convert.ARCH_KEY not in metadata:  # 768-px v-models have 96x96 latents
             unet.register_to_config(sample_size=_base_configs(chosen, None)["unet"]["sample_size"])
 
     text_state = _derive(path, convert.text_from_ldm, sd, configs["text_encoder"], layout == "sd2")
@@ -409,11 +406,10 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     vae_base = _base_configs(chosen, config_dir)["vae"]
     if vae is not None:
         vae_model = _load_vae(vae, vae_base, not config_dir, dtype)
-    else:
-        vae_sd = _vae_part(sd)
-        if not vae_sd:
-            raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
+    elif vae_sd := _vae_part(sd):
         vae_model = _build_vae(path, vae_sd, vae_base, None if config_dir else metadata, dtype)
+    else:
+        raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
     return SDParts(
         family=chosen,
         tokenizer=load_tokenizer(chosen),
@@ -435,7 +431,7 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: no config.json; pass a diffusers model folder")
     weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
-    plain = [w for w in weights if w.count(".") == 1 or w.endswith(".index.json")]
+    plain = [w for w in weights if w.count(".") == 1]  # not "name.fp16.safetensors"
     variant = "fp16" if not plain and any(".fp16." in w for w in weights) else None
     dtype_arg = {"dtype": dtype} if cls is CLIPTextModel else {"torch_dtype": dtype}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from library import convert
 from library.convert import save_diffusers, save_single_file, to_ldm_state_dict, vae_to_ldm
 from library.errors import UserError
 from library.models import ASSETS, SDParts, a1111_short_hash, is_v_prediction, load_parts, load_sd
@@ -429,9 +431,11 @@ def test_bad_folders_and_existing_outputs(tiny, tmp_path):
         save_diffusers(tiny["sd1"], folder)
     save_diffusers(tiny["sd2"], folder, overwrite=True)
     assert load_sd(folder).family == "sd2"
-    assert (
-        sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    )  # no temporary leftovers
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any other file the user writes, not private
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,22 +448,59 @@ def test_short_hash_is_the_files_sha256_prefix(tmp_path):
     assert a1111_short_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
 
+def _meta_models(family: str) -> tuple[dict, SimpleNamespace]:
+    """Full-size models of a family built from the shipped configs on the meta device (no memory)."""
+    folder = ASSETS / "configs" / family
+    configs = {
+        p: json.loads((folder / p / "config.json").read_text()) for p in ("unet", "vae", "text_encoder")
+    }
+    with accelerate.init_empty_weights():
+        models = SimpleNamespace(
+            family=family,
+            unet=UNet2DConditionModel.from_config(configs["unet"]),
+            vae=AutoencoderKL.from_config(configs["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+        )
+    return configs, models
+
+
 @pytest.mark.parametrize(
     ("family", "unet", "vae", "text"),
     [("sd1", 859_520_964, 83_653_863, 123_060_480), ("sd2-v", 865_910_724, 83_653_863, 340_387_840)],
 )
 def test_shipped_configs_build_the_real_sizes(family, unet, vae, text):
-    folder = ASSETS / "configs" / family
-    configs = {
-        part: json.loads((folder / part / "config.json").read_text())
-        for part in ("unet", "vae", "text_encoder")
+    _, models = _meta_models(family)
+    modules = (models.unet, models.vae, models.text_encoder)
+    assert tuple(sum(p.numel() for p in m.parameters()) for m in modules) == (unet, vae, text)
+    assert all(p.is_meta for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_full_size_layout_round_trips_on_the_meta_device(family):
+    configs, models = _meta_models(family)
+    sd = to_ldm_state_dict(models)
+    # Keys every SD file of the family has: the last input level, upsamplers after plain and attention blocks.
+    assert "model.diffusion_model.input_blocks.11.0.out_layers.3.weight" in sd
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in sd
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in sd
+    assert "first_stage_model.decoder.up.3.upsample.conv.weight" in sd
+    if family == "sd1":
+        assert len(sd) == 1130  # SD 1.5's 1131 tensors less the position_ids buffer
+    else:
+        assert sd["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"].shape == (3072, 1024)
+
+    openclip = family != "sd1"
+    unet_config = convert.unet_config_from_ldm(sd, configs["unet"])
+    text_config = convert.text_config_from_ldm(sd, configs["text_encoder"], openclip)
+    vae_sd = {
+        k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")
     }
-    with accelerate.init_empty_weights():
-        models = (
-            UNet2DConditionModel.from_config(configs["unet"]),
-            AutoencoderKL.from_config(configs["vae"]),
-            CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
-        )
-    counts = tuple(sum(p.numel() for p in m.parameters()) for m in models)
-    assert counts == (unet, vae, text)
-    assert all(p.is_meta for m in models for p in m.parameters())
+    vae_config = convert.vae_config_from_ldm(vae_sd, configs["vae"])
+    assert {k: unet_config[k] for k in configs["unet"]} == configs["unet"]
+    assert (text_config, vae_config) == (configs["text_encoder"], configs["vae"])
+    for module, state in (
+        (models.unet, convert.unet_from_ldm(sd, unet_config)),
+        (models.vae, convert.vae_from_ldm(vae_sd, vae_config)),
+        (models.text_encoder, convert.text_from_ldm(sd, text_config, openclip)),
+    ):
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in module.state_dict().items()}
