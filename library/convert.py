@@ -44,6 +44,7 @@ ARCH_FIELDS = {
     "vae": ("sample_size",),
 }
 CLIP_HEAD_WIDTH = 64  # CLIP ViT-L and OpenCLIP ViT-H both use 64-wide attention heads
+OPENCLIP_H_BLOCKS = 24  # blocks of SD2's OpenCLIP ViT-H text tower, of which SD2 runs 23
 
 # --------------------------------------------------------------------------------------------------
 # Original -> diffusers
@@ -133,9 +134,9 @@ def text_config_from_ldm(sd: dict, base: dict, openclip: bool) -> dict:
     if openclip:
         t = _strip(sd, OPENCLIP_PREFIX)
         blocks = 1 + max(_indices(t, "transformer.resblocks."))
-        # A full OpenCLIP dump (it has text_projection) holds a last block that SD2 never runs: SD2 reads
-        # the penultimate layer. Files converted from diffusers hold only the blocks that are used.
-        layers = blocks - 1 if "text_projection" in t else blocks
+        # A full OpenCLIP tower (ViT-H: 24 blocks, with text_projection) has a last block that SD2 never
+        # runs: SD2 reads the penultimate layer. Files converted from diffusers hold only the used blocks.
+        layers = blocks - 1 if "text_projection" in t or blocks == OPENCLIP_H_BLOCKS else blocks
         token, position = t["token_embedding.weight"], t["positional_embedding"]
         intermediate = t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     else:
