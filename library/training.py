@@ -126,6 +126,7 @@ class Trainer:
         if main and cfg.preview.every_steps and self.start_step == 0:
             self.preview(0)
         stop = _StopRequest()
+        loop_start = time.perf_counter()
         bar = tqdm(total=end, initial=self.start_step, disable=not main, desc=cfg.embedding.name, unit="step")
         step = self.start_step
         per_epoch = max(1, self.data.epoch_length // (self.data.batch_size * cfg.train.gradient_accumulation_steps))
@@ -163,7 +164,19 @@ class Trainer:
             if main:
                 loss_log.close()
                 writer.close()
-        return self.save(step, final=True)
+        final = self.save(step, final=True)
+        self.report_speed(step - self.start_step, time.perf_counter() - loop_start)
+        return final
+
+    def report_speed(self, steps: int, seconds: float) -> None:
+        """Log steps/s, samples/s (all processes) and peak GPU memory of the training loop."""
+        cfg, acc = self.config.train, self.accelerator
+        samples = steps * cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        line = f"{steps} steps in {seconds:.1f} s: {steps / seconds:.2f} steps/s, {samples / seconds:.1f} samples/s"
+        if acc.device.type == "cuda":
+            line += f", peak GPU memory {torch.cuda.max_memory_allocated(acc.device) / 2**30:.2f} GiB"
+        if acc.is_main_process and steps:
+            self.log(line + " (loop incl. saves and previews)")
 
     # ------------------------------------------------------------------ outputs
     def embedding(self, step: int) -> Embedding:

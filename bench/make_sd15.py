@@ -1,0 +1,36 @@
+"""Write an SD1.5-shaped checkpoint with random weights (real shapes, original single-file layout, fp16).
+
+No real weights can be downloaded here; random weights with SD 1.5's exact architecture give the same speed
+and memory. Usage: python bench/make_sd15.py /tmp/sd15-random.safetensors
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from library.convert import save_single_file
+from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer
+
+
+def build(device: str) -> SDParts:
+    configs = ASSETS / "configs" / "sd1"
+    load = lambda part: json.loads((configs / part / "config.json").read_text())  # noqa: E731
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(load("unet"))
+        vae = AutoencoderKL.from_config(load("vae"))
+        text = CLIPTextModel(CLIPTextConfig(**load("text_encoder")))
+    return SDParts("sd1", load_tokenizer("sd1"), text, unet, vae, DDPMScheduler(**FAMILIES["sd1"].scheduler_config),
+                   "sd15-random", "")
+
+
+if __name__ == "__main__":
+    parts = build("cuda" if torch.cuda.is_available() else "cpu")
+    for m in (parts.unet, parts.vae, parts.text_encoder):
+        m.to("cpu")
+    save_single_file(parts, Path(sys.argv[1]), overwrite=True)
+    print("wrote", sys.argv[1], Path(sys.argv[1]).stat().st_size / 2**30, "GiB")
