@@ -258,3 +258,93 @@ def config_to_dict(config: Any) -> dict:
 def dump_config(config: Any) -> str:
     """The resolved config as TOML text, loadable again by `load_config`."""
     return tomli_w.dumps(config_to_dict(config))
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep_validate.py
+
+
+@dataclass(frozen=True)
+class SweepRunConfig:
+    """[run]: the training run whose saved steps are compared."""
+
+    folder: str = ""  # run folder holding embeddings/NAME-N.pt|.safetensors (and config.toml, loss.csv)
+    name: str = ""  # trigger word; "" = embedding.name of the run's config.toml, or the one NAME in embeddings/
+
+
+@dataclass(frozen=True)
+class SweepModelConfig:
+    """[model]: the checkpoints to render on; they are loaded one at a time."""
+
+    # Checkpoint files or diffusers folders; "run:checkpoint" = the one the run was trained on (its config.toml).
+    checkpoints: tuple[str, ...] = ("run:checkpoint",)
+    vae: str = ""  # optional separate VAE for every checkpoint
+    family: Literal["auto", "sd1", "sd2", "sd2-v"] = "auto"
+    config_dir: str = ""
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """[x], [y], [z]: one axis of A1111's X/Y/Z plot (X = columns, Y = rows, Z = grids side by side)."""
+
+    type: Literal["none", "prompt_sr", "step", "checkpoint", "cfg_scale", "seed", "sampler", "steps", "size"] = "none"
+    # Comma-separated as in A1111 (CSV quotes allowed). Steps: "every 20" = every saved step divisible by 20,
+    # "20-140 (+20)" ranges; a checkpoint axis with no values takes model.checkpoints.
+    values: str = ""
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """[sweep]: where the sweep writes and how it renders."""
+
+    output_dir: str = ""  # "" = <run folder>/validation
+    grid_margin: int = 16  # blank pixels between grid cells
+    images_per_batch: int = 16  # images per UNet call; all cells of one checkpoint are batched together
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # on CUDA (the VAE decodes in fp32 under fp16); CPU renders fp32
+
+
+@dataclass(frozen=True)
+class FineConfig:
+    """[fine]: coarse-to-fine, a second pass every few steps over one interval of the coarse sweep."""
+
+    interval: str = ""  # "" = off; "40-80" = saved steps 40..80; "auto" = the interval the scores point to
+    every: int = 5  # render every 5th step inside the interval
+    coarse: bool = True  # false = skip the coarse pass (you looked at it already; needs an explicit interval)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """[scoring]: CLIP scores that back the choice of a step (off when `model` is empty)."""
+
+    model: str = ""  # a local CLIP folder (transformers layout) or its weights file; never downloaded
+    reference_dir: str = ""  # the training images; "" = the run's dataset from its config.toml
+    class_word: str = "person"  # replaces the trigger word when prompt adherence is measured
+    # An image passes when its likeness to the training images reaches this fraction of the training images'
+    # likeness to each other (1.0 = as alike as the training photos are among themselves).
+    likeness_bar: float = 0.8
+    collapse_ratio: float = 0.5  # flag "one look" when seed variety falls below this fraction of the first step's
+    adherence_drop: float = 0.1  # flag when adherence falls this fraction below the best earlier step's
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: where --export STEP writes NAME.pt / NAME.safetensors (e.g. A1111's embeddings/ folder)."""
+
+    folder: str = ""
+    formats: tuple[str, ...] = ("pt", "safetensors")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The whole configuration of sweep_validate.py."""
+
+    run: SweepRunConfig = field(default_factory=SweepRunConfig)
+    model: SweepModelConfig = field(default_factory=SweepModelConfig)
+    render: SamplingConfig = field(default_factory=SamplingConfig)  # prompt, seed, batch_size = images per cell
+    x: SweepAxis = field(default_factory=SweepAxis)
+    y: SweepAxis = field(default_factory=SweepAxis)
+    z: SweepAxis = field(default_factory=SweepAxis)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    fine: FineConfig = field(default_factory=FineConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
