@@ -348,3 +348,91 @@ class SweepConfig:
     fine: FineConfig = field(default_factory=FineConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate_dataset.py
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """[generate]: txt2img as A1111 does it, with any number of Prompt S/R axes (FACTS §4)."""
+
+    # A1111 syntax: (word:1.2), [word], BREAK, prompts over 75 tokens, embeddings by file stem.
+    prompt: str = ""
+    negative_prompt: str = ""
+    # Prompt S/R axes: each a comma-separated list (CSV quotes allowed) whose first value occurs in the prompt
+    # or the negative prompt. Axis 1 = grid columns (X), 2 = rows (Y), 3 = grids side by side (Z); further
+    # axes give one overview per combination of their values. Every combination gets all the images.
+    axes: tuple[str, ...] = ()
+    batch_count: int = 1  # batches per axis combination
+    batch_size: int = 1  # images denoised together on the GPU; lower it if memory runs out
+    seed: int = -1  # -1 = random, drawn once and recorded; image i of every combination uses seed + i
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M Karras"
+    width: int = 512
+    height: int = 512
+    clip_skip: int = 1
+    embeddings: tuple[str, ...] = ()  # embedding files or folders (A1111's embeddings/); keyword = file stem
+    # On CUDA: fp16 runs the UNet and text encoder in fp16 and decodes in fp32 (SD's VAE overflows in fp16);
+    # bf16 runs everything in bf16. The CPU always renders in fp32.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    output_dir: str = "output/generated"
+    grids: bool = True  # a grid per axis combination, and the X/Y/Z overview of the first seed
+    grid_margin: int = 0  # blank pixels between grid cells
+
+
+@dataclass(frozen=True)
+class PhotosConfig:
+    """[photos]: real photos → square head-and-shoulders crops, resized; optional flips and captions."""
+
+    input_dir: str = ""
+    output_dir: str = ""
+    size: int = 512  # side of the square output images
+    # Side of the crop as a multiple of the detected face's side: 2.5 takes in the hair, neck and shoulders.
+    face_scale: float = 2.5
+    face_offset: float = 0.15  # crop centre sits this many face heights below the face centre (shoulders)
+    flip: bool = False  # also write mirrored copies (A1111 never flips at train time)
+    # "" = keep an existing <stem>.txt caption; else a template where [filewords] is that caption (or the
+    # file name without leading numbers, as A1111 reads it), e.g. "a photo of a woman, [filewords]".
+    caption: str = ""
+    caption_extension: str = ".txt"
+
+
+@dataclass(frozen=True)
+class PickConfig:
+    """[pick]: automatic flags shown on the review page with their reasons; nothing is ever deleted."""
+
+    faces: bool = True  # flag images with no face or several faces (OpenCV's Haar cascades)
+    # Flag an image whose 64-bit perceptual hash is at most this many bits from an earlier one's; -1 = off.
+    duplicate_distance: int = 5
+    # Sharpness (variance of the Laplacian, measured at 512 px) below which an image is blurry; 0 = off.
+    blur_threshold: float = 40.0
+    background: str = ""  # the plain background colour asked for ("gray", "#808080"); "" = no check
+    background_tolerance: float = 60.0  # RGB distance from that colour still counted as background
+    background_fraction: float = 0.6  # share of the image's top and side borders that must be that colour
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """[select]: the kept images of a review, written into a Kohya folder `<repeats>_<name> <class>`."""
+
+    output_dir: str = ""  # the Kohya parent folder; train with dataset.image_dir = this folder
+    name: str = ""  # trigger word, e.g. "fr3nchl4dy"
+    class_tokens: str = ""  # e.g. "woman"
+    repeats: int = 100
+    # [name], [class], and [filewords] = the image's own caption (a .txt beside it) or its Prompt S/R values.
+    caption: str = "[name] [class], [filewords]"
+    caption_extension: str = ".txt"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The whole configuration of generate_dataset.py (each subcommand reads its own tables)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    photos: PhotosConfig = field(default_factory=PhotosConfig)
+    pick: PickConfig = field(default_factory=PickConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
