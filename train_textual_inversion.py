@@ -18,9 +18,13 @@ from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="TOML preset, e.g. presets/face.toml")
-    parser.add_argument("--resume", help="a run folder (continues from its latest save) or a NAME-N embedding file")
+    parser.add_argument(
+        "--resume", help="a run folder (continues from its latest save) or a NAME-N embedding file"
+    )
     parser.add_argument("overrides", nargs="*", metavar="table.key=value", help="override preset values")
     return parser.parse_args(argv)
 

@@ -24,8 +24,16 @@ def build(device: str) -> SDParts:
         unet = UNet2DConditionModel.from_config(load("unet"))
         vae = AutoencoderKL.from_config(load("vae"))
         text = CLIPTextModel(CLIPTextConfig(**load("text_encoder")))
-    return SDParts("sd1", load_tokenizer("sd1"), text, unet, vae, DDPMScheduler(**FAMILIES["sd1"].scheduler_config),
-                   "sd15-random", "")
+    return SDParts(
+        "sd1",
+        load_tokenizer("sd1"),
+        text,
+        unet,
+        vae,
+        DDPMScheduler(**FAMILIES["sd1"].scheduler_config),
+        "sd15-random",
+        "",
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The run folder: where a training run writes its files, and how a run is resumed from them.
 
-    output_dir/
-      config.toml                 resolved config of the run
-      NAME.pt, NAME.safetensors   final embedding (file stem = trigger word)
-      embeddings/NAME-N.pt ...    the embedding after exactly N optimizer updates
-      embeddings/NAME-N.optim     optimizer state after N updates (resume)
-      previews/NAME-N.png         preview images with A1111 infotext
-      loss.csv, logs/             loss per step (A1111's columns), TensorBoard events
+output_dir/
+  config.toml                 resolved config of the run
+  NAME.pt, NAME.safetensors   final embedding (file stem = trigger word)
+  embeddings/NAME-N.pt ...    the embedding after exactly N optimizer updates
+  embeddings/NAME-N.optim     optimizer state after N updates (resume)
+  previews/NAME-N.png         preview images with A1111 infotext
+  loss.csv, logs/             loss per step (A1111's columns), TensorBoard events
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def load_training_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
-        raise UserError(f"{path}: cannot read optimizer state ({exc.__class__.__name__}); delete it to restart the optimizer") from None
+        raise UserError(
+            f"{path}: cannot read optimizer state ({exc.__class__.__name__}); delete it to restart the optimizer"
+        ) from None
 
 
 @dataclass
@@ -111,7 +113,9 @@ def find_resume_point(target: Path, name: str) -> ResumePoint:
         run = RunFolder(target, name)
         steps = [s for s in run.saved_steps() if run.optim_file(s).exists()] or run.saved_steps()
         if not steps:
-            raise UserError(f"{target}: no saved '{name}-N' embeddings to resume from; check the folder and [embedding] name")
+            raise UserError(
+                f"{target}: no saved '{name}-N' embeddings to resume from; check the folder and [embedding] name"
+            )
         step = steps[-1]
         file = next(f for fmt in ("pt", "safetensors") if (f := run.step_file(step, fmt)).exists())
         optim = run.optim_file(step)
@@ -122,7 +126,9 @@ def find_resume_point(target: Path, name: str) -> ResumePoint:
         raise UserError(f"{target}: not found; give a run folder or a NAME-N embedding file to --resume")
     embedding = load_embedding(file)
     if embedding.step is None:
-        raise UserError(f"{file}: this embedding does not record its step; it can seed a run (embedding.init_from) but not resume one")
+        raise UserError(
+            f"{file}: this embedding does not record its step; it can seed a run (embedding.init_from) but not resume one"
+        )
     state = load_training_state(optim) if optim.exists() else None
     if state is not None and state.get("step") != embedding.step:
         state = None

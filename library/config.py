@@ -155,7 +155,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UserError(f"{path}: config file not found; check the path (presets live in presets/)") from None
+            raise UserError(
+                f"{path}: config file not found; check the path (presets live in presets/)"
+            ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
     for item in overrides:
@@ -211,7 +213,9 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"{source}: '{key}' = {value!r} is not allowed{hint} Choose one of: {', '.join(allowed)}")
+            raise UserError(
+                f"{source}: '{key}' = {value!r} is not allowed{hint} Choose one of: {', '.join(allowed)}"
+            )
         return value
     if origin in (types.UnionType, typing.Union):
         for option in typing.get_args(kind):
@@ -269,7 +273,9 @@ class SweepRunConfig:
     """[run]: the training run whose saved steps are compared."""
 
     folder: str = ""  # run folder holding embeddings/NAME-N.pt|.safetensors (and config.toml, loss.csv)
-    name: str = ""  # trigger word; "" = embedding.name of the run's config.toml, or the one NAME in embeddings/
+    name: str = (
+        ""  # trigger word; "" = embedding.name of the run's config.toml, or the one NAME in embeddings/
+    )
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,9 @@ class SweepModelConfig:
 class SweepAxis:
     """[x], [y], [z]: one axis of A1111's X/Y/Z plot (X = columns, Y = rows, Z = grids side by side)."""
 
-    type: Literal["none", "prompt_sr", "step", "checkpoint", "cfg_scale", "seed", "sampler", "steps", "size"] = "none"
+    type: Literal[
+        "none", "prompt_sr", "step", "checkpoint", "cfg_scale", "seed", "sampler", "steps", "size"
+    ] = "none"
     # Comma-separated as in A1111 (CSV quotes allowed). Steps: "every 20" = every saved step divisible by 20,
     # "20-140 (+20)" ranges; a checkpoint axis with no values takes model.checkpoints.
     values: str = ""
@@ -300,7 +308,9 @@ class SweepSettings:
     output_dir: str = ""  # "" = <run folder>/validation
     grid_margin: int = 16  # blank pixels between grid cells
     images_per_batch: int = 16  # images per UNet call; all cells of one checkpoint are batched together
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # on CUDA (the VAE decodes in fp32 under fp16); CPU renders fp32
+    mixed_precision: Literal["no", "fp16", "bf16"] = (
+        "fp16"  # on CUDA (the VAE decodes in fp32 under fp16); CPU renders fp32
+    )
 
 
 @dataclass(frozen=True)
@@ -322,7 +332,9 @@ class ScoringConfig:
     # An image passes when its likeness to the training images reaches this fraction of the training images'
     # likeness to each other (1.0 = as alike as the training photos are among themselves).
     likeness_bar: float = 0.8
-    collapse_ratio: float = 0.5  # flag "one look" when seed variety falls below this fraction of the first step's
+    collapse_ratio: float = (
+        0.5  # flag "one look" when seed variety falls below this fraction of the first step's
+    )
     adherence_drop: float = 0.1  # flag when adherence falls this fraction below the best earlier step's
 
 
@@ -340,7 +352,9 @@ class SweepConfig:
 
     run: SweepRunConfig = field(default_factory=SweepRunConfig)
     model: SweepModelConfig = field(default_factory=SweepModelConfig)
-    render: SamplingConfig = field(default_factory=SamplingConfig)  # prompt, seed, batch_size = images per cell
+    render: SamplingConfig = field(
+        default_factory=SamplingConfig
+    )  # prompt, seed, batch_size = images per cell
     x: SweepAxis = field(default_factory=SweepAxis)
     y: SweepAxis = field(default_factory=SweepAxis)
     z: SweepAxis = field(default_factory=SweepAxis)

@@ -17,7 +17,9 @@ from library.errors import UserError
 Segment = tuple[float, int]  # (rate, end_step): the rate holds while updates_done < end_step
 
 
-def parse_lr_schedule(text: str | float, max_steps: int, start_step: int = 0, what: str = "lr") -> list[Segment]:
+def parse_lr_schedule(
+    text: str | float, max_steps: int, start_step: int = 0, what: str = "lr"
+) -> list[Segment]:
     """Parse an A1111 schedule string into `(rate, end_step)` segments, skipping those already passed.
 
     Raises `UserError` naming the bad piece for malformed input such as `0.05:10.5`.
@@ -107,4 +109,3 @@ def build_schedule(
     if shape != "constant" and len(segments) > 1:
         raise UserError(f"{what} = '{value}' is a schedule string; use lr_scheduler = \"constant\" with it")
     return Schedule(segments, shape, warmup_steps, max_steps)
-

@@ -30,10 +30,10 @@ from library.embeddings import (
     save_embedding,
 )
 from library.errors import UserError
+from library.infotext import format_infotext, infotext_params, save_png
 from library.models import SDParts, load_parts
 from library.optim import build_optimizer, clip_gradients
 from library.prompts import PromptEncoder
-from library.infotext import format_infotext, infotext_params, save_png
 from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import Schedule, build_schedule
 
@@ -78,7 +78,11 @@ class Trainer:
 
         scheduler = self.parts.noise_scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.parts.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise
+            if self.parts.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
         dtype = self.parts.unet.dtype
         with acc.autocast():
             cond = self.encoder.encode(batch.prompts)
@@ -129,7 +133,9 @@ class Trainer:
         loop_start = time.perf_counter()
         bar = tqdm(total=end, initial=self.start_step, disable=not main, desc=cfg.embedding.name, unit="step")
         step = self.start_step
-        per_epoch = max(1, self.data.epoch_length // (self.data.batch_size * cfg.train.gradient_accumulation_steps))
+        per_epoch = max(
+            1, self.data.epoch_length // (self.data.batch_size * cfg.train.gradient_accumulation_steps)
+        )
         try:
             while step < end:
                 if stop.requested:
@@ -222,9 +228,13 @@ class Trainer:
             sampler=cfg.sampler,
             batch_size=cfg.batch_size,
         )
-        prompt = cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
+        prompt = (
+            cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
+        )
         seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
-        images = generate(parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings)
+        images = generate(
+            parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings
+        )
         self.run.previews_dir.mkdir(parents=True, exist_ok=True)
         path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
         for i, image in enumerate(images):
@@ -270,7 +280,9 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
             f"{cfg.dataset.dataset_config or cfg.dataset.image_dir}: batch of {global_batch} is larger than its "
             f"{distinct} images; lower train.batch_size or add images"
         )
-    data = TrainingData(records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch)
+    data = TrainingData(
+        records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch
+    )
     # The SD VAE overflows in fp16; encode latents in fp32 then (a one-time cost), else in the weight dtype.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
     parts.vae.to(device, vae_dtype)
@@ -305,7 +317,18 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         f"from step {start_step} -> {run.root}"
     )
     return Trainer(
-        cfg, accelerator, parts, data, encoder, vectors, optimizer, run, start_step, lr_schedule, clip_schedule, log
+        cfg,
+        accelerator,
+        parts,
+        data,
+        encoder,
+        vectors,
+        optimizer,
+        run,
+        start_step,
+        lr_schedule,
+        clip_schedule,
+        log,
     )
 
 
@@ -327,10 +350,22 @@ def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
     elif cfg.embedding.init_from:
         vectors, source = load_embedding(cfg.embedding.init_from).vectors, cfg.embedding.init_from
     else:
-        return init_vectors(parts.tokenizer, parts.text_encoder, cfg.embedding.init_text, cfg.embedding.num_vectors, cfg.embedding.init_rule)
+        return init_vectors(
+            parts.tokenizer,
+            parts.text_encoder,
+            cfg.embedding.init_text,
+            cfg.embedding.num_vectors,
+            cfg.embedding.init_rule,
+        )
     if not isinstance(vectors, torch.Tensor) or vectors.shape[-1] != width:
-        shape = {k: tuple(v.shape) for k, v in vectors.items()} if isinstance(vectors, dict) else tuple(vectors.shape)
-        raise UserError(f"{source}: embedding of shape {shape} does not fit this model's text encoder (width {width}); use an embedding made for this model family")
+        shape = (
+            {k: tuple(v.shape) for k, v in vectors.items()}
+            if isinstance(vectors, dict)
+            else tuple(vectors.shape)
+        )
+        raise UserError(
+            f"{source}: embedding of shape {shape} does not fit this model's text encoder (width {width}); use an embedding made for this model family"
+        )
     return vectors.float()
 
 
@@ -382,4 +417,3 @@ def run_training(config: TrainConfig, resume: str | None = None, log=print) -> P
     if trainer.accelerator.is_main_process:
         log(f"saved {final} after {time.perf_counter() - started:.1f} s")
     return final
-

@@ -25,12 +25,17 @@ def test_defaults_and_values(tmp_path):
 
 
 def test_dotted_overrides(tmp_path):
-    path = write(tmp_path, '[train]\nlr = 0.002\n')
+    path = write(tmp_path, "[train]\nlr = 0.002\n")
     config = load_config(
         TrainConfig,
         path,
-        ["train.lr=0.05:10, 0.001", "train.max_steps=20", "model.checkpoint=/models/v1-5.safetensors",
-         "save.formats=['pt']", "dataset.flip_aug=true"],
+        [
+            "train.lr=0.05:10, 0.001",
+            "train.max_steps=20",
+            "model.checkpoint=/models/v1-5.safetensors",
+            "save.formats=['pt']",
+            "dataset.flip_aug=true",
+        ],
     )
     assert config.train.lr == "0.05:10, 0.001"
     assert config.train.max_steps == 20
@@ -44,7 +49,11 @@ def test_dotted_overrides(tmp_path):
     [
         ("[train]\nlrr = 0.1\n", None, "unknown key 'train.lrr'; did you mean 'lr'?"),
         ("[trian]\nlr = 0.1\n", None, "unknown key 'trian'; did you mean 'train'?"),
-        ("[train]\nmax_steps = 'many'\n", None, "'train.max_steps' = 'many' has the wrong type; expected an integer"),
+        (
+            "[train]\nmax_steps = 'many'\n",
+            None,
+            "'train.max_steps' = 'many' has the wrong type; expected an integer",
+        ),
         ("[train]\noptimizer = 'adam'\n", None, "did you mean 'adamw'?"),
         ("[dataset]\nflip_aug = 1\n", None, "must be true or false"),
         ("", "train.batchsize=4", "unknown key 'train.batchsize'; did you mean 'batch_size'?"),

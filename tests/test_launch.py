@@ -19,33 +19,72 @@ BIN = Path(sys.executable).parent
 
 
 def launch(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def overrides(out: Path, images: Path, batch_size: int) -> list[str]:
-    return [f"save.output_dir={out}", f"dataset.image_dir={images}", "dataset.resolution=32", "train.max_steps=3",
-            f"train.batch_size={batch_size}", "save.save_every_steps=0", "preview.every_steps=0",
-            "dataset.shuffle_tags=true", "dataset.flip_aug=true"]
+    return [
+        f"save.output_dir={out}",
+        f"dataset.image_dir={images}",
+        "dataset.resolution=32",
+        "train.max_steps=3",
+        f"train.batch_size={batch_size}",
+        "save.save_every_steps=0",
+        "preview.every_steps=0",
+        "dataset.shuffle_tags=true",
+        "dataset.flip_aug=true",
+    ]
 
 
 def test_accelerate_launch_runs_the_script(tmp_path):
     out = tmp_path / "run"
-    launch([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "train_textual_inversion.py",
-            "--config", "presets/demo.toml", *overrides(out, make_images(tmp_path / "img"), 4)], tmp_path)
+    launch(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "train_textual_inversion.py",
+            "--config",
+            "presets/demo.toml",
+            *overrides(out, make_images(tmp_path / "img"), 4),
+        ],
+        tmp_path,
+    )
     final = load_embedding(out / "d3mo.safetensors")
     assert final.step == 3 and torch.isfinite(final.vectors).all()
 
 
 def test_two_processes_give_the_vectors_of_one_with_the_same_global_batch(tmp_path):
     images = make_images(tmp_path / "img")
-    launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "train_textual_inversion.py",
-            "--config", "presets/demo.toml", *overrides(tmp_path / "two", images, 2)], tmp_path)
-    one = run_training(load_config(TrainConfig, ROOT / "presets/demo.toml", overrides(tmp_path / "one", images, 4)),
-                       log=lambda *_: None)
+    launch(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "train_textual_inversion.py",
+            "--config",
+            "presets/demo.toml",
+            *overrides(tmp_path / "two", images, 2),
+        ],
+        tmp_path,
+    )
+    one = run_training(
+        load_config(TrainConfig, ROOT / "presets/demo.toml", overrides(tmp_path / "one", images, 4)),
+        log=lambda *_: None,
+    )
     two = load_embedding(tmp_path / "two" / "d3mo.pt")
     start = load_embedding(one).vectors
     assert two.step == 3

@@ -14,7 +14,13 @@ def test_face_schedule_clamps_at_max_steps_and_stops_parsing():
 
 def test_bare_last_rate_runs_to_max_steps():
     assert parse_lr_schedule(FACE, 100_000) == [
-        (0.05, 10), (0.02, 20), (0.01, 60), (0.004, 500), (0.002, 1000), (0.001, 3000), (0.0005, 100_000)
+        (0.05, 10),
+        (0.02, 20),
+        (0.01, 60),
+        (0.004, 500),
+        (0.002, 1000),
+        (0.001, 3000),
+        (0.0005, 100_000),
     ]
 
 
@@ -41,7 +47,14 @@ def test_list_ending_before_max_steps_stops_training_there():
 def test_rate_holds_until_its_step():
     schedule = build_schedule(FACE, 150)
     assert [schedule.value(s) for s in (0, 9, 10, 19, 20, 59, 60, 149)] == [
-        0.05, 0.05, 0.02, 0.02, 0.01, 0.01, 0.004, 0.004
+        0.05,
+        0.05,
+        0.02,
+        0.02,
+        0.01,
+        0.01,
+        0.004,
+        0.004,
     ]
 
 

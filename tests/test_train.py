@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(tmp_path: Path, *overrides: str, preset: str = "presets/demo.toml") -> TrainConfig:
-    base = [f"save.output_dir={tmp_path / 'run'}", "train.max_steps=4", "save.save_every_steps=2",
-            "preview.every_steps=0", "dataset.resolution=32", f"dataset.image_dir={make_images(tmp_path / 'img')}",
-            "train.batch_size=4"]
+    base = [
+        f"save.output_dir={tmp_path / 'run'}",
+        "train.max_steps=4",
+        "save.save_every_steps=2",
+        "preview.every_steps=0",
+        "dataset.resolution=32",
+        f"dataset.image_dir={make_images(tmp_path / 'img')}",
+        "train.batch_size=4",
+    ]
     return load_config(TrainConfig, ROOT / preset, base + list(overrides))
 
 
 def test_demo_preset_end_to_end_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["--config", str(ROOT / "presets/demo.toml"), f"save.output_dir={out}", "train.max_steps=4",
-                 "save.save_every_steps=2", "preview.every_steps=2", "preview.steps=2"])
+    code = main(
+        [
+            "--config",
+            str(ROOT / "presets/demo.toml"),
+            f"save.output_dir={out}",
+            "train.max_steps=4",
+            "save.save_every_steps=2",
+            "preview.every_steps=2",
+            "preview.steps=2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     final = load_embedding(out / "d3mo.pt")
     assert final.step == 4 and final.vectors.shape == (1, 32)
@@ -49,7 +63,11 @@ def test_demo_preset_end_to_end_writes_every_output(tmp_path, capsys):
     for step in (0, 2, 4):
         image = Image.open(out / "previews" / f"d3mo-{step}.png")
         prompt, negative, params = parse_infotext(image.text["parameters"])
-        assert prompt == "a photo of a d3mo" and params["Seed"] == "12345678" and params["Sampler"] == "DPM++ 2M Karras"
+        assert (
+            prompt == "a photo of a d3mo"
+            and params["Seed"] == "12345678"
+            and params["Sampler"] == "DPM++ 2M Karras"
+        )
     assert load_config(TrainConfig, out / "config.toml").train.max_steps == 4
     assert list((out / "logs").iterdir())
 
@@ -60,7 +78,7 @@ def test_only_the_new_vectors_change(tmp_path):
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     start = trainer.vectors.detach().clone()
     trainer.train()
-    for model, snapshot in zip(models, before):
+    for model, snapshot in zip(models, before, strict=True):
         for key, value in model.state_dict().items():
             assert torch.equal(value, snapshot[key]), key
     assert not torch.equal(trainer.vectors.detach(), start)
@@ -82,9 +100,17 @@ def _interrupt_after(monkeypatch, stop_at: int):
 
 
 def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path, monkeypatch):
-    settings = ("train.max_steps=6", "save.save_every_steps=0", "train.lr_scheduler=cosine",
-                "train.lr_warmup_steps=2", "dataset.flip_aug=true", "dataset.shuffle_tags=true",
-                "dataset.latent_sampling=random", "train.gradient_accumulation_steps=2", "train.batch_size=2")
+    settings = (
+        "train.max_steps=6",
+        "save.save_every_steps=0",
+        "train.lr_scheduler=cosine",
+        "train.lr_warmup_steps=2",
+        "dataset.flip_aug=true",
+        "dataset.shuffle_tags=true",
+        "dataset.latent_sampling=random",
+        "train.gradient_accumulation_steps=2",
+        "train.batch_size=2",
+    )
     straight = run_training(config(tmp_path / "a", *settings), log=lambda *_: None)
 
     cfg = config(tmp_path / "b", *settings)
@@ -103,7 +129,9 @@ def test_resume_from_a_step_file_continues_the_schedule(tmp_path):
     cfg = config(tmp_path, "train.max_steps=4", "save.save_every_steps=2", "train.lr=0.01:2, 0.001")
     straight = load_embedding(run_training(cfg, log=lambda *_: None)).vectors
     other = config(tmp_path / "c", "train.max_steps=4", "train.lr=0.01:2, 0.001")
-    resumed = run_training(other, resume=str(tmp_path / "run" / "embeddings" / "d3mo-2.pt"), log=lambda *_: None)
+    resumed = run_training(
+        other, resume=str(tmp_path / "run" / "embeddings" / "d3mo-2.pt"), log=lambda *_: None
+    )
     assert torch.equal(load_embedding(resumed).vectors, straight)
 
 
@@ -136,23 +164,44 @@ def test_existing_run_folder_is_never_overwritten(tmp_path):
 
 @pytest.mark.parametrize("preset", ["face", "face_schedule", "kohya_face", "style", "demo"])
 def test_every_preset_runs_a_few_steps(tmp_path, preset):
-    images = make_images(tmp_path / "img" / "100_sks woman", caption=None if preset == "kohya_face" else "a, b, c")
-    cfg = load_config(TrainConfig, ROOT / "presets" / f"{preset}.toml", [
-        f"model.checkpoint={tiny_checkpoint(tmp_path)}", f"dataset.image_dir={images.parent}",
-        "dataset.resolution=32", "train.max_steps=2", "train.mixed_precision=no", "save.save_every_steps=1",
-        "preview.every_steps=2", "preview.steps=2", f"save.output_dir={tmp_path / 'out'}",
-        "train.batch_size=2", "train.gradient_accumulation_steps=1",
-    ])
+    images = make_images(
+        tmp_path / "img" / "100_sks woman", caption=None if preset == "kohya_face" else "a, b, c"
+    )
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "presets" / f"{preset}.toml",
+        [
+            f"model.checkpoint={tiny_checkpoint(tmp_path)}",
+            f"dataset.image_dir={images.parent}",
+            "dataset.resolution=32",
+            "train.max_steps=2",
+            "train.mixed_precision=no",
+            "save.save_every_steps=1",
+            "preview.every_steps=2",
+            "preview.steps=2",
+            f"save.output_dir={tmp_path / 'out'}",
+            "train.batch_size=2",
+            "train.gradient_accumulation_steps=1",
+        ],
+    )
     final = load_embedding(run_training(cfg, log=lambda *_: None))
     assert final.step == 2 and final.name == cfg.embedding.name
     assert final.num_vectors == cfg.embedding.num_vectors and torch.isfinite(final.vectors).all()
 
 
 def test_v_prediction_bf16_min_snr_noise_offset_and_clipping_train(tmp_path):
-    cfg = config(tmp_path, f"model.checkpoint={tiny_checkpoint(tmp_path, 'sd2')}", "model.family=sd2-v",
-                 "train.mixed_precision=bf16", "train.min_snr_gamma=5", "train.noise_offset=0.05",
-                 "train.clip_grad_mode=norm", "train.clip_grad_value=0.5:2, 0.1", "train.optimizer=lion",
-                 "train.gradient_checkpointing=true")
+    cfg = config(
+        tmp_path,
+        f"model.checkpoint={tiny_checkpoint(tmp_path, 'sd2')}",
+        "model.family=sd2-v",
+        "train.mixed_precision=bf16",
+        "train.min_snr_gamma=5",
+        "train.noise_offset=0.05",
+        "train.clip_grad_mode=norm",
+        "train.clip_grad_value=0.5:2, 0.1",
+        "train.optimizer=lion",
+        "train.gradient_checkpointing=true",
+    )
     trainer = setup(cfg, log=lambda *_: None)
     assert trainer.parts.prediction_type == "v_prediction" and trainer.parts.unet.dtype == torch.bfloat16
     final = load_embedding(trainer.train())
@@ -161,8 +210,12 @@ def test_v_prediction_bf16_min_snr_noise_offset_and_clipping_train(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "prodigy"])
 def test_other_optimizers_resume_exactly(tmp_path, optimizer, monkeypatch):
-    settings = ("train.max_steps=4", "save.save_every_steps=0", f"train.optimizer={optimizer}",
-                "train.lr=1.0" if optimizer == "prodigy" else "train.lr=0.01")
+    settings = (
+        "train.max_steps=4",
+        "save.save_every_steps=0",
+        f"train.optimizer={optimizer}",
+        "train.lr=1.0" if optimizer == "prodigy" else "train.lr=0.01",
+    )
     straight = load_embedding(run_training(config(tmp_path / "a", *settings), log=lambda *_: None)).vectors
     cfg = config(tmp_path / "b", *settings)
     _interrupt_after(monkeypatch, 2)
@@ -174,8 +227,16 @@ def test_other_optimizers_resume_exactly(tmp_path, optimizer, monkeypatch):
 
 
 def _bad_input_error(tmp_path, capsys, *overrides):
-    code = main(["--config", str(ROOT / "presets/demo.toml"), f"save.output_dir={tmp_path / 'out'}",
-                 "train.max_steps=1", "dataset.resolution=32", *overrides])
+    code = main(
+        [
+            "--config",
+            str(ROOT / "presets/demo.toml"),
+            f"save.output_dir={tmp_path / 'out'}",
+            "train.max_steps=1",
+            "dataset.resolution=32",
+            *overrides,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
@@ -201,7 +262,30 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "02.txt" in err and "UTF-8" in err
 
     images = make_images(tmp_path / "ok")
-    assert "'10.5' must be a whole number" in _bad_input_error(tmp_path, capsys, f"dataset.image_dir={images}", "train.lr=0.05:10.5")
-    assert "lower train.batch_size" in _bad_input_error(tmp_path, capsys, f"dataset.image_dir={images}", "train.batch_size=9")
+    assert "'10.5' must be a whole number" in _bad_input_error(
+        tmp_path, capsys, f"dataset.image_dir={images}", "train.lr=0.05:10.5"
+    )
+    assert "lower train.batch_size" in _bad_input_error(
+        tmp_path, capsys, f"dataset.image_dir={images}", "train.batch_size=9"
+    )
     assert "did you mean 'max_steps'" in _bad_input_error(tmp_path, capsys, "train.max_step=3")
-    assert "tiny-missing" in _bad_input_error(tmp_path, capsys, f"model.checkpoint={tmp_path / 'tiny-missing.safetensors'}")
+    assert "tiny-missing" in _bad_input_error(
+        tmp_path, capsys, f"model.checkpoint={tmp_path / 'tiny-missing.safetensors'}"
+    )
+
+
+def test_shipped_kohya_dataset_config_trains(tmp_path):
+    cfg = load_config(
+        TrainConfig,
+        ROOT / "presets/demo.toml",
+        [
+            f"save.output_dir={tmp_path / 'run'}",
+            "train.max_steps=2",
+            "save.save_every_steps=0",
+            "preview.every_steps=0",
+            f"dataset.dataset_config={ROOT / 'dataset_layouts/kohya_dataset.toml'}",
+            "dataset.resolution=64",
+        ],
+    )
+    final = load_embedding(run_training(cfg, log=lambda *_: None))
+    assert final.step == 2 and torch.isfinite(final.vectors).all()
