@@ -289,3 +289,11 @@ def test_shipped_kohya_dataset_config_trains(tmp_path):
     )
     final = load_embedding(run_training(cfg, log=lambda *_: None))
     assert final.step == 2 and torch.isfinite(final.vectors).all()
+
+
+def test_embedding_of_another_width_is_a_clear_error(tmp_path, capsys):
+    from library.embeddings import Embedding, save_embedding
+
+    wide = save_embedding(Embedding("sd2face", torch.zeros(2, 1024), step=10), tmp_path / "sd2face.pt")
+    err = _bad_input_error(tmp_path, capsys, f"embedding.init_from={wide}")
+    assert "sd2face.pt" in err and "width 32" in err
