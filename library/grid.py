@@ -24,6 +24,7 @@ TEXT_COLOUR = (0, 0, 0)
 # Label font size from the cell size, as A1111 sizes it: (width + height) / 25, i.e. 40 px for 512x512 cells.
 _FONT_DIVISOR = 25
 _MIN_FONT = 10
+_MIN_CELL = 128  # smaller pictures are enlarged (pixel-exact, by a whole factor) so their labels stay legible
 _Z_GAP_FRACTION = 1 / 16  # blank space between side-by-side grids, as a fraction of a grid's width
 
 
@@ -84,7 +85,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> list[st
     while True:
         lines = []
         for paragraph in text.split("\n"):
-            lines.extend(textwrap.wrap(paragraph, width=width_chars) or [""])
+            lines.extend(textwrap.wrap(paragraph, width=width_chars, break_long_words=False) or [""])
         if width_chars == 1 or all(draw.textlength(line, font=font) <= max_width for line in lines):
             return lines
         width_chars -= 1
@@ -123,7 +124,7 @@ def make_grid(
     """Lay out `images[row][col]` in a labelled grid: X = columns (labels on top), Y = rows (labels left).
 
     Pass an empty label list for an axis without labels. Cells take the size of the largest image
-    (smaller ones are centred); `margin` is the blank space in pixels between cells; `title`, if given,
+    (smaller ones are centred; pictures under 128 px are enlarged by a whole factor); `margin` is the blank space in pixels between cells; `title`, if given,
     is written above everything. Returns an RGB image.
     """
     if not images or not images[0]:
@@ -140,6 +141,16 @@ def make_grid(
 
     cell_w = max(image.width for row in images for image in row)
     cell_h = max(image.height for row in images for image in row)
+    factor = -(-_MIN_CELL // max(cell_w, cell_h))  # ceil; 1 for pictures of 128 px and more
+    if factor > 1:
+        images = [
+            [
+                image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+                for image in row
+            ]
+            for row in images
+        ]
+        cell_w, cell_h = cell_w * factor, cell_h * factor
     font = _font((cell_w + cell_h) // _FONT_DIVISOR)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = max(4, _line_height(font) // 3)
