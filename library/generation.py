@@ -1,0 +1,487 @@
+"""Generate candidate images of a made-up character: A1111 txt2img with Prompt S/R axes (recipe step 1).
+
+One run renders, for every combination of the Prompt S/R axes, `batch_count` batches of `batch_size`
+images. Seeds follow A1111: a seed of -1 is drawn once and recorded, and image i of a combination
+(i = batch * batch_size + position) uses seed + i. Every combination uses the same seeds, as A1111's
+X/Y/Z plot does when "Keep -1 for seeds" is off, so the cells of a grid differ only by their prompt.
+
+The output folder holds the PNGs (`00000-<seed>.png`, A1111's naming, each with A1111 infotext),
+`manifest.json` (the resolved settings and, per image, its prompt, negative prompt, seed and axis
+values: enough to render any image again, see `reproduce`), `manifest.csv` for spreadsheets,
+`config.toml` (the resolved config, with the drawn seed) and `grids/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import tomli_w
+import torch
+from tqdm.auto import tqdm
+
+from library.config import (
+    GenerateConfig,
+    GenerateSettings,
+    ModelConfig,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from library.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
+from library.embeddings import load_embedding
+from library.errors import UserError
+from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
+from library.infotext import format_infotext, infotext_params, save_png
+from library.models import load_parts
+from library.prompts import PromptEncoder
+from library.sampling import SampleSettings, decode_images, resolve_seed, sample_latents, vae_scale_factor
+
+MANIFEST_JSON = "manifest.json"
+MANIFEST_CSV = "manifest.csv"
+CONFIG_FILE = "config.toml"
+GRID_DIR = "grids"
+MANIFEST_FORMAT = "ti-toolkit-generation"
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of a run: what to render and where it goes."""
+
+    file: str  # A1111's naming: 00000-<seed>.png
+    prompt: str  # after Prompt S/R
+    negative_prompt: str
+    seed: int
+    axis_values: tuple[str, ...]  # this image's value on each axis
+    combination: int  # index of its axis combination (the first axis varies fastest)
+    batch: int  # batch index within the combination
+    position: int  # place within the batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning (no model needed: checked before anything is loaded or written)
+
+
+def parse_axes(settings: GenerateSettings) -> list[list[str]]:
+    """The value lists of the Prompt S/R axes; each first value must occur in the prompt or the negative."""
+    axes = []
+    for number, text in enumerate(settings.axes, start=1):
+        values = prompt_sr_values(text)
+        if values[0] not in settings.prompt and values[0] not in settings.negative_prompt:
+            raise UserError(
+                f"generate.axes[{number}]: the first value {values[0]!r} occurs neither in generate.prompt nor "
+                "in generate.negative_prompt; write the axis so that its first value is the text to replace"
+            )
+        axes.append(values)
+    return axes
+
+
+def check_settings(settings: GenerateSettings) -> SampleSettings:
+    """Validate [generate] and return the sampler settings for one batch."""
+    for key in ("batch_count", "batch_size", "steps", "clip_skip"):
+        if getattr(settings, key) < 1:
+            raise UserError(f"generate.{key} = {getattr(settings, key)}: must be at least 1")
+    for key in ("width", "height"):
+        if getattr(settings, key) < 8 or getattr(settings, key) % 8:
+            raise UserError(f"generate.{key} = {getattr(settings, key)}: use a multiple of 8, e.g. 512")
+    if settings.grid_margin < 0:
+        raise UserError(f"generate.grid_margin = {settings.grid_margin}: must be 0 or more pixels")
+    resolve_seed(settings.seed)  # rejects seeds below -1
+    return SampleSettings(
+        steps=settings.steps,
+        cfg_scale=settings.cfg_scale,
+        width=settings.width,
+        height=settings.height,
+        sampler=settings.sampler,
+        batch_size=settings.batch_size,
+    )
+
+
+def plan_images(settings: GenerateSettings, seed: int) -> list[PlannedImage]:
+    """Every image of the run in rendering order: combinations (first axis fastest), batches, positions."""
+    axes = parse_axes(settings)
+    per_combination = settings.batch_count * settings.batch_size
+    # itertools.product varies its last argument fastest; reversing makes the first axis (X) the fastest.
+    combos = [tuple(reversed(c)) for c in itertools.product(*reversed(axes))] if axes else [()]
+    plan = []
+    for combination, values in enumerate(combos):
+        prompt, negative = settings.prompt, settings.negative_prompt
+        for axis, value in zip(axes, values, strict=True):
+            prompt = apply_prompt_sr(prompt, axis, value, must_occur=False)
+            negative = apply_prompt_sr(negative, axis, value, must_occur=False)
+        for i in range(per_combination):
+            index = combination * per_combination + i
+            plan.append(
+                PlannedImage(
+                    file=f"{index:05d}-{seed + i}.png",
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    seed=seed + i,
+                    axis_values=tuple(values),
+                    combination=combination,
+                    batch=i // settings.batch_size,
+                    position=i % settings.batch_size,
+                )
+            )
+    return plan
+
+
+def _batches(plan: list[PlannedImage]) -> list[list[PlannedImage]]:
+    groups: dict[tuple[int, int], list[PlannedImage]] = {}
+    for image in plan:
+        groups.setdefault((image.combination, image.batch), []).append(image)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class Renderer:
+    """A loaded model with its prompt encoder and embeddings, rendering one batch at a time."""
+
+    def __init__(self, model: ModelConfig, settings: GenerateSettings, log: Callable[[str], None] = print):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = settings.mixed_precision if self.device.type == "cuda" else "no"
+        self.parts = load_parts(model, dtype=_DTYPES[precision])
+        if precision == "fp16":
+            self.parts.vae.to(
+                torch.float32
+            )  # SD's VAE overflows in fp16 (black images); A1111's --no-half-vae
+        for module in (self.parts.unet, self.parts.text_encoder, self.parts.vae):
+            module.to(self.device)
+        self.encoder = PromptEncoder(
+            self.parts.tokenizer, self.parts.text_encoder, clip_skip=settings.clip_skip
+        )
+        self.embedding_hashes = load_embeddings(self.encoder, settings.embeddings, log)
+        self.scheduler_config = dict(self.parts.noise_scheduler.config)
+
+    def used_embeddings(self, prompt: str, negative: str) -> str | None:
+        """A1111's "TI hashes" value for the embeddings a prompt pair uses (civitai links them by it)."""
+        names = []
+        for text in (prompt, negative):
+            for chunk in self.encoder.tokenize_line(text):
+                names.extend(name for _, name in chunk.fixes if name not in names)
+        pairs = [f"{name.replace(':', '').replace(',', '')}: {self.embedding_hashes[name]}" for name in names]
+        return ", ".join(pairs) or None
+
+    def render(
+        self, batch: list[PlannedImage], settings: SampleSettings, progress: Callable[[int, int], None]
+    ):
+        """Render one batch (one prompt pair, consecutive seeds); out of GPU memory is a UserError."""
+        try:
+            with torch.inference_mode():
+                cond, uncond = self.encoder.encode_pair(
+                    [image.prompt for image in batch], [image.negative_prompt for image in batch]
+                )
+            latents = sample_latents(
+                self.parts.unet,
+                self.scheduler_config,
+                cond,
+                uncond,
+                [image.seed for image in batch],
+                settings,
+                latent_channels=self.parts.unet.config.in_channels,
+                vae_scale_factor=vae_scale_factor(self.parts.vae),
+                progress=progress,
+            )
+            return decode_images(self.parts.vae, latents)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            smaller = max(1, settings.batch_size // 2)
+            raise UserError(
+                f"out of GPU memory at generate.batch_size = {settings.batch_size} "
+                f"({settings.width}x{settings.height}); try generate.batch_size={smaller} "
+                "(and a larger generate.batch_count for the same number of images)"
+            ) from None
+
+
+def _embedding_files(paths: Iterable[str]) -> list[Path]:
+    files = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.is_dir():  # A1111 reads its embeddings folder recursively
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES
+            )
+            files.extend(p for p in found if not p.name.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"generate.embeddings: {path} is neither a file nor a folder; check the path")
+    return files
+
+
+def load_embeddings(
+    encoder: PromptEncoder, paths: Iterable[str], log: Callable[[str], None]
+) -> dict[str, str]:
+    """Register every embedding file (keyword = file stem); returns name -> A1111 short hash.
+
+    As in A1111, embeddings made for another model width are skipped with a message. The short hash is
+    the first 12 hex digits of the file's SHA-256, which A1111 writes as "TI hashes".
+    """
+    width = encoder.text_encoder.get_input_embeddings().embedding_dim
+    hashes = {}
+    for file in _embedding_files(paths):
+        embedding = load_embedding(file)
+        if embedding.is_sdxl or embedding.width != width:
+            log(f"skipped embedding {file}: its vectors are {embedding.width} wide, this model needs {width}")
+            continue
+        encoder.set_embedding(embedding.name, embedding.vectors.to(encoder.text_encoder.device))
+        hashes[embedding.name] = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    return hashes
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def _prepare_folder(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(
+            f"{folder} already exists and is not empty; choose a new generate.output_dir (nothing is overwritten)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, config: GenerateConfig, model_info: dict, plan: list[PlannedImage]) -> None:
+    """manifest.json (settings + one entry per image, in rendering order) and manifest.csv."""
+    axes = parse_axes(config.generate)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "config": config_to_dict(config),
+        "model": model_info,
+        "axes": axes,
+        "images": [asdict(image) for image in plan],
+    }
+    _write_text(folder / MANIFEST_JSON, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    rows = [["file", "seed", "prompt", "negative_prompt", *[f"axis_{n + 1}" for n in range(len(axes))]]]
+    rows += [[i.file, i.seed, i.prompt, i.negative_prompt, *i.axis_values] for i in plan]
+    buffer = _CsvText()
+    csv.writer(buffer).writerows(rows)
+    _write_text(folder / MANIFEST_CSV, buffer.text)
+
+
+class _CsvText:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, line: str) -> None:
+        self.text += line
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read a manifest.json (or the folder holding one); UserError if it is not ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_JSON
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such manifest; give a generate_dataset.py output folder") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a valid manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: not a generate_dataset.py manifest (no format {MANIFEST_FORMAT!r})")
+    return manifest
+
+
+def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = ()) -> GenerateConfig:
+    """The manifest's resolved config, read back through the typed loader, with `model.*` overrides."""
+    for item in overrides:
+        if not item.strip().startswith("model."):
+            raise UserError(
+                f"override {item!r}: a reproduction keeps the recorded settings; only model.* (e.g. "
+                "model.checkpoint=/new/path.safetensors for a moved file) can be changed"
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_FILE
+        path.write_text(tomli_w.dumps(manifest.get("config", {})), encoding="utf-8")
+        try:
+            return load_config(GenerateConfig, path, overrides)
+        except UserError as error:
+            raise UserError(f"{where}: the recorded config does not load: {error}") from None
+
+
+def _render_plan(
+    renderer: Renderer,
+    plan: list[PlannedImage],
+    config: GenerateConfig,
+    folder: Path,
+    *,
+    keep: set[str] | None = None,
+    show_progress: bool = True,
+) -> None:
+    """Render `plan` batch by batch into `folder`; with `keep`, only those files are saved."""
+    settings = check_settings(config.generate)
+    batches = _batches(plan)
+    bar = tqdm(
+        total=len(batches) * settings.steps, unit="step", disable=not show_progress, dynamic_ncols=True
+    )
+    done = 0
+    try:
+        for batch in batches:
+            base = bar.n
+            images = renderer.render(
+                batch, settings, lambda step, _total, base=base: bar.update(base + step - bar.n)
+            )
+            for planned, image in zip(batch, images, strict=True):
+                if keep is not None and planned.file not in keep:
+                    continue
+                extra = {"TI hashes": renderer.used_embeddings(planned.prompt, planned.negative_prompt)}
+                params = infotext_params(settings, planned.seed, renderer.parts, extra)
+                save_png(
+                    image,
+                    folder / planned.file,
+                    format_infotext(planned.prompt, planned.negative_prompt, params),
+                )
+                done += 1
+            bar.set_postfix(images=done)
+    finally:
+        bar.close()
+
+
+def run_generate(
+    config: GenerateConfig, *, log: Callable[[str], None] = print, show_progress: bool = True
+) -> Path:
+    """Render the whole run of `config` into generate.output_dir; returns the folder.
+
+    Everything that can be checked (settings, axes, the output folder) is checked before the model loads.
+    """
+    settings = config.generate
+    check_settings(settings)
+    seed = resolve_seed(settings.seed)
+    config = replace(config, generate=replace(settings, seed=seed))  # the record reproduces the run
+    plan = plan_images(config.generate, seed)
+    folder = Path(settings.output_dir)
+    _prepare_folder(folder)
+    renderer = Renderer(config.model, config.generate, log)
+    model_info = {
+        "checkpoint_name": renderer.parts.checkpoint_name,
+        "checkpoint_hash": renderer.parts.checkpoint_hash,
+    }
+    _write_text(folder / CONFIG_FILE, dump_config(config))
+    write_manifest(folder, config, model_info, plan)
+    combos = len(plan) // (settings.batch_count * settings.batch_size)
+    log(
+        f"rendering {len(plan)} images ({combos} axis combinations x {settings.batch_count} batches x "
+        f"{settings.batch_size}), seed {seed}, into {folder}"
+    )
+    _render_plan(renderer, plan, config, folder, show_progress=show_progress)
+    if settings.grids:
+        write_grids(folder, config, plan)
+    return folder
+
+
+def reproduce(
+    manifest_path: str | Path,
+    output_dir: str | Path,
+    *,
+    files: Iterable[str] = (),
+    overrides: list[str] = (),
+    log: Callable[[str], None] = print,
+    show_progress: bool = True,
+) -> Path:
+    """Render the images of a manifest again (all, or only `files`) into a new folder.
+
+    Each image is rendered in the same batch as before (its batch-mates are rendered and discarded), so
+    on the same machine and model the pixels are identical. `overrides` may change only [model] keys.
+    """
+    manifest = read_manifest(manifest_path)
+    config = _recorded_config(manifest, manifest_path, overrides)
+    plan = [
+        PlannedImage(**{**entry, "axis_values": tuple(entry["axis_values"])}) for entry in manifest["images"]
+    ]
+    wanted = set(files) or {image.file for image in plan}
+    unknown = wanted - {image.file for image in plan}
+    if unknown:
+        raise UserError(f"{manifest_path}: no image named {sorted(unknown)[0]!r} in the manifest")
+    batches = [b for b in _batches(plan) if any(image.file in wanted for image in b)]
+    folder = Path(output_dir)
+    _prepare_folder(folder)
+    renderer = Renderer(config.model, config.generate, log)
+    recorded = manifest.get("model", {}).get("checkpoint_hash", "")
+    if recorded and renderer.parts.checkpoint_hash and recorded != renderer.parts.checkpoint_hash:
+        log(
+            f"note: the manifest was made with model hash {recorded}, this model is {renderer.parts.checkpoint_hash}"
+        )
+    _write_text(folder / CONFIG_FILE, dump_config(config))
+    log(f"rendering {len(wanted)} images again into {folder}")
+    _render_plan(
+        renderer, [i for b in batches for i in b], config, folder, keep=wanted, show_progress=show_progress
+    )
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids
+
+
+def write_grids(folder: Path, config: GenerateConfig, plan: list[PlannedImage]) -> list[Path]:
+    """A grid per axis combination (rows = batches, columns = batch positions) and, with axes, the A1111
+    X/Y/Z overview of the first seed (one overview per combination of the axes after the third)."""
+    from PIL import Image
+
+    settings = config.generate
+    grid_dir = folder / GRID_DIR
+    grid_dir.mkdir(exist_ok=True)
+    written = []
+    by_combination: dict[int, list[PlannedImage]] = {}
+    for image in plan:
+        by_combination.setdefault(image.combination, []).append(image)
+
+    def load(planned: PlannedImage):
+        with Image.open(folder / planned.file) as opened:
+            return opened.convert("RGB")
+
+    def save(image, name: str, planned: PlannedImage) -> None:
+        with open(folder / planned.file, "rb") as handle:
+            infotext = Image.open(handle).text.get("parameters", "")
+        written.append(save_png(image, grid_dir / name, infotext))
+
+    for combination, images in by_combination.items():
+        rows = [
+            images[b * settings.batch_size : (b + 1) * settings.batch_size]
+            for b in range(settings.batch_count)
+        ]
+        cells = [[load(p) for p in row] for row in rows]
+        y_labels = [f"seed {row[0].seed}" for row in rows] if len(rows) > 1 else []
+        title = " | ".join(images[0].axis_values) or None
+        grid = make_grid(cells, [], y_labels, margin=settings.grid_margin, title=title)
+        save(grid, f"{combination:04d}.png", images[0])
+
+    axes = parse_axes(settings)
+    if axes:
+        first = {image.axis_values: image for image in plan if image.batch == 0 and image.position == 0}
+        xs, ys = axes[0], axes[1] if len(axes) > 1 else [""]
+        zs, rest = (axes[2] if len(axes) > 2 else [""]), axes[3:]
+        for n, extra in enumerate(itertools.product(*rest)):
+            grids = []
+            for z in zs:
+                cells = [[load(first[_values(x, y, z, extra, len(axes))]) for x in xs] for y in ys]
+                grids.append(make_grid(cells, xs, ys if len(axes) > 1 else [], margin=settings.grid_margin))
+            overview = join_grids_side_by_side(grids, zs if len(axes) > 2 else [])
+            name = "xyz.png" if not rest else f"xyz-{n:03d}.png"
+            save(overview, name, first[_values(xs[0], ys[0], zs[0], extra, len(axes))])
+    return written
+
+
+def _values(x: str, y: str, z: str, extra: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """The axis values of one overview cell (axes that do not exist are left out)."""
+    return (x, y, z, *extra)[:count]

@@ -1,0 +1,209 @@
+"""The static review page and what comes out of it: a selection, then a Kohya folder (recipe step 2).
+
+`write_review_page` writes one self-contained `review.html` beside the images (its CSS, script and data
+inline; the pictures are read from the folder next to it, so it works from `file://` without a server).
+On the page each picture shows its automatic flags; a click or a key keeps or drops it, and "Export
+selection" downloads `selection.json`:
+
+    {"format": "ti-toolkit-selection", "version": 1, "folder": "/abs/path",
+     "keep": ["00012-123.png", ...], "drop": [...], "undecided": [...]}
+
+`write_kohya_folder` copies the kept pictures, each with a caption file, into `<repeats>_<name> <class>`
+under select.output_dir, refusing to replace any file that is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.captions import check_caption_extension, read_caption
+from library.config import SelectConfig
+from library.errors import UserError
+
+PAGE_FILE = "review.html"
+SELECTION_FORMAT = "ti-toolkit-selection"
+_HERE = Path(__file__).resolve().parent
+_MANIFEST = "manifest.json"  # written by library.generation
+
+
+# --------------------------------------------------------------------------------------------------
+# The page
+
+
+def review_items(folder: Path, flags: list) -> list[dict]:
+    """One entry per flagged-or-not image for the page: file, reasons, and what is known about it
+    (prompt, seed and axis values from a generation manifest; the caption beside the image)."""
+    manifest = _manifest_entries(folder)
+    items = []
+    for result in flags:
+        entry = manifest.get(result.file, {})
+        item = {"file": result.file, "reasons": list(result.reasons)}
+        for key in ("prompt", "seed", "axis_values"):
+            if key in entry:
+                item[key] = entry[key]
+        caption = read_caption(folder / result.file, ".txt")
+        if caption:
+            item["caption"] = caption
+        items.append(item)
+    return items
+
+
+def _manifest_entries(folder: Path) -> dict[str, dict]:
+    path = folder / _MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        images = json.loads(path.read_text(encoding="utf-8")).get("images", [])
+        return {entry["file"]: entry for entry in images if isinstance(entry, dict) and "file" in entry}
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return {}  # a damaged manifest only costs the page its prompt details
+
+
+def write_review_page(folder: str | Path, items: list[dict], title: str | None = None) -> Path:
+    """Write `folder/review.html` for `items` (dicts with at least "file" and "reasons"); returns its path.
+
+    The page is regenerated on every call (it holds no decisions: those live in the browser).
+    """
+    folder = Path(folder).resolve()
+    data = {
+        "folder": str(folder),
+        "images": items,
+        "select_command": (
+            f"python generate_dataset.py select selection.json select.output_dir=dataset "
+            f'select.name=NAME select.class_tokens=CLASS  (images: "{folder}")'
+        ),
+    }
+    # "</" inside the JSON would end the <script> element early; \u003c is the same character to JSON.
+    payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
+    title = title or f"Review: {folder.name}"
+    page = (_HERE / "review.html").read_text(encoding="utf-8")
+    page = page.replace("{{TITLE}}", _html_escape(title))
+    page = page.replace("{{CSS}}", (_HERE / "review.css").read_text(encoding="utf-8"))
+    page = page.replace("{{JS}}", (_HERE / "review.js").read_text(encoding="utf-8"))
+    page = page.replace("{{DATA}}", payload)
+    target = folder / PAGE_FILE
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+# --------------------------------------------------------------------------------------------------
+# The selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The kept pictures of a review and the folder they are in."""
+
+    folder: Path
+    keep: tuple[str, ...]
+
+
+def read_selection(path: str | Path, images_dir: str | Path | None = None) -> Selection:
+    """Read an exported selection.json; `images_dir` overrides the folder recorded in it (moved images).
+
+    Every kept file must be a plain file name that exists in the folder.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; export the selection from review.html first") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a valid selection file ({error}); export it again") from None
+    if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
+        raise UserError(f"{path}: not a selection exported from review.html (format {SELECTION_FORMAT!r})")
+    keep = data.get("keep")
+    if not isinstance(keep, list) or not all(isinstance(name, str) for name in keep):
+        raise UserError(f"{path}: 'keep' must be a list of file names; export the selection again")
+    folder = Path(images_dir) if images_dir else Path(str(data.get("folder", "")))
+    if not folder.is_dir():
+        raise UserError(
+            f"{path}: the image folder {folder} does not exist; pass the folder the images are in now"
+        )
+    if not keep:
+        raise UserError(f"{path}: no picture is marked keep; keep some on the review page and export again")
+    for name in keep:
+        if Path(name).name != name or name in (".", ".."):
+            raise UserError(f"{path}: {name!r} is not a plain file name")
+        if not (folder / name).is_file():
+            raise UserError(f"{path}: kept picture {name} is not in {folder}; pass the folder it is in now")
+    return Selection(folder=folder, keep=tuple(keep))
+
+
+def _tidy(caption: str) -> str:
+    """Join-friendly captions: no empty tags, no doubled spaces, no leading or trailing commas."""
+    tags = [" ".join(tag.split()) for tag in caption.split(",")]
+    return ", ".join(tag for tag in tags if tag)
+
+
+def caption_for(image: Path, cfg: SelectConfig, axis_values: list[str] | None) -> str:
+    """select.caption with [name], [class] and [filewords] (the picture's own caption, else its Prompt S/R
+    values) filled in."""
+    own = read_caption(image, ".txt")
+    if own is None and cfg.caption_extension != ".txt":
+        own = read_caption(image, cfg.caption_extension)
+    filewords = own if own is not None else ", ".join(v for v in axis_values or [] if v)
+    text = cfg.caption.replace("[name]", cfg.name).replace("[class]", cfg.class_tokens)
+    return _tidy(text.replace("[filewords]", filewords))
+
+
+def kohya_folder_name(cfg: SelectConfig) -> str:
+    """`<repeats>_<name> <class>`, as Kohya reads it (FACTS §3)."""
+    return f"{cfg.repeats}_{cfg.name} {cfg.class_tokens}".strip()
+
+
+def check_select_config(cfg: SelectConfig) -> None:
+    if not cfg.output_dir:
+        raise UserError(
+            "select.output_dir is empty; name the Kohya parent folder, e.g. select.output_dir=dataset"
+        )
+    if not cfg.name.strip():
+        raise UserError("select.name is empty; set the trigger word, e.g. select.name=fr3nchl4dy")
+    if re.search(r"[/\\]", cfg.name + cfg.class_tokens):
+        raise UserError("select.name and select.class_tokens go into a folder name: leave out / and \\")
+    if cfg.repeats < 1:
+        raise UserError(f"select.repeats = {cfg.repeats}: must be at least 1 (Kohya's 100 is usual)")
+    check_caption_extension(cfg.caption_extension, "select.caption_extension")
+
+
+def write_kohya_folder(selection: Selection, cfg: SelectConfig, log: Callable[[str], None] = print) -> Path:
+    """Copy the kept pictures with captions into `output_dir/<repeats>_<name> <class>/`; never overwrites.
+
+    Every target is checked before the first file is written, so a clash writes nothing.
+    """
+    check_select_config(cfg)
+    target = Path(cfg.output_dir) / kohya_folder_name(cfg)
+    manifest = _manifest_entries(selection.folder)
+    plan = []
+    for name in selection.keep:
+        source = selection.folder / name
+        caption = caption_for(source, cfg, manifest.get(name, {}).get("axis_values"))
+        plan.append((source, target / name, target / f"{source.stem}{cfg.caption_extension}", caption))
+    stems = [p[2].name for p in plan]
+    if len(set(stems)) != len(stems):
+        raise UserError(
+            "two kept pictures share a file stem (e.g. a.png and a.jpg); their captions would clash"
+        )
+    for _, image, caption_file, _ in plan:
+        for existing in (image, caption_file):
+            if existing.exists():
+                raise UserError(
+                    f"{existing} already exists; nothing was written (choose another select.output_dir)"
+                )
+    target.mkdir(parents=True, exist_ok=True)
+    for source, image, caption_file, caption in plan:
+        shutil.copyfile(source, image)  # the bytes as they are: PNG infotext and all
+        caption_file.write_text(caption + "\n", encoding="utf-8")
+    log(
+        f"wrote {len(plan)} pictures with captions to {target} (train with dataset.image_dir={cfg.output_dir})"
+    )
+    return target
