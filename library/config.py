@@ -296,9 +296,10 @@ class SweepAxis:
     type: Literal[
         "none", "prompt_sr", "step", "checkpoint", "cfg_scale", "seed", "sampler", "steps", "size"
     ] = "none"
-    # Comma-separated as in A1111 (CSV quotes allowed). Steps: "every 20" = every saved step divisible by 20,
-    # "20-140 (+20)" ranges; a checkpoint axis with no values takes model.checkpoints.
-    values: str = ""
+    # Comma-separated as in A1111 (CSV quotes allowed), a single number, or a TOML list (one value per item).
+    # Steps: "every 20" = every saved step divisible by 20, "20-140 (+20)" ranges; a checkpoint axis with no
+    # values takes model.checkpoints.
+    values: str | int | float | tuple[str | int | float, ...] = ""
 
 
 @dataclass(frozen=True)
