@@ -107,6 +107,9 @@ class TrainSettings:
     clip_grad_value: float | str = 0.1  # a number or a schedule string, like lr
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # For 8 GB cards: gradient checkpointing, and the VAE leaves the GPU once the latents are cached.
+    low_memory: bool = False
+    compile: bool = False  # torch.compile the UNet: faster steps after a one-time compile (CUDA)
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     seed: int = 42

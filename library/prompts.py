@@ -365,7 +365,7 @@ class PromptEncoder:
         """A1111 "Original" emphasis on z [k, B, 77, dim]: weight each token, then restore each chunk batch's mean."""
         if all(weight == 1.0 for row in rows for weight in row.multipliers):
             return z  # multiplying by ones and rescaling by 1 changes nothing
-        multipliers = torch.tensor([row.multipliers for row in rows], dtype=torch.float32, device=z.device)
+        multipliers = to_device([row.multipliers for row in rows], torch.float32, z.device)
         z32 = z.float()
         original_mean = z32.mean(dim=(1, 2, 3), keepdim=True)
         weighted = z32 * multipliers.view(z.shape[:3]).unsqueeze(-1)
@@ -379,7 +379,7 @@ class PromptEncoder:
         """Run the text encoder on the chunks' ids with embedding vectors in their slots -> [R, 77, dim]."""
         token_embedding = self.text_encoder.get_input_embeddings()
         device = token_embedding.weight.device
-        input_ids = torch.tensor([row.tokens for row in rows], dtype=torch.long, device=device)
+        input_ids = to_device([row.tokens for row in rows], torch.long, device)
         hook = self._make_fix_hook(rows, device)
         # The hook lives only for this call, so the text encoder behaves normally everywhere else.
         handle = token_embedding.register_forward_hook(hook) if hook is not None else None
@@ -408,8 +408,8 @@ class PromptEncoder:
                 pieces.append(vectors)
         if not pieces:
             return None
-        rows_at = torch.tensor(row_index, dtype=torch.long, device=device)
-        slots_at = torch.tensor(slot_index, dtype=torch.long, device=device)
+        rows_at = to_device(row_index, torch.long, device)
+        slots_at = to_device(slot_index, torch.long, device)
 
         def write_vectors(module, inputs, output: torch.Tensor) -> torch.Tensor:
             values = torch.cat([piece.to(device=output.device, dtype=output.dtype) for piece in pieces])
@@ -417,3 +417,15 @@ class PromptEncoder:
             return output.index_put((rows_at, slots_at), values)
 
         return write_vectors
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host data on `device` without stalling the GPU queue.
+
+    `torch.tensor(..., device="cuda")` copies from pageable memory, which waits for all queued GPU work: in a
+    training step that serialises Python's kernel launches with the GPU. A pinned, non-blocking copy does not.
+    """
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

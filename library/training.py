@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,33 @@ from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import Schedule, build_schedule
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOSS_READ_EVERY = 25  # steps between reads of the loss from the GPU (each read is one sync)
+
+
+@dataclass
+class _Pending:
+    """A step whose loss is still on the GPU."""
+
+    step: int  # updates done after it
+    lr: float
+    loss: torch.Tensor
+    vectors_before: torch.Tensor
+
+
+class _LossWriters:
+    """loss.csv rows (A1111's columns), TensorBoard scalars and the progress bar's loss."""
+
+    def __init__(self, csv_log, tensorboard, data: TrainingData, accumulation: int, bar):
+        self.csv_log, self.tensorboard, self.bar = csv_log, tensorboard, bar
+        self.per_epoch = max(1, data.epoch_length // (data.batch_size * accumulation))
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+        if self.csv_log is None:
+            return
+        self.csv_log.write(step, (step - 1) // self.per_epoch, (step - 1) % self.per_epoch + 1, loss, lr)
+        self.tensorboard.add_scalar("loss", loss, step)
+        self.tensorboard.add_scalar("lr", lr, step)
 
 
 class TrainingStopped(UserError):
@@ -60,6 +87,7 @@ class Trainer:
     lr_schedule: Schedule
     clip_schedule: Schedule | None
     log: callable = print
+    saver: ckpt.BackgroundSaver = field(default_factory=ckpt.BackgroundSaver)
 
     # ------------------------------------------------------------------ one optimizer update
     def loss_for(self, micro_step: int) -> torch.Tensor:
@@ -111,8 +139,9 @@ class Trainer:
             total = acc.reduce(total, reduction="mean")
         if clip is not None:
             clip_gradients(acc, [self.vectors], cfg.clip_grad_mode, clip)
-        if torch.isfinite(total):
-            self.optimizer.step()
+        # No finiteness check here: it would make the CPU wait for the GPU every step. A non-finite loss is
+        # caught when losses are read (`_flush_losses`), and the vectors from before that update are restored.
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
@@ -133,46 +162,62 @@ class Trainer:
         loop_start = time.perf_counter()
         bar = tqdm(total=end, initial=self.start_step, disable=not main, desc=cfg.embedding.name, unit="step")
         step = self.start_step
-        per_epoch = max(
-            1, self.data.epoch_length // (self.data.batch_size * cfg.train.gradient_accumulation_steps)
-        )
+        pending: list[_Pending] = []
+        logs = _LossWriters(loss_log, writer, self.data, cfg.train.gradient_accumulation_steps, bar)
         try:
             while step < end:
                 if stop.requested:
-                    self.save(step, final=False)
+                    self._flush_losses(pending, logs)
+                    self.save(step, final=False, wait=True)
                     raise TrainingStopped(
                         f"interrupted after {step} steps; saved {self.run.step_file(step, cfg.save.formats[0])}; "
                         f"continue with --resume {self.run.root}"
                     )
                 lr = lr_schedule.value(step)
                 clip = clip_schedule.value(step) if clip_schedule else None
-                loss = self.step(step, lr, clip).item()
-                if not math.isfinite(loss):
-                    self.save(step, final=False)
-                    raise TrainingStopped(
-                        f"loss became {loss} at step {step + 1}; kept the last good embedding "
-                        f"{self.run.step_file(step, cfg.save.formats[0])}; lower train.lr or use mixed_precision=bf16"
-                    )
+                before = self.vectors.detach().clone()  # on the device: no sync
+                loss = self.step(step, lr, clip)
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
-                if main:
-                    loss_log.write(step, (step - 1) // per_epoch, (step - 1) % per_epoch + 1, loss, lr)
-                    writer.add_scalar("loss", loss, step)
-                    writer.add_scalar("lr", lr, step)
+                pending.append(_Pending(step, lr, loss, before))
+                preview_due = main and cfg.preview.every_steps and step % cfg.preview.every_steps == 0
+                if len(pending) >= LOSS_READ_EVERY or step == end or preview_due:
+                    self._flush_losses(pending, logs)
                 if cfg.save.save_every_steps and step % cfg.save.save_every_steps == 0:
                     self.save(step, final=False)
-                if main and cfg.preview.every_steps and step % cfg.preview.every_steps == 0:
+                if preview_due:
                     self.preview(step)
+            self._flush_losses(pending, logs)
         finally:
             stop.restore()
             bar.close()
+            self.saver.wait()
             if main:
                 loss_log.close()
                 writer.close()
-        final = self.save(step, final=True)
+        final = self.save(step, final=True, wait=True)
         self.report_speed(step - self.start_step, time.perf_counter() - loop_start)
         return final
+
+    def _flush_losses(self, pending: list[_Pending], logs: _LossWriters) -> None:
+        """Read the queued losses in one GPU sync, log them, and stop at the first non-finite one."""
+        if not pending:
+            return
+        values = torch.stack([p.loss for p in pending]).tolist()
+        for entry, loss in zip(pending, values, strict=True):
+            if not math.isfinite(loss):
+                # Undo that update: the vectors from before it are the last good ones.
+                self.vectors.data.copy_(entry.vectors_before)
+                self.saver.wait()
+                good = entry.step - 1
+                self.save(good, final=False, wait=True, overwrite=True, optimizer_state=False)
+                raise TrainingStopped(
+                    f"loss became {loss} at step {entry.step}; kept the last good embedding "
+                    f"{self.run.step_file(good, self.config.save.formats[0])}; lower train.lr or use "
+                    "mixed_precision=bf16"
+                )
+            logs.write(entry.step, loss, entry.lr)
+        pending.clear()
 
     def report_speed(self, steps: int, seconds: float) -> None:
         """Log steps/s, samples/s (all processes) and peak GPU memory of the training loop."""
@@ -185,11 +230,11 @@ class Trainer:
             self.log(line + " (loop incl. saves and previews)")
 
     # ------------------------------------------------------------------ outputs
-    def embedding(self, step: int) -> Embedding:
+    def embedding(self, step: int, vectors: torch.Tensor | None = None) -> Embedding:
         cfg = self.config
         return Embedding(
             name=cfg.embedding.name,
-            vectors=self.vectors.detach().float().cpu().clone(),
+            vectors=(self.vectors.detach().float().cpu().clone() if vectors is None else vectors),
             step=step,
             checkpoint_hash=self.parts.checkpoint_hash or None,
             checkpoint_name=self.parts.checkpoint_name,
@@ -199,22 +244,53 @@ class Trainer:
             },
         )
 
-    def save(self, step: int, *, final: bool) -> Path:
-        """Write the embedding after `step` updates in every format (and the optimizer state)."""
+    def save(
+        self,
+        step: int,
+        *,
+        final: bool,
+        wait: bool = False,
+        overwrite: bool = False,
+        optimizer_state: bool = True,
+    ) -> Path:
+        """Write the embedding after `step` updates in every format (and the optimizer state).
+
+        The GPU copies into pinned host memory are queued without waiting; a worker thread writes the files once
+        they have arrived, so the loop never waits for the disk. `wait=True` writes before returning.
+        """
         acc, cfg = self.accelerator, self.config
-        acc.wait_for_everyone()
-        first = None
+        first = (
+            self.run.final_file(cfg.save.formats[0])
+            if final
+            else self.run.step_file(step, cfg.save.formats[0])
+        )
         if acc.is_main_process:
-            embedding = self.embedding(step)
-            for fmt in cfg.save.formats:
-                path = self.run.final_file(fmt) if final else self.run.step_file(step, fmt)
-                save_embedding(embedding, path, overwrite=final)
-                first = first or path
-            if not final and cfg.save.save_optimizer_state:
+            vectors = ckpt.host_copy(self.vectors.detach())
+            state = None
+            if not final and optimizer_state and cfg.save.save_optimizer_state:
                 scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-                ckpt.save_training_state(self.run.optim_file(step), step, self.optimizer.state_dict(), scaler)
-        acc.wait_for_everyone()
-        return first or self.run.final_file(cfg.save.formats[0])
+                state = (ckpt.host_copy(self.optimizer.state_dict()), scaler)
+            ready = ckpt.copies_ready(acc.device)
+
+            def write() -> None:
+                ready()
+                if not torch.isfinite(vectors).all():
+                    return  # a non-finite update: the loop restores and saves the last good vectors
+                embedding = self.embedding(step, vectors.float())
+                for fmt in cfg.save.formats:
+                    path = self.run.final_file(fmt) if final else self.run.step_file(step, fmt)
+                    save_embedding(embedding, path, overwrite=final or overwrite)
+                if state is not None:
+                    ckpt.save_training_state(self.run.optim_file(step), step, *state)
+
+            if wait:
+                self.saver.wait()
+                write()
+            else:
+                self.saver.submit(write)
+        if final:
+            acc.wait_for_everyone()
+        return first
 
     def preview(self, step: int) -> Path:
         """Render the preview image for `step` with the current vectors, with A1111 infotext."""
@@ -232,9 +308,13 @@ class Trainer:
             cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
         )
         seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
+        if self.config.train.low_memory:
+            parts.vae.to(self.accelerator.device)
         images = generate(
             parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings
         )
+        if self.config.train.low_memory:
+            parts.vae.to("cpu")
         self.run.previews_dir.mkdir(parents=True, exist_ok=True)
         path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
         for i, image in enumerate(images):
@@ -269,8 +349,9 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     device = accelerator.device
     parts.unet.to(device)
     parts.text_encoder.to(device)
-    if cfg.train.gradient_checkpointing:
+    if t.gradient_checkpointing or t.low_memory:
         parts.unet.enable_gradient_checkpointing()
+    if t.gradient_checkpointing:
         parts.text_encoder.gradient_checkpointing_enable()
     records = scan_images(cfg.dataset)
     global_batch = cfg.train.batch_size * accelerator.num_processes
@@ -286,7 +367,12 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     # The SD VAE overflows in fp16; encode latents in fp32 then (a one-time cost), else in the weight dtype.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
     parts.vae.to(device, vae_dtype)
-    data.cache_latents(parts.vae, device=device, dtype=vae_dtype)
+    data.cache_latents(parts.vae, device=device, dtype=vae_dtype, batch_size=1 if t.low_memory else 8)
+    if t.low_memory:
+        parts.vae.to("cpu")  # back on the GPU only while previews decode
+        torch.cuda.empty_cache()
+    if t.compile:
+        parts.unet.compile()
 
     start = _initial_vectors(cfg, parts, point)
     vectors = torch.nn.Parameter(start.to(device, torch.float32))

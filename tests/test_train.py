@@ -297,3 +297,11 @@ def test_embedding_of_another_width_is_a_clear_error(tmp_path, capsys):
     wide = save_embedding(Embedding("sd2face", torch.zeros(2, 1024), step=10), tmp_path / "sd2face.pt")
     err = _bad_input_error(tmp_path, capsys, f"embedding.init_from={wide}")
     assert "sd2face.pt" in err and "width 32" in err
+
+
+def test_low_memory_switch_trains_and_previews(tmp_path):
+    cfg = config(tmp_path, "train.low_memory=true", "preview.every_steps=2", "preview.steps=2")
+    trainer = setup(cfg, log=lambda *_: None)
+    assert trainer.parts.unet.is_gradient_checkpointing
+    final = load_embedding(trainer.train())
+    assert final.step == 4 and (tmp_path / "run" / "previews" / "d3mo-4.png").exists()
