@@ -1,7 +1,7 @@
 """Write an SD1.5-shaped checkpoint with random weights (real shapes, original single-file layout, fp16).
 
 No real weights can be downloaded here; random weights with SD 1.5's exact architecture give the same speed
-and memory. Usage: python bench/make_sd15.py /tmp/sd15-random.safetensors
+and memory. Usage: python bench/make_sd15.py /tmp/sd15-random.safetensors [seed]
 """
 
 import json
@@ -16,10 +16,10 @@ from library.convert import save_single_file
 from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer
 
 
-def build(device: str) -> SDParts:
+def build(device: str, seed: int = 0) -> SDParts:
     configs = ASSETS / "configs" / "sd1"
     load = lambda part: json.loads((configs / part / "config.json").read_text())  # noqa: E731
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(load("unet"))
         vae = AutoencoderKL.from_config(load("vae"))
@@ -37,7 +37,9 @@ def build(device: str) -> SDParts:
 
 
 if __name__ == "__main__":
-    parts = build("cuda" if torch.cuda.is_available() else "cpu")
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0  # a second seed makes a "second checkpoint"
+    parts = build("cuda" if torch.cuda.is_available() else "cpu", seed)
+    parts.checkpoint_name = Path(sys.argv[1]).stem
     for m in (parts.unet, parts.vae, parts.text_encoder):
         m.to("cpu")
     save_single_file(parts, Path(sys.argv[1]), overwrite=True)

@@ -1,0 +1,171 @@
+"""Turn the raw records of run_compare.sh into OUT/compare.json and a printed table of ratios (ours / theirs).
+
+Inputs in the work folder: runs.txt ("tool rc t_start t_end gpu_mib_before" per run), <tool>.steps (one line
+per tqdm update, written by hook/sitecustomize.py), <tool>.mem (nvidia-smi memory.used samples, MiB).
+Standard library only, so it runs with any python3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+from pathlib import Path
+
+WARMUP_STEPS = 10  # steady-state rate: the steps after these (first-step kernels, allocator and cuDNN warm-up)
+TOOLS = ("ours", "kohya", "diffusers")
+# tqdm's closing numbers, e.g. "150/150 [00:21<00:00,  6.98it/s, loss=0.1]" or "2/2 [00:09<00:00,  4.51s/it]"
+TQDM_RATE = re.compile(r"(\d+)/(\d+) \[[^\]]*?([\d.]+)(it/s|s/it)")
+OURS_LINE = re.compile(r"\d+ steps in [\d.]+ s: ([\d.]+) steps/s[^\n]*")
+
+
+def read_steps(path: Path) -> tuple[str, list[tuple[float, int]]]:
+    """The main progress bar (the one with the most updates): its description and (time, position) pairs."""
+    bars: dict[str, list[tuple[float, int]]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            parts = line.split(" ", 3)
+            if len(parts) == 4:
+                bars.setdefault(f"{parts[3]} (total {parts[2]})", []).append((float(parts[0]), int(parts[1])))
+    if not bars:
+        return "", []
+    desc = max(bars, key=lambda k: len(bars[k]))
+    return desc, bars[desc]
+
+
+def tool_reported_rate(log: str, name: str) -> str:
+    """The tool's own closing speed figure, as it printed it."""
+    if name == "ours":
+        found = list(OURS_LINE.finditer(log))
+        if found:
+            return found[-1].group(0).strip()
+    rates = [m for chunk in re.split(r"[\r\n]", log) for m in TQDM_RATE.finditer(chunk)]
+    if not rates:
+        return ""
+    last = rates[-1]
+    value = float(last.group(3))
+    per_s = value if last.group(4) == "it/s" else 1.0 / value
+    return f"tqdm {last.group(1)}/{last.group(2)} at {last.group(3)}{last.group(4)} = {per_s:.3f} steps/s"
+
+
+def summarize_tool(work: Path, out: Path, row: list[str], batch: int) -> dict:
+    name, rc, t0, t1, base = row[0], int(row[1]), float(row[2]), float(row[3]), row[4]
+    desc, steps = read_steps(work / f"{name}.steps")
+    log_path = out / f"{name}.log"
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    result = {
+        "rc": rc,
+        "wall_s": round(t1 - t0, 2),
+        "progress_bar": desc,
+        "steps_done": steps[-1][1] if steps else 0,
+        "tool_reported": tool_reported_rate(log, name),
+    }
+    if steps:
+        result["first_step_done_s"] = round(steps[0][0] - t0, 2)  # start-up + the first step
+        result["after_last_step_s"] = round(t1 - steps[-1][0], 2)  # final save + teardown
+    if len(steps) >= 2:
+        k = min(WARMUP_STEPS, len(steps) - 2)
+        (ta, na), (tb, nb) = steps[k], steps[-1]
+        rate = (nb - na) / (tb - ta)
+        result["steady_steps_per_s"] = round(rate, 3)
+        result["steady_samples_per_s"] = round(rate * batch, 1)
+        result["steady_window"] = f"steps {na + 1}..{nb}"
+        result["loop_s"] = round(steps[-1][0] - steps[0][0], 2)  # steps 2..N
+    mem = work / f"{name}.mem"
+    samples = [int(x) for x in mem.read_text().split() if x.isdigit()] if mem.exists() else []
+    if samples:
+        result["peak_gpu_mib"] = max(samples)
+        result["gpu_mib_before"] = int(base) if base.isdigit() else None
+    return result
+
+
+def site_versions(sites: Path) -> dict:
+    versions = {}
+    for site in TOOLS:
+        folder = sites / f"site_{site}"
+        versions[site] = sorted(p.name[: -len(".dist-info")] for p in folder.glob("*.dist-info"))
+    return versions
+
+
+def machine() -> dict:
+    info = {}
+    try:
+        info["gpu"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = "none"
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def ratio(a, b):
+    return round(a / b, 3) if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def table(tools: dict, ratios: dict) -> str:
+    rows = [
+        ("steady steps/s", "steady_steps_per_s"),
+        ("steady samples/s", "steady_samples_per_s"),
+        ("wall, launch to exit (s)", "wall_s"),
+        ("first step done at (s)", "first_step_done_s"),
+        ("peak GPU memory (MiB)", "peak_gpu_mib"),
+    ]
+    names = [n for n in TOOLS if n in tools]
+    lines = [f"{'':28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'ours/' + n:>16}" for n in ratios)]
+    for label, key in rows:
+        cells = "".join(f"{str(tools[n].get(key, '-')):>12}" for n in names)
+        cells += "".join(f"{str(ratios[n].get(key, '-')):>16}" for n in ratios)
+        lines.append(f"{label:28}{cells}")
+    lines.append("")
+    for n in names:
+        lines.append(f"{n}: rc={tools[n]['rc']}, {tools[n]['steps_done']} steps; its own figure: {tools[n]['tool_reported']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--work", "--out", "--sites", "--settings", "--kohya", "--example", "--ckpt"):
+        parser.add_argument(flag, required=True)
+    args = parser.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    settings = dict(item.split("=", 1) for item in args.settings.split())
+    batch = int(settings["batch"])
+    runs = [line.split() for line in (work / "runs.txt").read_text().splitlines() if line.strip()]
+    tools = {row[0]: summarize_tool(work, out, row, batch) for row in runs}
+    ratios = {}
+    if "ours" in tools:
+        for other in ("kohya", "diffusers"):
+            if other in tools:
+                keys = ("steady_steps_per_s", "steady_samples_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")
+                ratios[other] = {k: ratio(tools["ours"].get(k), tools[other].get(k)) for k in keys}
+    report = {
+        "settings": settings,
+        "machine": machine(),
+        "inputs": {"kohya_dir": args.kohya, "diffusers_example_dir": args.example, "checkpoint": args.ckpt},
+        "site_packages": site_versions(Path(args.sites)),
+        "tools": tools,
+        "ratios_ours_over": ratios,
+        "notes": (
+            f"steady = steps after the first {WARMUP_STEPS} (or all but the first when fewer ran), timed from "
+            "each tool's tqdm updates; wall = accelerate launch to exit; peak GPU memory = max of nvidia-smi "
+            "memory.used sampled every 200 ms (whole device, CUDA context included)."
+        ),
+    }
+    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = table(tools, ratios)
+    (out / "compare.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
