@@ -1,0 +1,592 @@
+"""Validation sweeps: render a run's saved steps side by side on several checkpoints (A1111's X/Y/Z plot).
+
+- `open_run` reads the run folder; `NAME-20` in a prompt is that step's file, `NAME` the final file, and a
+  step that was not saved is an error (never a silent fall-back to `NAME`).
+- `parse_axis` reads one `[x]`/`[y]`/`[z]` table; `plan` lays out the cells (X columns, Y rows, Z grids);
+  `fine_plan` re-plans the step axis every few steps over one interval (coarse-to-fine).
+- `render` loads each checkpoint once and renders all cells of all plans on it in full batches.
+- `export_step` copies one step out as `NAME.pt` / `NAME.safetensors` (file stem = trigger word).
+sweep_validate.py puts these together with library/scoring.py (scores, recommendation) and library/report.py
+(cell images, grids, scores.csv, report.html).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from library.checkpoints import RunFolder
+from library.config import ModelConfig, SweepAxis, SweepConfig, TrainConfig, load_config
+from library.embeddings import Embedding, load_embedding, save_embedding
+from library.errors import UserError
+from library.grid import apply_prompt_sr, prompt_sr_values
+from library.images import as_size
+from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
+
+RUN_CHECKPOINT = "run:checkpoint"  # [model] checkpoints entry meaning "the checkpoint the run was trained on"
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run folder
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run: its saved steps by file, its config (when it has one) and its loss log."""
+
+    folder: RunFolder
+    files: dict[int, Path]  # step -> embeddings/NAME-N.pt (or .safetensors)
+    config: TrainConfig | None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.files)
+
+    def final_file(self) -> Path | None:
+        return next(
+            (p for fmt in ("pt", "safetensors") if (p := self.folder.final_file(fmt)).is_file()), None
+        )
+
+    def pattern(self) -> re.Pattern:
+        """`NAME` or `NAME-<suffix>` as a whole word, case-insensitive (CLIP lowercases prompts)."""
+        return re.compile(rf"(?<![\w-]){re.escape(self.name)}(?:-(\w+))?(?![\w])", re.IGNORECASE)
+
+    def resolve(self, token: str) -> tuple[str, Path]:
+        """The embedding name a prompt word stands for and its file: `NAME-20` -> embeddings/NAME-20.pt."""
+        match = self.pattern().fullmatch(token)
+        suffix = match.group(1) if match else None
+        if suffix is None:
+            final = self.final_file()
+            if final is None:
+                raise UserError(
+                    f"'{self.name}' without a step means the final embedding, but {self.folder.root} has no "
+                    f"{self.name}.pt; write {self.name}-N with a saved step ({describe_steps(self.steps)})"
+                )
+            return self.name, final
+        if not suffix.isdigit() or int(suffix) not in self.files:
+            raise UserError(
+                f"'{token}' is not a saved step of {self.folder.embeddings_dir}; saved steps: "
+                f"{describe_steps(self.steps)}; write {self.name}-N with one of them"
+            )
+        return f"{self.name}-{int(suffix)}", self.files[int(suffix)]
+
+    def tokens_in(self, text: str) -> list[str]:
+        return [m.group(0) for m in self.pattern().finditer(text)]
+
+    def loss(self) -> list[tuple[int, float]]:
+        """(step, loss) rows of loss.csv; empty when the run has none."""
+        if not self.folder.loss_csv.is_file():
+            return []
+        with self.folder.loss_csv.open(newline="") as handle:
+            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle) if r.get("loss")]
+
+
+def describe_steps(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 12:
+        return ", ".join(map(str, steps))
+    return f"{len(steps)} steps from {steps[0]} to {steps[-1]}: {', '.join(map(str, steps[:5]))}, ..., {steps[-1]}"
+
+
+def open_run(folder: str, name: str = "") -> Run:
+    """Read a run folder (ours, or any folder with embeddings/NAME-N files such as A1111's)."""
+    if not folder:
+        raise UserError(
+            "run.folder is empty: set it to the training run's output folder, e.g. run.folder=output/face"
+        )
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root}: run folder not found; set run.folder to the folder training wrote")
+    config = load_config(TrainConfig, root / "config.toml") if (root / "config.toml").is_file() else None
+    name = name or (config.embedding.name if config else _only_name(root))
+    run = RunFolder(root, name)
+    files: dict[int, Path] = {}
+    for step in run.saved_steps():
+        files[step] = next(p for fmt in ("pt", "safetensors") if (p := run.step_file(step, fmt)).is_file())
+    if not files and not run.final_file("pt").is_file() and not run.final_file("safetensors").is_file():
+        raise UserError(
+            f"{run.embeddings_dir}: no saved '{name}-N' embeddings; check run.folder and run.name"
+        )
+    return Run(run, files, config)
+
+
+def _only_name(root: Path) -> str:
+    names = {
+        m.group(1)
+        for p in (root / "embeddings").glob("*")
+        if (m := re.match(r"(.+)-\d+\.(pt|safetensors)$", p.name))
+    }
+    if len(names) != 1:
+        found = ", ".join(sorted(names)) or "none"
+        raise UserError(f"{root}: no config.toml and embeddings of {found}; set run.name to the trigger word")
+    return names.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Axes
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One resolved axis: its type, the cell values, and their labels as the grid shows them."""
+
+    type: str
+    values: tuple[Any, ...]
+    labels: tuple[str, ...]
+    search: str = ""  # Prompt S/R: the text every cell replaces
+
+
+_NUMBER = r"[+-]?\d+(?:\.\d*)?"
+_RANGE = re.compile(rf"^({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?$")
+_EVERY = re.compile(r"^every\s+(\d+)(?:\s+steps?)?$", re.IGNORECASE)
+
+
+def expand_numbers(items: str | list[str], kind: type, what: str) -> list:
+    """A1111's number lists: `1, 2, 5`, ranges `1-5`, `1-9 (+2)` (step) and `1-10 [4]` (count)."""
+    values: list = []
+    for item in prompt_sr_values(items) if isinstance(items, str) else items:
+        match = _RANGE.match(item)
+        try:
+            if not match:
+                values.append(kind(item))
+                continue
+            start, end, step, count = match.groups()
+            start, end = kind(start), kind(end)
+            if count:
+                n = int(count)
+                values += [kind(start + (end - start) * i / max(1, n - 1)) for i in range(n)]
+            else:
+                step = kind(step) if step else kind(1)
+                if step == 0 or (end - start) * step < 0:
+                    raise ValueError
+                values += [
+                    kind(start + i * step) for i in range(int(math.floor((end - start) / step + 1e-9)) + 1)
+                ]
+        except ValueError:
+            raise UserError(
+                f"{what}: {item!r} is not a {kind.__name__} or a range like 20-140 (+20)"
+            ) from None
+    return values
+
+
+def expand_steps(text: str, run: Run, what: str) -> list[int]:
+    """Saved steps from `every 20` (each saved step divisible by 20), `all`, `20-140` or a list."""
+    text = text.strip()
+    if not text or text.lower() == "all":
+        steps = run.steps
+    elif match := _EVERY.match(text):
+        every = int(match.group(1))
+        steps = [s for s in run.steps if every and s % every == 0]
+    elif (match := _RANGE.match(text)) and not match.group(3) and not match.group(4):
+        steps = [s for s in run.steps if int(match.group(1)) <= s <= int(match.group(2))]
+    else:
+        steps = expand_numbers(text, int, what)
+        for step in steps:
+            run.resolve(f"{run.name}-{step}")
+    if not steps:
+        raise UserError(f"{what} = {text!r} matches no saved step; saved steps: {describe_steps(run.steps)}")
+    return steps
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    return (
+        checkpoint
+        if ":" in checkpoint and not Path(checkpoint).exists()
+        else Path(checkpoint).stem or checkpoint
+    )
+
+
+def axis_items(values: str | int | float | tuple, name: str) -> list[str]:
+    """An axis's values as text: a TOML list item by item, anything else as A1111's CSV list."""
+    if isinstance(values, tuple):
+        return [str(v).replace("[name]", name).strip() for v in values]
+    return prompt_sr_values(str(values).replace("[name]", name))
+
+
+def parse_axis(axis: SweepAxis, what: str, cfg: SweepConfig, run: Run, prompt: str) -> Axis | None:
+    """Resolve one axis table; None for type "none"."""
+    kind = axis.type
+    text = ", ".join(map(str, axis.values)) if isinstance(axis.values, tuple) else str(axis.values)
+    if kind == "none":
+        return None
+    if kind == "checkpoint":
+        values = axis_items(axis.values, run.name) if text.strip() else list(cfg.model.checkpoints)
+        values = [_checkpoint_path(v, run) for v in values]
+        return Axis(kind, tuple(values), tuple(unique_labels([checkpoint_label(v) for v in values])))
+    if kind == "step":
+        steps = expand_steps(text, run, f"{what}.values")
+        return Axis(kind, tuple(steps), tuple(f"{run.name}-{s}" for s in steps))
+    if kind == "prompt_sr" and _EVERY.match(text.strip()):
+        # The shorthand replaces the trigger word the prompt holds, whichever step it names.
+        found = run.tokens_in(prompt) or run.tokens_in(cfg.render.negative_prompt)
+        if not found:
+            raise UserError(
+                f"{what}.values = {text!r}: render.prompt has no '{run.name}' or {run.name}-N to replace"
+            )
+        values = [f"{run.name}-{s}" for s in expand_steps(text, run, f"{what}.values")]
+        return Axis(kind, tuple(values), tuple(values), search=found[0])
+    values = axis_items(axis.values, run.name)
+    if kind == "prompt_sr":
+        if values[0] not in prompt and values[0] not in cfg.render.negative_prompt:
+            raise UserError(
+                f"{what}.values: the first Prompt S/R value {values[0]!r} does not occur in render.prompt "
+                f"{prompt!r}; the first value is the text the others replace"
+            )
+        return Axis(kind, tuple(values), tuple(values), search=values[0])
+    if kind == "sampler":
+        values = [check_sampler(v) for v in values]
+        return Axis(kind, tuple(values), tuple(values))
+    if kind == "size":
+        values = [_size(v, f"{what}.values") for v in values]
+        return Axis(kind, tuple(values), tuple(f"Size: {w}x{h}" for w, h in values))
+    number = float if kind == "cfg_scale" else int
+    values = expand_numbers(values, number, f"{what}.values")
+    if kind == "seed":
+        values = [resolve_seed(v) for v in values]
+    title = {"cfg_scale": "CFG scale", "seed": "Seed", "steps": "Steps"}[kind]
+    return Axis(
+        kind, tuple(values), tuple(f"{title}: {v:g}" if number is float else f"{title}: {v}" for v in values)
+    )
+
+
+def unique_labels(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def _checkpoint_path(value: str, run: Run) -> str:
+    if value != RUN_CHECKPOINT:
+        return value
+    if run.config is None:
+        raise UserError(
+            f"{run.folder.root}: no config.toml, so '{RUN_CHECKPOINT}' is unknown; list the checkpoint file in model.checkpoints"
+        )
+    return run.config.model.checkpoint
+
+
+def _size(text: str, what: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text)
+    if not match:
+        raise UserError(f"{what}: size {text!r} must be WIDTHxHEIGHT, e.g. 512x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the plot: one prompt on one checkpoint, rendered for `seeds` (the cell's batch)."""
+
+    x: int
+    y: int
+    z: int
+    checkpoint: str
+    checkpoint_label: str
+    prompt: str
+    negative: str
+    seeds: tuple[int, ...]
+    settings: SampleSettings
+    step: int | None  # the embedding step in the prompt (for scores); None when it holds several or none
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str  # "coarse" or "fine"
+    axes: tuple[Axis | None, Axis | None, Axis | None]
+    cells: tuple[Cell, ...]
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return list(dict.fromkeys(c.checkpoint for c in self.cells))
+
+    def labels(self, index: int) -> list[str]:
+        axis = self.axes[index]
+        return list(axis.labels) if axis else []
+
+
+def base_prompt(cfg: SweepConfig, run: Run) -> str:
+    if not cfg.render.prompt.strip():
+        raise UserError(
+            "render.prompt is empty: write the validation prompt, e.g. 'a photo of [name]-20 on a beach'"
+        )
+    return cfg.render.prompt.replace("[name]", run.name)
+
+
+def plan(
+    cfg: SweepConfig, run: Run, axes: tuple[Axis | None, Axis | None, Axis | None], name: str = "coarse"
+) -> Plan:
+    """All cells of the plot, checking every embedding they name exists before anything is rendered."""
+    types = [a.type for a in axes if a]
+    if types.count("checkpoint") > 1:
+        raise UserError("only one of [x], [y], [z] can be of type checkpoint")
+    if "checkpoint" not in types and len(cfg.model.checkpoints) > 1:
+        raise UserError(
+            'model.checkpoints lists several checkpoints: make one axis type = "checkpoint" to compare them'
+        )
+    prompt = base_prompt(cfg, run)
+    seed = resolve_seed(cfg.render.seed)
+    width, height = _default_size(cfg, run)
+    first_checkpoint = _checkpoint_path(cfg.model.checkpoints[0], run)
+    cells = []
+    for z, y, x in itertools.product(*(range(len(a.values)) if a else [0] for a in reversed(axes))):
+        state = dict(
+            prompt=prompt,
+            negative=cfg.render.negative_prompt,
+            seed=seed,
+            steps=cfg.render.steps,
+            cfg_scale=cfg.render.cfg_scale,
+            sampler=cfg.render.sampler,
+            size=(width, height),
+            checkpoint=first_checkpoint,
+            checkpoint_label=checkpoint_label(first_checkpoint),
+        )
+        for axis, i in zip(axes, (x, y, z), strict=True):
+            if axis:
+                _apply(state, axis, i, run)
+        settings = SampleSettings(
+            steps=state["steps"],
+            cfg_scale=state["cfg_scale"],
+            width=state["size"][0],
+            height=state["size"][1],
+            sampler=state["sampler"],
+            batch_size=cfg.sweep.images_per_batch,
+        )
+        names = {run.resolve(t)[0] for t in run.tokens_in(state["prompt"] + "\n" + state["negative"])}
+        step = _step_of(names, run)
+        seeds = tuple(state["seed"] + i for i in range(cfg.render.batch_size))
+        cells.append(
+            Cell(
+                x,
+                y,
+                z,
+                state["checkpoint"],
+                state["checkpoint_label"],
+                state["prompt"],
+                state["negative"],
+                seeds,
+                settings,
+                step,
+            )
+        )
+    return Plan(name, axes, tuple(cells))
+
+
+def _apply(state: dict, axis: Axis, i: int, run: Run) -> None:
+    value = axis.values[i]
+    if axis.type == "prompt_sr":
+        for key in ("prompt", "negative"):
+            state[key] = apply_prompt_sr(state[key], [axis.search], value, must_occur=False)
+    elif axis.type == "step":
+        if not run.tokens_in(state["prompt"] + state["negative"]):
+            raise UserError(f"a step axis needs '{run.name}' (or {run.name}-N) in render.prompt to replace")
+        for key in ("prompt", "negative"):
+            state[key] = run.pattern().sub(f"{run.name}-{value}", state[key])
+    elif axis.type == "checkpoint":
+        state["checkpoint"], state["checkpoint_label"] = value, axis.labels[i]
+    elif axis.type == "size":
+        state["size"] = value
+    else:
+        state[axis.type] = value
+
+
+def _step_of(names: set[str], run: Run) -> int | None:
+    if len(names) != 1:
+        return None
+    (name,) = names
+    if name == run.name:
+        return load_embedding(run.final_file()).step
+    return int(name.rsplit("-", 1)[1])
+
+
+def _default_size(cfg: SweepConfig, run: Run) -> tuple[int, int]:
+    trained = as_size(run.config.dataset.resolution) if run.config else (512, 512)
+    return cfg.render.width or trained[0], cfg.render.height or trained[1]
+
+
+def step_axis_index(axes) -> int | None:
+    """Which of X/Y/Z carries the embedding steps: a step axis, or Prompt S/R over NAME-N values."""
+    for i, axis in enumerate(axes):
+        if axis and (
+            axis.type == "step"
+            or (axis.type == "prompt_sr" and all(re.search(r"-\d+$", v) for v in axis.values))
+        ):
+            return i
+    return None
+
+
+def fine_plan(cfg: SweepConfig, run: Run, coarse_axes, interval: tuple[int, int]) -> Plan:
+    """The coarse plot again with its step axis replaced by every `fine.every` saved step in `interval`."""
+    index = step_axis_index(coarse_axes)
+    if index is None:
+        raise UserError(
+            "fine.interval needs a step axis: an axis of type step, or Prompt S/R over NAME-N values"
+        )
+    lo, hi = interval
+    steps = [s for s in run.steps if lo <= s <= hi and s % cfg.fine.every == 0]
+    if not steps:
+        raise UserError(
+            f"fine pass: no saved step in {lo}-{hi} divisible by fine.every = {cfg.fine.every}; "
+            f"saved steps: {describe_steps(run.steps)}"
+        )
+    axes = list(coarse_axes)
+    axes[index] = Axis("step", tuple(steps), tuple(f"{run.name}-{s}" for s in steps))
+    return plan(cfg, run, tuple(axes), name="fine")
+
+
+def parse_interval(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not match or int(match.group(1)) > int(match.group(2)):
+        raise UserError(
+            f'fine.interval = {text!r}: write FIRST-LAST (e.g. 40-80), "auto" or "" for no fine pass'
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def auto_interval(steps: list[int], recommended: int) -> tuple[int, int]:
+    """The coarse gap the first passing step closes: (previous coarse step, recommended step]."""
+    earlier = [s for s in steps if s < recommended]
+    return (earlier[-1] + 1 if earlier else 0), recommended
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(
+    cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
+) -> Iterator[tuple[str, object, dict[tuple[str, int], list[Image.Image]], float]]:
+    """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan name, cell index): images}, seconds).
+
+    All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings,
+    `sweep.images_per_batch` images per UNet call.
+    """
+    from library.models import load_parts
+    from library.prompts import PromptEncoder
+
+    dtype = _DTYPES[cfg.sweep.mixed_precision] if device.type == "cuda" else torch.float32
+    checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
+    for checkpoint in checkpoints:
+        started = time.perf_counter()
+        model = ModelConfig(
+            checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
+        )
+        parts = load_parts(model, dtype=dtype)
+        parts.unet.to(device)
+        parts.text_encoder.to(device)
+        parts.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)  # SD's VAE overflows in fp16
+        encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+        jobs = [
+            (p.name, i, cell)
+            for p in plans
+            for i, cell in enumerate(p.cells)
+            if cell.checkpoint == checkpoint
+        ]
+        for token in {t for _, _, cell in jobs for t in run.tokens_in(cell.prompt + "\n" + cell.negative)}:
+            name, file = run.resolve(token)
+            if name not in encoder.embedding_names:
+                vectors = load_embedding(file).vectors
+                if not isinstance(vectors, torch.Tensor):
+                    raise UserError(f"{file}: an SDXL embedding; sweeps render SD 1.x / 2.x checkpoints")
+                encoder.set_embedding(name, vectors.to(device))
+        loaded = time.perf_counter() - started
+        images: dict[tuple[str, int], list[Image.Image]] = {}
+        groups: dict[SampleSettings, list] = {}
+        for job in jobs:
+            groups.setdefault(job[2].settings, []).append(job)
+        render_started = time.perf_counter()
+        for settings, group in groups.items():
+            flat = [(job, seed) for job in group for seed in job[2].seeds]
+            out = generate(
+                parts,
+                encoder,
+                [j[2].prompt for j, _ in flat],
+                [j[2].negative for j, _ in flat],
+                [seed for _, seed in flat],
+                settings,
+            )
+            for (job, _), image in zip(flat, out, strict=True):
+                images.setdefault((job[0], job[1]), []).append(image)
+        seconds = time.perf_counter() - render_started
+        count = sum(len(v) for v in images.values())
+        log(
+            f"{checkpoint_label(checkpoint)}: loaded in {loaded:.1f} s, {count} images in {seconds:.1f} s "
+            f"({count / max(seconds, 1e-9):.2f} images/s)"
+        )
+        yield checkpoint, parts, images, seconds
+        del parts, encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def batch_grid(images: list[Image.Image]) -> Image.Image:
+    """A cell's images as one picture, A1111's way: rows = sqrt(n), lowered until it divides n."""
+    rows = max(1, int(math.sqrt(len(images))))
+    while len(images) % rows:
+        rows -= 1
+    cols = len(images) // rows
+    w, h = images[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        canvas.paste(image, ((i % cols) * w, (i // cols) * h))
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_step(
+    run: Run,
+    step: int,
+    folder: str | Path,
+    formats: tuple[str, ...],
+    *,
+    overwrite: bool = False,
+    log: Callable = print,
+) -> list[Path]:
+    """Write step `step` of the run as `NAME.<fmt>` in `folder` (the file stem is the trigger word)."""
+    if not str(folder):
+        raise UserError(
+            "--export needs a folder: --export-to DIR or export.folder (e.g. your A1111 embeddings/)"
+        )
+    _, source = run.resolve(f"{run.name}-{step}")
+    embedding = load_embedding(source)
+    out = Embedding(
+        run.name,
+        embedding.vectors,
+        embedding.step,
+        embedding.checkpoint_hash,
+        embedding.checkpoint_name,
+        dict(embedding.metadata),
+    )
+    out.metadata.pop("stored_name", None)
+    folder = Path(folder).expanduser()
+    targets = [folder / f"{run.name}.{fmt.lstrip('.')}" for fmt in formats]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]}: already exists; pass --overwrite or choose another export folder")
+    paths = [save_embedding(out, target, overwrite=overwrite) for target in targets]
+    log(f"exported {source.name} (step {embedding.step}) as {', '.join(str(p) for p in paths)}")
+    return paths
