@@ -8,6 +8,7 @@ square, and the report says so. Unreadable files are reported and skipped; nothi
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ Box = tuple[int, int, int, int]  # x, y, width, height in pixels
 # Face detection
 
 
+@functools.cache
 def _cascade(name: str):
+    """A Haar cascade from the XML files inside the opencv-python-headless package (loaded once)."""
     import cv2
 
     if not hasattr(cv2, "CascadeClassifier"):

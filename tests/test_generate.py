@@ -1,0 +1,380 @@
+"""generate_dataset.py on tiny models: the preset's axes and file count, A1111 infotext field for field,
+seeds that reproduce, grids, flags, selection → Kohya folder; and the grid / Prompt S/R helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from generate_dataset import main
+from library import generation
+from library.config import GenerateConfig, PickConfig, SelectConfig, load_config
+from library.embeddings import Embedding, save_embedding
+from library.errors import UserError
+from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
+from library.infotext import parse_infotext
+from library.pick import background_share, dhash, flag_images, hamming, sharpness
+from library.review import Selection, caption_for, write_kohya_folder
+from tests.helpers import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = ROOT / "presets/generate_character.toml"
+ZOOMS = ["an extreme closeup", "a medium closeup", "a closeup"]
+ANGLES = ["front shot", "side angle", "low angle shot"]
+QUIET = dict(log=lambda _: None, show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: threads cost more than they save
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+def small(tmp_path: Path, checkpoint: Path, *overrides: str, preset: Path | None = PRESET) -> GenerateConfig:
+    base = [
+        f"model.checkpoint={checkpoint}",
+        f"generate.output_dir={tmp_path / 'out'}",
+        "generate.width=16",
+        "generate.height=16",
+        "generate.steps=1",
+    ]
+    return load_config(GenerateConfig, preset, base + list(overrides))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The preset, end to end
+
+
+def test_preset_reproduces_the_guide():
+    config = load_config(GenerateConfig, PRESET)
+    g = config.generate
+    assert [prompt_sr_values(axis) for axis in g.axes] == [ZOOMS, ANGLES]
+    assert (g.batch_count, g.batch_size, g.sampler, g.steps, g.cfg_scale) == (
+        8,
+        4,
+        "DPM++ 2M Karras",
+        30,
+        7.0,
+    )
+    assert (g.width, g.height, g.seed) == (512, 512, -1)
+    assert "neutral gray background" in g.prompt and ZOOMS[0] in g.prompt and ANGLES[0] in g.prompt
+    plan = generation.plan_images(g, 1000)
+    assert len(plan) == 288
+    prompts = {image.prompt for image in plan}
+    assert len(prompts) == 9
+    for zoom in ZOOMS:
+        for angle in ANGLES:
+            expected = g.prompt.replace(ZOOMS[0], zoom).replace(ANGLES[0], angle)
+            cell = [image for image in plan if image.axis_values == (zoom, angle)]
+            assert [image.prompt for image in cell] == [expected] * 32
+            # Every combination gets the same 32 seeds: seed + i, as A1111's batch count x batch size.
+            assert [image.seed for image in cell] == list(range(1000, 1032))
+
+
+def test_preset_end_to_end_on_a_tiny_checkpoint(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "generate",
+            "--config",
+            str(PRESET),
+            f"model.checkpoint={checkpoint}",
+            f"generate.output_dir={out}",
+            "generate.width=16",
+            "generate.height=16",
+            "generate.steps=1",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 288
+    manifest = json.loads((out / "manifest.json").read_text())
+    seed = manifest["config"]["generate"]["seed"]
+    assert seed >= 0  # -1 was drawn once and recorded
+    assert [entry["file"] for entry in manifest["images"]] == [p.name for p in pngs]
+    assert pngs[0].name == f"00000-{seed}.png" and pngs[33].name == f"00033-{seed + 1}.png"
+    combos = {tuple(entry["axis_values"]) for entry in manifest["images"]}
+    assert combos == {(z, a) for z in ZOOMS for a in ANGLES}
+    # Image i of the run carries its own prompt and seed in its infotext.
+    for entry in manifest["images"][::37]:
+        prompt, negative, params = parse_infotext(Image.open(out / entry["file"]).text["parameters"])
+        assert (prompt, negative, int(params["Seed"])) == (
+            entry["prompt"],
+            entry["negative_prompt"],
+            entry["seed"],
+        )
+    assert f"seed = {seed}" in (out / "config.toml").read_text()
+    assert len((out / "manifest.csv").read_text().splitlines()) == 289
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == [f"{i:04d}.png" for i in range(9)] + ["xyz.png"]
+    assert (out / "review.html").exists()
+    assert len(json.loads((out / "flags.json").read_text())["images"]) == 288
+
+
+# --------------------------------------------------------------------------------------------------
+# Infotext, embeddings, seeds, samplers
+
+
+def test_infotext_matches_a1111_field_for_field_and_round_trips(tmp_path, checkpoint):
+    save_embedding(Embedding(name="myface", vectors=torch.randn(2, 32)), tmp_path / "myface.pt")
+    save_embedding(Embedding(name="wide", vectors=torch.randn(1, 768)), tmp_path / "wide.pt")  # SD1.5 width
+    long_tail = ", ".join(f"detail {i}" for i in range(40))  # over 75 tokens: two chunks
+    prompt = f"a (photo:1.2) of [myface], a closeup, gray background BREAK {long_tail}"
+    negative = "lowres, (blurry:1.3)"
+    config = small(
+        tmp_path,
+        checkpoint,
+        f"generate.prompt={prompt}",
+        f"generate.negative_prompt={negative}",
+        'generate.axes=["a closeup, a medium closeup"]',
+        "generate.batch_count=1",
+        "generate.batch_size=1",
+        "generate.seed=4240233169",
+        f'generate.embeddings=["{tmp_path / "myface.pt"}", "{tmp_path / "wide.pt"}"]',
+        preset=None,
+    )
+    messages = []
+    out = generation.run_generate(config, log=messages.append, show_progress=False)
+    assert any("skipped embedding" in m and "wide.pt" in m for m in messages)
+    model_hash = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    ti_hash = hashlib.sha256((tmp_path / "myface.pt").read_bytes()).hexdigest()[:12]
+    text = Image.open(out / "00001-4240233169.png").text["parameters"]
+    assert text == (
+        f"{prompt.replace('a closeup', 'a medium closeup')}\n"
+        f"Negative prompt: {negative}\n"
+        f"Steps: 1, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 4240233169, Size: 16x16, "
+        f'Model hash: {model_hash}, Model: {checkpoint.stem}, RNG: CPU, TI hashes: "myface: {ti_hash}"'
+    )
+    parsed_prompt, parsed_negative, params = parse_infotext(text)
+    assert parsed_prompt == prompt.replace("a closeup", "a medium closeup") and parsed_negative == negative
+    assert params == {
+        "Steps": "1",
+        "Sampler": "DPM++ 2M Karras",
+        "CFG scale": "7",
+        "Seed": "4240233169",
+        "Size": "16x16",
+        "Model hash": model_hash,
+        "Model": checkpoint.stem,
+        "RNG": "CPU",
+        "TI hashes": f"myface: {ti_hash}",
+    }
+
+
+def test_seeds_reproduce_identical_images(tmp_path, checkpoint):
+    first = small(
+        tmp_path,
+        checkpoint,
+        'generate.axes=["an extreme closeup, a closeup"]',
+        "generate.batch_count=2",
+        "generate.batch_size=2",
+        "generate.seed=-1",
+        "generate.steps=2",
+    )
+    out = generation.run_generate(first, **QUIET)
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert len(names) == 8
+    seed = json.loads((out / "manifest.json").read_text())["config"]["generate"]["seed"]
+    # The same config with the recorded seed renders the same pixels.
+    again = load_config(GenerateConfig, out / "config.toml", [f"generate.output_dir={tmp_path / 'again'}"])
+    assert again.generate.seed == seed
+    generation.run_generate(again, **QUIET)
+    for name in names:
+        assert np.array_equal(pixels(out / name), pixels(tmp_path / "again" / name))
+    # From the manifest: all images, or one (rendered inside its original batch).
+    generation.reproduce(out / "manifest.json", tmp_path / "all", **QUIET)
+    one = names[5]
+    generation.reproduce(out, tmp_path / "one", files=[one], **QUIET)
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.png")) == [one]
+    for name in names:
+        assert np.array_equal(pixels(out / name), pixels(tmp_path / "all" / name))
+        assert Image.open(out / name).text == Image.open(tmp_path / "all" / name).text
+    assert np.array_equal(pixels(out / one), pixels(tmp_path / "one" / one))
+    # Two different seeds give different images; the cells of a combination share seeds.
+    assert not np.array_equal(pixels(out / names[0]), pixels(out / names[1]))
+    assert names[0].split("-")[1] == names[4].split("-")[1]
+
+
+def test_reproduce_accepts_only_model_overrides(tmp_path, checkpoint):
+    out = generation.run_generate(
+        small(tmp_path, checkpoint, "generate.batch_count=1", "generate.batch_size=1"), **QUIET
+    )
+    with pytest.raises(UserError, match="only model"):
+        generation.reproduce(out, tmp_path / "x", overrides=["generate.steps=5"], **QUIET)
+    with pytest.raises(UserError, match="no image named"):
+        generation.reproduce(out, tmp_path / "x", files=["nope.png"], **QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M Karras"])
+def test_samplers(tmp_path, checkpoint, sampler):
+    config = small(
+        tmp_path, checkpoint, f"generate.sampler={sampler}", "generate.axes=[]", "generate.batch_count=1"
+    )
+    out = generation.run_generate(config, **QUIET)
+    texts = [parse_infotext(Image.open(p).text["parameters"])[2] for p in sorted(out.glob("*.png"))]
+    assert len(texts) == 4 and {t["Sampler"] for t in texts} == {sampler}
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_bad_axis_and_full_folder_write_nothing(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", f"model.checkpoint={checkpoint}", f"generate.output_dir={out}",
+                 "generate.prompt=a photo", 'generate.axes=["a closeup, a medium closeup"]'])  # fmt: skip
+    assert code == 2
+    assert "generate.axes[1]" in capsys.readouterr().err and not out.exists()
+    # A first value found only in the negative prompt is fine (A1111 checks both).
+    config = small(tmp_path, checkpoint, "generate.prompt=a photo", "generate.negative_prompt=blurry",
+                   'generate.axes=["blurry, grainy"]', "generate.batch_count=1", "generate.batch_size=1")  # fmt: skip
+    generation.run_generate(config, **QUIET)
+    negatives = [parse_infotext(Image.open(p).text["parameters"])[1] for p in sorted(out.glob("*.png"))]
+    assert negatives == ["blurry", "grainy"]
+    with pytest.raises(UserError, match="not empty"):
+        generation.run_generate(config, **QUIET)
+    with pytest.raises(UserError, match="multiple of 8"):
+        generation.run_generate(small(tmp_path, checkpoint, "generate.width=20"), **QUIET)
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, checkpoint, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generation, "sample_latents", oom)
+    code = main(["generate", "--config", str(PRESET), f"model.checkpoint={checkpoint}",
+                 f"generate.output_dir={tmp_path / 'out'}", "generate.batch_size=8"])  # fmt: skip
+    assert code == 2
+    assert "try generate.batch_size=4" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt S/R and grids
+
+
+def test_prompt_sr_values_follow_a1111():
+    assert prompt_sr_values("an extreme closeup, a medium closeup,a closeup") == ZOOMS
+    assert prompt_sr_values('red, "dark, blue", green') == ["red", "dark, blue", "green"]
+    assert prompt_sr_values("red, ") == ["red", ""]  # an empty value removes the text, as in A1111
+    assert prompt_sr_values("red\ngreen") == ["red", "green"]  # lines are CSV rows
+    with pytest.raises(UserError):
+        prompt_sr_values("  ")
+    assert apply_prompt_sr("red hat, red shoes", ["red", "blue"], "blue") == "blue hat, blue shoes"
+    with pytest.raises(UserError, match="does not occur"):
+        apply_prompt_sr("a hat", ["red", "blue"], "blue")
+    assert apply_prompt_sr("a hat", ["red", "blue"], "blue", must_occur=False) == "a hat"
+
+
+def test_make_grid_lays_out_columns_and_rows():
+    cells = [[Image.new("RGB", (200, 100), (40 * r, 80 * c, 0)) for c in range(3)] for r in range(2)]
+    grid = make_grid(cells, ["x1", "x2", "x3"], ["y1", "y2"], margin=10)
+    label_left = grid.width - (3 * 200 + 2 * 10)
+    label_top = grid.height - (2 * 100 + 10)
+    assert label_left > 0 and label_top > 0
+    # The cell at row 1, column 2 sits where X = columns and Y = rows put it.
+    x, y = label_left + 2 * 210 + 100, label_top + 110 + 50
+    assert grid.getpixel((x, y)) == (40, 160, 0)
+    plain = make_grid(cells, [], [])
+    assert plain.size == (600, 200)
+    titled = make_grid(cells, [], [], title="seed 5")
+    assert titled.width == 600 and titled.height > 200
+    joined = join_grids_side_by_side([grid, plain], ["z1", "z2"])
+    assert joined.width > grid.width + plain.width and joined.height > grid.height
+    with pytest.raises(ValueError):
+        make_grid(cells, ["only one"], [])
+    tiny = make_grid([[Image.new("RGB", (16, 16))]], ["long label"], [])
+    assert tiny.width >= 128  # small pictures are enlarged so labels stay legible
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags and selection
+
+
+def _portrait(background=(128, 128, 128), blur=0.0) -> Image.Image:
+    """A drawn face that OpenCV's frontal cascade finds, on a plain background, with a photo's grain;
+    `blur` then softens the whole picture."""
+    image = Image.new("RGB", (400, 400), background)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((110, 60, 290, 300), fill=(40, 30, 20))
+    draw.ellipse((120, 90, 280, 310), fill=(225, 190, 160))
+    draw.ellipse((150, 158, 192, 172), fill=(30, 20, 20))
+    draw.ellipse((208, 158, 250, 172), fill=(30, 20, 20))
+    draw.rectangle((145, 140, 197, 150), fill=(50, 35, 25))
+    draw.rectangle((203, 140, 255, 150), fill=(50, 35, 25))
+    draw.polygon([(200, 180), (185, 235), (215, 235)], fill=(190, 160, 135))
+    draw.ellipse((165, 255, 235, 272), fill=(150, 60, 60))
+    soft = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+    grain = np.random.default_rng(0).normal(0, 6, soft.shape[:2])[..., None]
+    photo = Image.fromarray(np.clip(soft + grain, 0, 255).astype(np.uint8))
+    return photo.filter(ImageFilter.GaussianBlur(blur)) if blur else photo
+
+
+def test_flags_give_reasons_and_delete_nothing(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _portrait().save(folder / "a_good.png")
+    _portrait().resize((380, 380)).save(folder / "b_resized_copy.png")
+    _portrait(blur=3).save(folder / "c_blurry.png")
+    _portrait(background=(200, 40, 40)).save(folder / "d_red.png")
+    Image.new("RGB", (400, 400), (128, 128, 128)).save(folder / "e_empty.png")
+    (folder / "f_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cfg = PickConfig(background="gray", duplicate_distance=5, blur_threshold=40.0)
+    results, unreadable = flag_images(sorted(folder.iterdir()), cfg, log=lambda _: None)
+    reasons = {r.file: r.reasons for r in results}
+    assert reasons["a_good.png"] == []
+    assert reasons["b_resized_copy.png"][0].startswith("near-duplicate of a_good.png")
+    assert any(r.startswith("blurry") for r in reasons["c_blurry.png"])
+    assert any(r.startswith("background not plain gray") for r in reasons["d_red.png"])
+    assert "no face found" in reasons["e_empty.png"]
+    assert [line.split(":")[0] for line in unreadable] == ["f_broken.png"]
+    assert len(list(folder.iterdir())) == 6  # nothing deleted
+
+
+def test_measurements():
+    face = _portrait()
+    assert hamming(dhash(face), dhash(face.resize((200, 200)))) <= 2
+    assert hamming(dhash(face), dhash(face.transpose(Image.Transpose.ROTATE_90))) > 10
+    assert sharpness(face) > 4 * sharpness(face.filter(ImageFilter.GaussianBlur(8)))
+    assert background_share(face, (128, 128, 128), 30) > 0.6
+    assert background_share(face, (255, 255, 255), 30) == 0.0
+
+
+def test_select_writes_captions_and_never_overwrites(tmp_path, checkpoint):
+    config = small(tmp_path, checkpoint, "generate.batch_count=1", "generate.batch_size=1")
+    out = generation.run_generate(config, **QUIET)
+    manifest = json.loads((out / "manifest.json").read_text())
+    keep = tuple(entry["file"] for entry in manifest["images"][:3])
+    cfg = SelectConfig(output_dir=str(tmp_path / "dataset"), name="fr3nchl4dy", class_tokens="woman")
+    target = write_kohya_folder(Selection(folder=out, keep=keep), cfg, log=lambda _: None)
+    assert target == tmp_path / "dataset" / "100_fr3nchl4dy woman"
+    first = manifest["images"][0]
+    assert (target / Path(first["file"]).with_suffix(".txt").name).read_text() == (
+        f"fr3nchl4dy woman, {', '.join(first['axis_values'])}\n"
+    )
+    assert Image.open(target / first["file"]).text == Image.open(out / first["file"]).text
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(UserError, match="already exists"):
+        write_kohya_folder(Selection(folder=out, keep=keep), cfg, log=lambda _: None)
+    assert sorted(p.name for p in target.iterdir()) == before
+    (out / "own.txt").write_text("my own words\n")
+    Image.new("RGB", (8, 8)).save(out / "own.png")
+    assert caption_for(out / "own.png", cfg, ["ignored"]) == "fr3nchl4dy woman, my own words"
+    assert caption_for(out / "none.png", cfg, None) == "fr3nchl4dy woman"
