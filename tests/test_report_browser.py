@@ -118,3 +118,18 @@ def test_the_check_catches_script_errors_and_broken_images(tmp_path):
     problems, _, console = open_in_chromium(page, tmp_path)
     assert any("notDefined" in p for p in problems) and any("missing.png" in p for p in problems)
     assert "Uncaught ReferenceError" in console
+
+
+def test_a_real_sweeps_report_opens_without_errors(tmp_path, capsys):
+    from sweep_validate import main
+    from tests.test_sweep import ROOT, make_run
+
+    run = make_run(tmp_path)
+    out = tmp_path / "out"
+    code = main(["--config", str(ROOT / "presets/validate.toml"), f"run.folder={run}", f"sweep.output_dir={out}",
+                 'model.checkpoints=["run:checkpoint"]', "y.type=none", "render.steps=1", "render.width=16",
+                 "render.height=16", "render.batch_size=2", "fine.interval=40-60", "fine.every=20"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    problems, dom, console = open_in_chromium(out / "report.html", tmp_path)
+    assert problems == [] and "Uncaught" not in console, (problems, console)
+    assert 'src="grid.png"' in dom and 'src="grid-fine.png"' in dom and dom.count('<svg class="chart"') == 1
