@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ import torch
 from library import report, scoring
 from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
+from library.sampling import resolve_seed
 from library.sweep import (
     Plan,
     Run,
@@ -74,6 +75,8 @@ class Sweep:
         )
         if (out / "report.html").exists() or (out / "cells").exists():
             raise UserError(f"{out}: already holds a sweep; set sweep.output_dir to a new folder")
+        # One random seed for the whole sweep (coarse and fine passes), recorded in the written config.toml.
+        cfg = replace(cfg, render=replace(cfg.render, seed=resolve_seed(cfg.render.seed)))
         prompt = base_prompt(cfg, run)
         axes = tuple(
             parse_axis(a, n, cfg, run, prompt) for n, a in (("x", cfg.x), ("y", cfg.y), ("z", cfg.z))

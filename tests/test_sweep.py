@@ -436,6 +436,7 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
             f"scoring.model={tiny_clip_folder(tmp_path)}",
             "scoring.likeness_bar=-100",
             "fine.interval=auto",
+            "render.seed=-1",
         ]
     )
     captured = capsys.readouterr()
@@ -449,6 +450,9 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
         -1.0001 <= float(r["likeness"]) <= 1.0001 and r["seed_likeness"] and r["adherence"] for r in rows
     )
     assert "Recommended step: 10" in (out / "report.html").read_text()
+    # seed -1: one random seed for both passes, recorded in the sweep's config.toml
+    seed = load_config(SweepConfig, out / "config.toml").render.seed
+    assert seed >= 0 and {int(r["seed"]) for r in rows} == {seed, seed + 1}
 
 
 def test_sweep_errors_before_rendering(tmp_path, capsys):
