@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from library import generation, photos, pick, review
+    from library import photos, pick, review  # torch and diffusers load only for `generate`
 
+    if args.command == "generate":
+        from library import generation
     if args.command == "generate" and args.reproduce:
         if not args.output:
             raise UserError("--reproduce needs --output DIR, a new folder for the images")

@@ -72,7 +72,7 @@ def detect_faces(image: Image.Image) -> list[Box]:
         small = small.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     gray = cv2.equalizeHist(np.asarray(small, dtype=np.uint8))
     width = gray.shape[1]
-    min_side = max(24, min(gray.shape) // 10)  # a face in a head-and-shoulders picture is far bigger
+    min_side = max(24, min(gray.shape) // 25)  # smaller "faces" are noise, even in a full-body photo
     options = dict(scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
     found: list[Box] = [
         tuple(b) for b in _cascade("haarcascade_frontalface_default.xml").detectMultiScale(gray, **options)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from generate_dataset import main
 from library import generation
@@ -21,6 +21,7 @@ from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, pr
 from library.infotext import parse_infotext
 from library.pick import background_share, dhash, flag_images, hamming, sharpness
 from library.review import Selection, caption_for, write_kohya_folder
+from tests.faces import drawn_face
 from tests.helpers import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,32 +309,13 @@ def test_make_grid_lays_out_columns_and_rows():
 # Flags and selection
 
 
-def _portrait(background=(128, 128, 128), blur=0.0) -> Image.Image:
-    """A drawn face that OpenCV's frontal cascade finds, on a plain background, with a photo's grain;
-    `blur` then softens the whole picture."""
-    image = Image.new("RGB", (400, 400), background)
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((110, 60, 290, 300), fill=(40, 30, 20))
-    draw.ellipse((120, 90, 280, 310), fill=(225, 190, 160))
-    draw.ellipse((150, 158, 192, 172), fill=(30, 20, 20))
-    draw.ellipse((208, 158, 250, 172), fill=(30, 20, 20))
-    draw.rectangle((145, 140, 197, 150), fill=(50, 35, 25))
-    draw.rectangle((203, 140, 255, 150), fill=(50, 35, 25))
-    draw.polygon([(200, 180), (185, 235), (215, 235)], fill=(190, 160, 135))
-    draw.ellipse((165, 255, 235, 272), fill=(150, 60, 60))
-    soft = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
-    grain = np.random.default_rng(0).normal(0, 6, soft.shape[:2])[..., None]
-    photo = Image.fromarray(np.clip(soft + grain, 0, 255).astype(np.uint8))
-    return photo.filter(ImageFilter.GaussianBlur(blur)) if blur else photo
-
-
 def test_flags_give_reasons_and_delete_nothing(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    _portrait().save(folder / "a_good.png")
-    _portrait().resize((380, 380)).save(folder / "b_resized_copy.png")
-    _portrait(blur=3).save(folder / "c_blurry.png")
-    _portrait(background=(200, 40, 40)).save(folder / "d_red.png")
+    drawn_face().save(folder / "a_good.png")
+    drawn_face().resize((380, 380)).save(folder / "b_resized_copy.png")
+    drawn_face(blur=3).save(folder / "c_blurry.png")
+    drawn_face(background=(200, 40, 40)).save(folder / "d_red.png")
     Image.new("RGB", (400, 400), (128, 128, 128)).save(folder / "e_empty.png")
     (folder / "f_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cfg = PickConfig(background="gray", duplicate_distance=5, blur_threshold=40.0)
@@ -349,7 +331,7 @@ def test_flags_give_reasons_and_delete_nothing(tmp_path):
 
 
 def test_measurements():
-    face = _portrait()
+    face = drawn_face()
     assert hamming(dhash(face), dhash(face.resize((200, 200)))) <= 2
     assert hamming(dhash(face), dhash(face.transpose(Image.Transpose.ROTATE_90))) > 10
     assert sharpness(face) > 4 * sharpness(face.filter(ImageFilter.GaussianBlur(8)))
