@@ -137,6 +137,7 @@ class Sweep:
                 ]
             if self.scorer is not None:
                 self.scorer.forget()
+            del parts, images  # let this checkpoint go before the next one loads
 
     def recommendation(self) -> tuple[list, scoring.Recommendation | None]:
         curves = scoring.step_curves(self.scored)

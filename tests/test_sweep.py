@@ -455,6 +455,31 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
     assert seed >= 0 and {int(r["seed"]) for r in rows} == {seed, seed + 1}
 
 
+def test_checkpoints_are_loaded_one_at_a_time(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from library import models
+
+    run_dir = make_run(tmp_path)
+    second = tiny_checkpoint(tmp_path)
+    real_load, alive, overlaps = models.load_parts, [], []
+
+    def load_parts(model, **kwargs):
+        gc.collect()
+        overlaps.append(sum(ref() is not None for ref in alive))
+        parts = real_load(model, **kwargs)
+        alive.append(weakref.ref(parts.unet))
+        return parts
+
+    monkeypatch.setattr(models, "load_parts", load_parts)
+    args = ["--config", str(ROOT / "presets/validate.toml"), f"run.folder={run_dir}", f"sweep.output_dir={tmp_path / 'o'}",
+            f'model.checkpoints=["run:checkpoint", "{second}"]', "render.steps=1", "render.width=16",
+            "render.height=16", "render.batch_size=1", "x.values=every 60"]  # fmt: skip
+    assert main(args) == 0
+    assert overlaps == [0, 0]  # the first checkpoint was gone before the second one loaded
+
+
 def test_sweep_errors_before_rendering(tmp_path, capsys):
     run_dir = make_run(tmp_path)
     args = [
