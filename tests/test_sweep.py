@@ -437,6 +437,10 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
             "scoring.likeness_bar=-100",
             "fine.interval=auto",
             "render.seed=-1",
+            "--export",
+            "recommended",
+            "--export-to",
+            str(tmp_path / "embeddings"),
         ]
     )
     captured = capsys.readouterr()
@@ -450,6 +454,7 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
         -1.0001 <= float(r["likeness"]) <= 1.0001 and r["seed_likeness"] and r["adherence"] for r in rows
     )
     assert "Recommended step: 10" in (out / "report.html").read_text()
+    assert load_embedding(tmp_path / "embeddings" / f"{NAME}.safetensors").step == 10
     # seed -1: one random seed for both passes, recorded in the sweep's config.toml
     seed = load_config(SweepConfig, out / "config.toml").render.seed
     assert seed >= 0 and {int(r["seed"]) for r in rows} == {seed, seed + 1}
