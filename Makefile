@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test lint browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -17,7 +17,13 @@ demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_textual_inversion.py --config presets/demo.toml save.output_dir=output/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+# The review page and the sweep report are tested in headless Chromium (Debian's package). As root it is
+# installed here; otherwise install it yourself (apt-get install chromium) or those tests skip, saying why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config import TrainConfig, dump_config, load_config
+from library.config import GenerateConfig, SweepConfig, TrainConfig, dump_config, load_config
 from library.errors import UserError
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "presets").glob("*.toml"))
@@ -81,7 +81,18 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == config
 
 
+# Each script reads its own presets; every other preset is a training preset.
+CONFIG_FOR = {"validate.toml": SweepConfig, "generate_character.toml": GenerateConfig}
+
+
+def test_presets_are_found():
+    assert {"face.toml", "demo.toml", "validate.toml", "generate_character.toml"} <= {p.name for p in PRESETS}
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_preset_loads(preset):
-    config = load_config(TrainConfig, preset)
-    assert config.embedding.name
+    cls = CONFIG_FOR.get(preset.name, TrainConfig)
+    config = load_config(cls, preset)
+    assert isinstance(config, cls)
+    if cls is TrainConfig:
+        assert config.embedding.name and config.save.output_dir
