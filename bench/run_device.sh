@@ -38,6 +38,11 @@ render)
   python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$A \
     generate.output_dir=/tmp/gen > "$OUT/generate.log" 2>&1
   echo "generate 288 rc=$? wall=$(( $(ms) - start )) ms, $(ls /tmp/gen/*.png 2>/dev/null | wc -l) PNGs :: $(grep -v 'it/s\]' "$OUT/generate.log" | tail -2 | tr '\n' ' ')"
+  if [ ! -d /tmp/recipe-default/embeddings ]; then  # a fresh machine: make the run folder the sweep reads
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+      train_textual_inversion.py --config presets/face.toml model.checkpoint=$A dataset.image_dir=/tmp/face \
+      save.output_dir=/tmp/recipe-default save.save_every_steps=20 preview.every_steps=0 > "$OUT/recipe-for-sweep.log" 2>&1
+  fi
   rm -rf /tmp/sweep; start=$(ms)
   python3 sweep_validate.py --config presets/validate.toml run.folder=/tmp/recipe-default \
     "model.checkpoints=[\"run:checkpoint\", \"$B\"]" sweep.output_dir=/tmp/sweep > "$OUT/validate.log" 2>&1
