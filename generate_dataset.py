@@ -68,9 +68,7 @@ def run(args: argparse.Namespace) -> None:
         return
     config = load_config(GenerateConfig, args.config, args.overrides)
     if args.command == "generate":
-        pick.check_pick_config(config.pick)  # before hours of rendering, not after
-        folder = generation.run_generate(config)
-        pick.run_pick(folder, config.pick)
+        generation.run_generate(config)  # flags the images and writes review.html too
     elif args.command == "photos":
         pick.check_pick_config(config.pick)
         photos.prepare_photos(config.photos)

@@ -13,57 +13,38 @@ values: enough to render any image again, see `reproduce`), `manifest.csv` for s
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
-import json
-import os
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import tomli_w
 import torch
 from tqdm.auto import tqdm
 
-from library.config import (
-    GenerateConfig,
-    GenerateSettings,
-    ModelConfig,
-    config_to_dict,
-    dump_config,
-    load_config,
-)
+from library.config import GenerateConfig, GenerateSettings, ModelConfig, dump_config, load_config
 from library.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
 from library.embeddings import load_embedding
 from library.errors import UserError
-from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
-from library.infotext import format_infotext, infotext_params, save_png
+from library.generation_files import (
+    PlannedImage,
+    RunWriter,
+    planned_images,
+    read_manifest,
+    write_manifest,
+    write_text,
+)
+from library.grid import apply_prompt_sr, prompt_sr_values
+from library.infotext import format_infotext, infotext_params
 from library.models import load_parts
+from library.pick import check_pick_config, run_pick
 from library.prompts import PromptEncoder
 from library.sampling import SampleSettings, decode_images, resolve_seed, sample_latents, vae_scale_factor
 
-MANIFEST_JSON = "manifest.json"
-MANIFEST_CSV = "manifest.csv"
 CONFIG_FILE = "config.toml"
-GRID_DIR = "grids"
-MANIFEST_FORMAT = "ti-toolkit-generation"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class PlannedImage:
-    """One image of a run: what to render and where it goes."""
-
-    file: str  # A1111's naming: 00000-<seed>.png
-    prompt: str  # after Prompt S/R
-    negative_prompt: str
-    seed: int
-    axis_values: tuple[str, ...]  # this image's value on each axis
-    combination: int  # index of its axis combination (the first axis varies fastest)
-    batch: int  # batch index within the combination
-    position: int  # place within the batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,10 +133,8 @@ class Renderer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = settings.mixed_precision if self.device.type == "cuda" else "no"
         self.parts = load_parts(model, dtype=_DTYPES[precision])
-        if precision == "fp16":
-            self.parts.vae.to(
-                torch.float32
-            )  # SD's VAE overflows in fp16 (black images); A1111's --no-half-vae
+        if precision == "fp16":  # SD's VAE overflows in fp16 (black images): A1111's --no-half-vae
+            self.parts.vae.to(torch.float32)
         for module in (self.parts.unet, self.parts.text_encoder, self.parts.vae):
             module.to(self.device)
         self.encoder = PromptEncoder(
@@ -244,62 +223,12 @@ def load_embeddings(
 # Running
 
 
-def _prepare_folder(folder: Path) -> None:
+def _prepare_folder(folder: Path, key: str) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(
-            f"{folder} already exists and is not empty; choose a new generate.output_dir (nothing is overwritten)"
+            f"{folder} already exists and is not empty; choose a new {key} (nothing is overwritten)"
         )
     folder.mkdir(parents=True, exist_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def write_manifest(folder: Path, config: GenerateConfig, model_info: dict, plan: list[PlannedImage]) -> None:
-    """manifest.json (settings + one entry per image, in rendering order) and manifest.csv."""
-    axes = parse_axes(config.generate)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "config": config_to_dict(config),
-        "model": model_info,
-        "axes": axes,
-        "images": [asdict(image) for image in plan],
-    }
-    _write_text(folder / MANIFEST_JSON, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    rows = [["file", "seed", "prompt", "negative_prompt", *[f"axis_{n + 1}" for n in range(len(axes))]]]
-    rows += [[i.file, i.seed, i.prompt, i.negative_prompt, *i.axis_values] for i in plan]
-    buffer = _CsvText()
-    csv.writer(buffer).writerows(rows)
-    _write_text(folder / MANIFEST_CSV, buffer.text)
-
-
-class _CsvText:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, line: str) -> None:
-        self.text += line
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Read a manifest.json (or the folder holding one); UserError if it is not ours."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_JSON
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such manifest; give a generate_dataset.py output folder") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: not a valid manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path}: not a generate_dataset.py manifest (no format {MANIFEST_FORMAT!r})")
-    return manifest
 
 
 def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = ()) -> GenerateConfig:
@@ -322,70 +251,73 @@ def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = (
 def _render_plan(
     renderer: Renderer,
     plan: list[PlannedImage],
-    config: GenerateConfig,
-    folder: Path,
+    settings: GenerateSettings,
+    writer: RunWriter,
     *,
     keep: set[str] | None = None,
     show_progress: bool = True,
 ) -> None:
-    """Render `plan` batch by batch into `folder`; with `keep`, only those files are saved."""
-    settings = check_settings(config.generate)
+    """Render `plan` batch by batch and hand each image to `writer`; with `keep`, only those files.
+
+    The progress bar counts sampling steps of all batches, so its ETA is right from the first batch on.
+    """
+    sample = check_settings(settings)
     batches = _batches(plan)
-    bar = tqdm(
-        total=len(batches) * settings.steps, unit="step", disable=not show_progress, dynamic_ncols=True
-    )
+    bar = tqdm(total=len(batches) * sample.steps, unit="step", disable=not show_progress, dynamic_ncols=True)
     done = 0
     try:
         for batch in batches:
             base = bar.n
             images = renderer.render(
-                batch, settings, lambda step, _total, base=base: bar.update(base + step - bar.n)
+                batch, sample, lambda step, _, base=base: bar.update(base + step - bar.n)
             )
             for planned, image in zip(batch, images, strict=True):
-                if keep is not None and planned.file not in keep:
-                    continue
-                extra = {"TI hashes": renderer.used_embeddings(planned.prompt, planned.negative_prompt)}
-                params = infotext_params(settings, planned.seed, renderer.parts, extra)
-                save_png(
-                    image,
-                    folder / planned.file,
-                    format_infotext(planned.prompt, planned.negative_prompt, params),
-                )
-                done += 1
+                if keep is None or planned.file in keep:
+                    extra = {"TI hashes": renderer.used_embeddings(planned.prompt, planned.negative_prompt)}
+                    params = infotext_params(sample, planned.seed, renderer.parts, extra)
+                    writer.add(
+                        planned, image, format_infotext(planned.prompt, planned.negative_prompt, params)
+                    )
+                    done += 1
             bar.set_postfix(images=done)
     finally:
         bar.close()
+    writer.finish()
 
 
 def run_generate(
     config: GenerateConfig, *, log: Callable[[str], None] = print, show_progress: bool = True
 ) -> Path:
-    """Render the whole run of `config` into generate.output_dir; returns the folder.
+    """Render the whole run of `config` into generate.output_dir, with grids, manifest, flags and
+    review.html; returns the folder.
 
-    Everything that can be checked (settings, axes, the output folder) is checked before the model loads.
+    Everything that can be checked (settings, axes, [pick], the output folder) is checked before the model
+    loads, so a typo fails in a second and writes nothing.
     """
     settings = config.generate
     check_settings(settings)
+    axes = parse_axes(settings)
     seed = resolve_seed(settings.seed)
     config = replace(config, generate=replace(settings, seed=seed))  # the record reproduces the run
     plan = plan_images(config.generate, seed)
     folder = Path(settings.output_dir)
-    _prepare_folder(folder)
+    check_pick_config(config.pick)
+    _prepare_folder(folder, "generate.output_dir")
     renderer = Renderer(config.model, config.generate, log)
     model_info = {
         "checkpoint_name": renderer.parts.checkpoint_name,
         "checkpoint_hash": renderer.parts.checkpoint_hash,
     }
-    _write_text(folder / CONFIG_FILE, dump_config(config))
-    write_manifest(folder, config, model_info, plan)
+    write_text(folder / CONFIG_FILE, dump_config(config))
+    write_manifest(folder, config, axes, model_info, plan)
     combos = len(plan) // (settings.batch_count * settings.batch_size)
     log(
         f"rendering {len(plan)} images ({combos} axis combinations x {settings.batch_count} batches x "
         f"{settings.batch_size}), seed {seed}, into {folder}"
     )
-    _render_plan(renderer, plan, config, folder, show_progress=show_progress)
-    if settings.grids:
-        write_grids(folder, config, plan)
+    writer = RunWriter(folder, config, axes, pick=config.pick, grids=settings.grids)
+    _render_plan(renderer, plan, config.generate, writer, show_progress=show_progress)
+    run_pick(folder, config.pick, log, measured=writer.measured)
     return folder
 
 
@@ -405,83 +337,23 @@ def reproduce(
     """
     manifest = read_manifest(manifest_path)
     config = _recorded_config(manifest, manifest_path, overrides)
-    plan = [
-        PlannedImage(**{**entry, "axis_values": tuple(entry["axis_values"])}) for entry in manifest["images"]
-    ]
+    plan = planned_images(manifest)
     wanted = set(files) or {image.file for image in plan}
     unknown = wanted - {image.file for image in plan}
     if unknown:
         raise UserError(f"{manifest_path}: no image named {sorted(unknown)[0]!r} in the manifest")
     batches = [b for b in _batches(plan) if any(image.file in wanted for image in b)]
     folder = Path(output_dir)
-    _prepare_folder(folder)
+    _prepare_folder(folder, "--output folder")
     renderer = Renderer(config.model, config.generate, log)
     recorded = manifest.get("model", {}).get("checkpoint_hash", "")
     if recorded and renderer.parts.checkpoint_hash and recorded != renderer.parts.checkpoint_hash:
         log(
-            f"note: the manifest was made with model hash {recorded}, this model is {renderer.parts.checkpoint_hash}"
+            f"note: the manifest was made with model hash {recorded}; this model's is {renderer.parts.checkpoint_hash}"
         )
-    _write_text(folder / CONFIG_FILE, dump_config(config))
+    write_text(folder / CONFIG_FILE, dump_config(config))
     log(f"rendering {len(wanted)} images again into {folder}")
-    _render_plan(
-        renderer, [i for b in batches for i in b], config, folder, keep=wanted, show_progress=show_progress
-    )
+    writer = RunWriter(folder, config, parse_axes(config.generate))
+    plan = [image for batch in batches for image in batch]
+    _render_plan(renderer, plan, config.generate, writer, keep=wanted, show_progress=show_progress)
     return folder
-
-
-# --------------------------------------------------------------------------------------------------
-# Grids
-
-
-def write_grids(folder: Path, config: GenerateConfig, plan: list[PlannedImage]) -> list[Path]:
-    """A grid per axis combination (rows = batches, columns = batch positions) and, with axes, the A1111
-    X/Y/Z overview of the first seed (one overview per combination of the axes after the third)."""
-    from PIL import Image
-
-    settings = config.generate
-    grid_dir = folder / GRID_DIR
-    grid_dir.mkdir(exist_ok=True)
-    written = []
-    by_combination: dict[int, list[PlannedImage]] = {}
-    for image in plan:
-        by_combination.setdefault(image.combination, []).append(image)
-
-    def load(planned: PlannedImage):
-        with Image.open(folder / planned.file) as opened:
-            return opened.convert("RGB")
-
-    def save(image, name: str, planned: PlannedImage) -> None:
-        with open(folder / planned.file, "rb") as handle:
-            infotext = Image.open(handle).text.get("parameters", "")
-        written.append(save_png(image, grid_dir / name, infotext))
-
-    for combination, images in by_combination.items():
-        rows = [
-            images[b * settings.batch_size : (b + 1) * settings.batch_size]
-            for b in range(settings.batch_count)
-        ]
-        cells = [[load(p) for p in row] for row in rows]
-        y_labels = [f"seed {row[0].seed}" for row in rows] if len(rows) > 1 else []
-        title = " | ".join(images[0].axis_values) or None
-        grid = make_grid(cells, [], y_labels, margin=settings.grid_margin, title=title)
-        save(grid, f"{combination:04d}.png", images[0])
-
-    axes = parse_axes(settings)
-    if axes:
-        first = {image.axis_values: image for image in plan if image.batch == 0 and image.position == 0}
-        xs, ys = axes[0], axes[1] if len(axes) > 1 else [""]
-        zs, rest = (axes[2] if len(axes) > 2 else [""]), axes[3:]
-        for n, extra in enumerate(itertools.product(*rest)):
-            grids = []
-            for z in zs:
-                cells = [[load(first[_values(x, y, z, extra, len(axes))]) for x in xs] for y in ys]
-                grids.append(make_grid(cells, xs, ys if len(axes) > 1 else [], margin=settings.grid_margin))
-            overview = join_grids_side_by_side(grids, zs if len(axes) > 2 else [])
-            name = "xyz.png" if not rest else f"xyz-{n:03d}.png"
-            save(overview, name, first[_values(xs[0], ys[0], zs[0], extra, len(axes))])
-    return written
-
-
-def _values(x: str, y: str, z: str, extra: tuple[str, ...], count: int) -> tuple[str, ...]:
-    """The axis values of one overview cell (axes that do not exist are left out)."""
-    return (x, y, z, *extra)[:count]

@@ -8,12 +8,13 @@ square, and the report says so. Unreadable files are reported and skipped; nothi
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -35,11 +36,14 @@ Box = tuple[int, int, int, int]  # x, y, width, height in pixels
 # Face detection
 
 
-@functools.cache
-def _cascade(name: str):
-    """A Haar cascade from the XML files inside the opencv-python-headless package (loaded once)."""
-    import cv2
+_per_thread = threading.local()  # OpenCV's cascade classifiers must not be shared between threads
 
+
+def _cascade(name: str):
+    """A Haar cascade from the XML files inside the opencv-python-headless package (once per thread)."""
+    loaded = _per_thread.__dict__.setdefault("cascades", {})
+    if name in loaded:
+        return loaded[name]
     if not hasattr(cv2, "CascadeClassifier"):
         raise UserError(
             f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 dropped them); "
@@ -48,6 +52,7 @@ def _cascade(name: str):
     classifier = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, name))
     if classifier.empty():
         raise UserError(f"OpenCV's {name} is missing from the opencv-python-headless package; reinstall it")
+    loaded[name] = classifier
     return classifier
 
 
@@ -64,8 +69,6 @@ def detect_faces(image: Image.Image) -> list[Box]:
 
     Overlapping detections of the same face (frontal and profile, or two scales) count once.
     """
-    import cv2
-
     scale = min(1.0, _DETECT_SIDE / max(image.size))
     small = image.convert("L")
     if scale < 1.0:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageColor
 
@@ -58,8 +59,6 @@ def hamming(a: int, b: int) -> int:
 
 def sharpness(image: Image.Image) -> float:
     """Variance of the Laplacian of the greyscale image scaled to 512 px on its long side."""
-    import cv2
-
     scale = _SHARPNESS_SIDE / max(image.size)
     gray = image.convert("L").resize(
         (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
@@ -134,11 +133,15 @@ def flag_image(
 
 
 def flag_images(
-    paths: list[Path], cfg: PickConfig, log: Callable[[str], None] = print
+    paths: list[Path],
+    cfg: PickConfig,
+    log: Callable[[str], None] = print,
+    measured: dict[str, ImageFlags] | None = None,
 ) -> tuple[list[ImageFlags], list[str]]:
     """Flags for every readable image, in order; unreadable files come back as "name: reason" lines.
 
-    A near-duplicate is flagged against the first earlier image it is close to, so one picture of each
+    `measured` holds `flag_image` results already taken (generation measures while it renders). A
+    near-duplicate is flagged against the first earlier image it is close to, so one picture of each
     group stays unflagged.
     """
     colour = check_pick_config(cfg)
@@ -147,7 +150,7 @@ def flag_images(
     hashes: list[tuple[str, int]] = []
     for path in paths:
         try:
-            flags = flag_image(open_image(path), path.name, cfg, colour)
+            flags = (measured or {}).get(path.name) or flag_image(open_image(path), path.name, cfg, colour)
         except UserError as error:
             unreadable.append(f"{path.name}: {error}")
             continue
@@ -166,17 +169,24 @@ def flag_images(
     return results, unreadable
 
 
-def run_pick(folder: str | Path, cfg: PickConfig, log: Callable[[str], None] = print) -> Path:
-    """Flag the images of `folder` and write flags.json and review.html beside them; returns the page."""
+def run_pick(
+    folder: str | Path,
+    cfg: PickConfig,
+    log: Callable[[str], None] = print,
+    measured: dict[str, ImageFlags] | None = None,
+) -> Path:
+    """Flag the images of `folder` and write flags.json and review.html beside them; returns the page.
+
+    `measured`: per-image measurements already taken (see `flag_images`)."""
     from library.review import review_items, write_review_page  # the page shows what this module finds
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give the folder of images to review")
-    paths = [p for p in list_images(folder)]
+    paths = list_images(folder)
     if not paths:
         raise UserError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp) to review")
-    results, unreadable = flag_images(paths, cfg, log)
+    results, unreadable = flag_images(paths, cfg, log, measured)
     record = {"pick": asdict(cfg), "images": [asdict(f) for f in results], "unreadable": unreadable}
     (folder / FLAGS_FILE).write_text(
         json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"

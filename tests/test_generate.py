@@ -199,6 +199,7 @@ def test_seeds_reproduce_identical_images(tmp_path, checkpoint):
     generation.run_generate(again, **QUIET)
     for name in names:
         assert np.array_equal(pixels(out / name), pixels(tmp_path / "again" / name))
+    assert (out / "review.html").exists() and (out / "grids" / "xyz.png").exists()
     # From the manifest: all images, or one (rendered inside its original batch).
     generation.reproduce(out / "manifest.json", tmp_path / "all", **QUIET)
     one = names[5]
