@@ -21,7 +21,7 @@ demo: $(STAMP)
 # installed here; otherwise install it yourself (apt-get install chromium) or those tests skip, saying why.
 browser:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; fi
 
 test: $(STAMP) browser
 	$(PY) -m pytest
