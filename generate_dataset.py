@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.cli import run_script
 from library.config import GenerateConfig, load_config
 from library.errors import UserError
 
@@ -83,12 +84,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from library import report, scoring
+from library.cli import run_script
 from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
 from library.sampling import resolve_seed
@@ -219,51 +220,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def sweep(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides) + ([f"export.folder={args.export_to}"] if args.export_to else [])
+    cfg = load_config(SweepConfig, args.config, overrides)
+    export = (args.export or "").strip().lower()
+    if export and export != "recommended" and not export.isdigit():
+        raise UserError(f"--export {args.export!r}: give a saved step number, or 'recommended'")
+    if export and not cfg.export.folder:
+        raise UserError("--export needs a folder: add --export-to DIR (e.g. your A1111 embeddings/ folder)")
+    run = open_run(cfg.run.folder, cfg.run.name)
+    if export.isdigit():
+        export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=args.overwrite)
+        return 0
+
+    started = time.perf_counter()
+    sweep = Sweep.setup(cfg, run)
+    sweep.render(sweep.plans)
+    if cfg.fine.interval.strip().lower() == "auto":
+        sweep.fine_pass_where_scores_point()
+    page, rec = sweep.write(started)
+
+    n, total, rendering = len(sweep.rows), time.perf_counter() - started, max(sweep.render_seconds, 1e-9)
+    print(
+        f"recommendation: {rec.reason}"
+        if rec
+        else "no recommended step (scores are off or name no step): compare the grid"
+    )
+    print(f"report: {page}")
+    print(
+        f"{n} images in {total:.1f} s total ({n / total:.2f} images/s overall, loading included); "
+        f"rendering {rendering:.1f} s ({n / rendering:.2f} images/s)"
+    )
+    if export == "recommended":
+        if rec is None or rec.step is None:
+            raise UserError(
+                "--export recommended: the sweep recommends no step; export one with --export STEP"
+            )
+        export_step(run, rec.step, cfg.export.folder, cfg.export.formats, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        overrides = list(args.overrides) + ([f"export.folder={args.export_to}"] if args.export_to else [])
-        cfg = load_config(SweepConfig, args.config, overrides)
-        export = (args.export or "").strip().lower()
-        if export and export != "recommended" and not export.isdigit():
-            raise UserError(f"--export {args.export!r}: give a saved step number, or 'recommended'")
-        if export and not cfg.export.folder:
-            raise UserError(
-                "--export needs a folder: add --export-to DIR (e.g. your A1111 embeddings/ folder)"
-            )
-        run = open_run(cfg.run.folder, cfg.run.name)
-        if export.isdigit():
-            export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=args.overwrite)
-            return 0
-
-        started = time.perf_counter()
-        sweep = Sweep.setup(cfg, run)
-        sweep.render(sweep.plans)
-        if cfg.fine.interval.strip().lower() == "auto":
-            sweep.fine_pass_where_scores_point()
-        page, rec = sweep.write(started)
-
-        n, total, rendering = len(sweep.rows), time.perf_counter() - started, max(sweep.render_seconds, 1e-9)
-        print(
-            f"recommendation: {rec.reason}"
-            if rec
-            else "no recommended step (scores are off or name no step): compare the grid"
-        )
-        print(f"report: {page}")
-        print(
-            f"{n} images in {total:.1f} s total ({n / total:.2f} images/s overall, loading included); "
-            f"rendering {rendering:.1f} s ({n / rendering:.2f} images/s)"
-        )
-        if export == "recommended":
-            if rec is None or rec.step is None:
-                raise UserError(
-                    "--export recommended: the sweep recommends no step; export one with --export STEP"
-                )
-            export_step(run, rec.step, cfg.export.folder, cfg.export.formats, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: sweep(args))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.cli import run_script
 from library.config import TrainConfig, load_config
-from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,17 +29,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train(args: argparse.Namespace) -> None:
+    from library.training import run_training  # after argument parsing: --help stays fast
+
+    config = load_config(TrainConfig, args.config, args.overrides)
+    run_training(config, resume=args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        from library.training import run_training
-
-        config = load_config(TrainConfig, args.config, args.overrides)
-        run_training(config, resume=args.resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: train(args))
 
 
 if __name__ == "__main__":

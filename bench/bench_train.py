@@ -26,6 +26,12 @@ from library.config import TrainConfig, load_config
 from library.training import setup
 
 ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def run_case(name: str, overrides: list[str], args, warmup: int = 5, steps: int = 30) -> dict:
@@ -38,25 +44,27 @@ def run_case(name: str, overrides: list[str], args, warmup: int = 5, steps: int 
             f"save.output_dir={args.out}/run-{name}",
             "save.save_every_steps=0",
             "preview.every_steps=0",
+            *args.set,
             *overrides,
         ],
     )
-    torch.cuda.reset_peak_memory_stats()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer = setup(cfg, log=lambda *_: None)
     setup_s = time.perf_counter() - started
     lr = 0.002
     trainer.step(0, lr, None)
-    torch.cuda.synchronize()
+    sync()
     first_step = time.time() - psutil.Process().create_time()
     first_s = time.perf_counter() - started - setup_s
     for i in range(1, warmup):
         trainer.step(i, lr, None)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         trainer.step(i, lr, None)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t0
     batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     result = {
@@ -64,7 +72,7 @@ def run_case(name: str, overrides: list[str], args, warmup: int = 5, steps: int 
         "batch": batch,
         "ms_per_step": 1000 * seconds / steps,
         "samples_per_s": steps * batch / seconds,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
         "setup_s": setup_s,
         "first_step_s": first_s,
         "process_start_to_first_step_s": first_step,
@@ -72,7 +80,8 @@ def run_case(name: str, overrides: list[str], args, warmup: int = 5, steps: int 
     print(json.dumps(result), flush=True)
     del trainer
     gc.collect()
-    torch.cuda.empty_cache()
+    if CUDA:
+        torch.cuda.empty_cache()
     AcceleratorState._reset_state(reset_partial_state=True)
     return result
 
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true (slow to compile)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides, e.g. for a CPU smoke test")
     args = parser.parse_args()
     cases = [
         ("bs8", ["train.batch_size=8"]),

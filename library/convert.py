@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -458,16 +457,7 @@ def save_diffusers(parts: SDParts, folder, *, overwrite: bool = False) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.unet,
-            scheduler=parts.noise_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = parts.pipeline()
         pipe.save_pretrained(tmp, safe_serialization=True)
         _write_text_encoder_weights(parts.text_encoder, tmp / "text_encoder")
         parts.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))

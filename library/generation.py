@@ -76,14 +76,7 @@ def check_settings(settings: GenerateSettings) -> SampleSettings:
     if settings.grid_margin < 0:
         raise UserError(f"generate.grid_margin = {settings.grid_margin}: must be 0 or more pixels")
     resolve_seed(settings.seed)  # rejects seeds below -1
-    return SampleSettings(
-        steps=settings.steps,
-        cfg_scale=settings.cfg_scale,
-        width=settings.width,
-        height=settings.height,
-        sampler=settings.sampler,
-        batch_size=settings.batch_size,
-    )
+    return SampleSettings.from_config(settings)
 
 
 def plan_images(settings: GenerateSettings, seed: int) -> list[PlannedImage]:

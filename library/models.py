@@ -80,6 +80,21 @@ class SDParts:
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    def pipeline(self):
+        """These parts as a diffusers `StableDiffusionPipeline` sharing the same modules (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
 
 def load_tokenizer(family: str) -> CLIPTokenizer:
     """The real CLIP tokenizer for a family, from the folder shipped with the project."""

@@ -75,6 +75,18 @@ class SampleSettings:
             raise UserError(f"size {self.width}x{self.height}: width and height must be positive")
         check_sampler(self.sampler)
 
+    @classmethod
+    def from_config(cls, table, default_size: tuple[int, int] = (512, 512)) -> SampleSettings:
+        """From a config table with steps, cfg_scale, width, height, sampler, batch_size (0 = default size)."""
+        return cls(
+            steps=table.steps,
+            cfg_scale=table.cfg_scale,
+            width=table.width or default_size[0],
+            height=table.height or default_size[1],
+            sampler=table.sampler,
+            batch_size=table.batch_size,
+        )
+
 
 class PromptEncoder(Protocol):
     """What `generate` needs from a prompt encoder (library/prompts.py provides one)."""

@@ -295,15 +295,7 @@ class Trainer:
     def preview(self, step: int) -> Path:
         """Render the preview image for `step` with the current vectors, with A1111 infotext."""
         cfg, parts = self.config.preview, self.parts
-        width, height = self.data.resolution
-        settings = SampleSettings(
-            steps=cfg.steps,
-            cfg_scale=cfg.cfg_scale,
-            width=cfg.width or width,
-            height=cfg.height or height,
-            sampler=cfg.sampler,
-            batch_size=cfg.batch_size,
-        )
+        settings = SampleSettings.from_config(cfg, default_size=self.data.resolution)
         prompt = (
             cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
         )

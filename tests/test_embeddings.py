@@ -351,19 +351,8 @@ def test_lcg_matches_a1111_reference_values():
 
 
 def _tiny_pipeline():
-    from diffusers import StableDiffusionPipeline
 
-    parts = build_tiny_parts("sd1")
-    return StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=parts.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return build_tiny_parts("sd1").pipeline()
 
 
 @pytest.mark.parametrize(("suffix", "token"), [(".safetensors", "<tok>"), (".pt", "<tok>"), (".pt", None)])

@@ -295,21 +295,9 @@ def test_grid_size_and_label_layout(tmp_path, count):
 
 
 def _diffusers_pipeline():
-    from diffusers import StableDiffusionPipeline
-
     from library.tiny import build_tiny_parts
 
-    parts = build_tiny_parts("sd1")
-    return StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=parts.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return build_tiny_parts("sd1").pipeline()
 
 
 def test_export_writes_files_that_load_embedding_and_diffusers_read(tmp_path, capsys):
