@@ -28,7 +28,7 @@ rng = np.random.default_rng(0)
 for i in range(8):
     Image.fromarray(rng.integers(0, 255, (640, 560, 3), dtype=np.uint8)).save(f'$BASE/images/{i}.png')
 "
-STEPS=2 RESOLUTION=256 BATCH=1 MIXED_PRECISION=no WORKERS=1 RUN_TIMEOUT=1800 PYTHON=$PY \
+TOOLS="${TOOLS:-ours kohya diffusers}" STEPS=2 RESOLUTION=256 BATCH=1 MIXED_PRECISION=no WORKERS=1 RUN_TIMEOUT=1800 PYTHON=$PY \
   EXTRA_PYTHONPATH=/tmp/site_cpu WORK_DIR="$BASE/work" \
   bash bench/compare/run_compare.sh .bench/src/sd-scripts .bench/src/textual_inversion "$CKPT" \
   "$BASE/images" "$BASE/out"

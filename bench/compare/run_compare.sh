@@ -16,6 +16,7 @@
 # Environment knobs (defaults = the GPU benchmark; cpu_check.sh uses small ones):
 #   STEPS=150 RESOLUTION=512 BATCH=8 MIXED_PRECISION=bf16 WORKERS=8 TOOLS="ours kohya diffusers"
 #   SITE_ROOT=/tmp WORK_DIR=/tmp/compare-work RUN_TIMEOUT=240 (s per tool) PYTHON=python3
+#   DEADLINE= (unix time: each tool's limit shrinks to end before it; a tool with < 30 s left is skipped)
 #   EXTRA_PYTHONPATH= (appended after each tool's site; the CPU check puts stand-ins there)
 set -uo pipefail
 if [ $# -ne 5 ]; then sed -n 5,9p "$0"; exit 2; fi
@@ -24,12 +25,13 @@ OUT_DIR=$5
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
 STEPS=${STEPS:-150} RESOLUTION=${RESOLUTION:-512} BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 WORKERS=${WORKERS:-8} TOOLS=${TOOLS:-ours kohya diffusers} SITE_ROOT=${SITE_ROOT:-/tmp}
-WORK=${WORK_DIR:-/tmp/compare-work} RUN_TIMEOUT=${RUN_TIMEOUT:-240} PY=${PYTHON:-python3}
+WORK=${WORK_DIR:-/tmp/compare-work} RUN_TIMEOUT=${RUN_TIMEOUT:-240} PY=${PYTHON:-python3} DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA_PYTHONPATH:-}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # each tool runs in its own folder
 TOKEN=fr3nchl4dy INIT=woman VECTORS=2 LR=0.002 SEED=42
 mkdir -p "$OUT_DIR" "$WORK"; OUT_DIR=$(realpath "$OUT_DIR")
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
-  DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 HF_HOME=$WORK/hf_home TOKENIZERS_PARALLELISM=false
+  DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 HF_HOME=$WORK/hf_home TOKENIZERS_PARALLELISM=false COLUMNS=160
 for site in ours kohya diffusers; do
   [ -d "$SITE_ROOT/site_$site" ] || { echo "missing $SITE_ROOT/site_$site: run make_sites.sh first"; exit 2; }
 done
@@ -42,7 +44,8 @@ find "$IMAGES" -maxdepth 1 -type f \( -iname '*.png' -o -iname '*.jpg' -o -iname
   -exec cp {} "$WORK/images/" \;
 N_IMAGES=$(ls "$WORK/images" | wc -l)
 [ "$N_IMAGES" -gt 0 ] || { echo "no images in $IMAGES"; exit 2; }
-# Kohya reads `<repeats>_<class tokens>` folders: enough repeats for all steps in one epoch, as the others.
+# Enough repeats for all steps in one epoch (Kohya and diffusers' example repeat the images per epoch; Kohya
+# reads them from `<repeats>_<class tokens>` folders).
 REPEATS=$(( (STEPS * BATCH + N_IMAGES - 1) / N_IMAGES ))
 mkdir -p "$WORK/kohya_data/${REPEATS}_$TOKEN" && cp "$WORK"/images/* "$WORK/kohya_data/${REPEATS}_$TOKEN/"
 # Kohya looks for the tokenizer in <cache>/openai_clip-vit-large-patch14 before the hub.
@@ -77,16 +80,29 @@ run_tool() {
     mem_pid=$!
   fi
   echo "== $name: $PY ${LAUNCH[*]} $*" > "$OUT_DIR/$name.log"
-  local t0 t1 rc
+  local t0 t1 rc limit=$RUN_TIMEOUT
+  [ -n "$DEADLINE" ] && limit=$(( DEADLINE - $(date +%s) < limit ? DEADLINE - $(date +%s) : limit ))
   t0=$(date +%s.%N)
-  (cd "$cwd" && COMPARE_STEP_LOG="$WORK/$name.steps" \
-    PYTHONPATH="$HERE/hook:$site${EXTRA:+:$EXTRA}" timeout "$RUN_TIMEOUT" $PY "${LAUNCH[@]}" "$@") \
-    >> "$OUT_DIR/$name.log" 2>&1
-  rc=$?
+  if [ "$limit" -lt 30 ]; then
+    echo "skipped: only $limit s left before DEADLINE" >> "$OUT_DIR/$name.log"; rc=125
+  else
+    (cd "$cwd" && COMPARE_STEP_LOG="$WORK/$name.steps" \
+      PYTHONPATH="$HERE/hook:$site${EXTRA:+:$EXTRA}" timeout -k 10 "$limit" $PY "${LAUNCH[@]}" "$@") \
+      >> "$OUT_DIR/$name.log" 2>&1
+    rc=$?
+  fi
   t1=$(date +%s.%N)
   [ -n "$mem_pid" ] && { kill "$mem_pid" 2> /dev/null; wait "$mem_pid" 2> /dev/null; }
   echo "$name $rc $t0 $t1 ${base:--}" >> "$WORK/runs.txt"
   echo "$name: rc=$rc wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s"
+  summarize > /dev/null  # compare.json after every run, in case a later one is cut off
+}
+
+summarize() {
+  local settings="steps=$STEPS resolution=$RESOLUTION batch=$BATCH mixed_precision=$MIXED_PRECISION"
+  settings="$settings vectors=$VECTORS token=$TOKEN lr=$LR workers=$WORKERS images=$N_IMAGES kohya_repeats=$REPEATS"
+  $PY "$HERE/summarize.py" --work "$WORK" --out "$OUT_DIR" --sites "$SITE_ROOT" --settings "$settings" \
+    --kohya "$KOHYA" --example "$EXAMPLE" --ckpt "$CKPT"
 }
 
 for tool in $TOOLS; do
@@ -114,6 +130,7 @@ for tool in $TOOLS; do
     run_tool diffusers "$SITE_ROOT/site_diffusers" "$EXAMPLE" textual_inversion.py \
       --pretrained_model_name_or_path "$WORK/sd15-diffusers" --train_data_dir "$WORK/images" \
       --learnable_property object --placeholder_token "<$TOKEN>" --initializer_token $INIT --num_vectors $VECTORS \
+      --repeats "$REPEATS" \
       --resolution "$RESOLUTION" --train_batch_size "$BATCH" --max_train_steps "$STEPS" \
       --learning_rate $LR --lr_scheduler constant --lr_warmup_steps 0 \
       --mixed_precision "$MIXED_PRECISION" --seed $SEED --dataloader_num_workers "$WORKERS" \
@@ -123,7 +140,4 @@ for tool in $TOOLS; do
   esac
 done
 
-SETTINGS="steps=$STEPS resolution=$RESOLUTION batch=$BATCH mixed_precision=$MIXED_PRECISION vectors=$VECTORS"
-SETTINGS="$SETTINGS lr=$LR workers=$WORKERS images=$N_IMAGES kohya_repeats=$REPEATS"
-$PY "$HERE/summarize.py" --work "$WORK" --out "$OUT_DIR" --sites "$SITE_ROOT" --settings "$SETTINGS" \
-  --kohya "$KOHYA" --example "$EXAMPLE" --ckpt "$CKPT"
+summarize

@@ -13,34 +13,41 @@ import re
 import subprocess
 from pathlib import Path
 
-WARMUP_STEPS = 10  # steady-state rate: the steps after these (first-step kernels, allocator and cuDNN warm-up)
+# The steady-state rate leaves out the first steps (first-step kernels, allocator and cuDNN warm-up).
+WARMUP_STEPS = 10
 TOOLS = ("ours", "kohya", "diffusers")
+BAR_NAMES = {"kohya": "steps", "diffusers": "Steps"}  # the training bars' descriptions; ours: the token
 # tqdm's closing numbers, e.g. "150/150 [00:21<00:00,  6.98it/s, loss=0.1]" or "2/2 [00:09<00:00,  4.51s/it]"
 TQDM_RATE = re.compile(r"(\d+)/(\d+) \[[^\]]*?([\d.]+)(it/s|s/it)")
 OURS_LINE = re.compile(r"\d+ steps in [\d.]+ s: ([\d.]+) steps/s[^\n]*")
 
 
-def read_steps(path: Path) -> tuple[str, list[tuple[float, int]]]:
-    """The main progress bar (the one with the most updates): its description and (time, position) pairs."""
-    bars: dict[str, list[tuple[float, int]]] = {}
+def read_steps(path: Path, desc: str, total: int) -> tuple[str, list[tuple[float, int]]]:
+    """The training progress bar: its description and (time, position) pairs.
+
+    The bar named `desc` with `total` steps; failing that, the bar with `total` steps that moved most
+    (loading and latent-caching bars have other totals)."""
+    bars: dict[tuple[str, str], list[tuple[float, int]]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             parts = line.split(" ", 3)
             if len(parts) == 4:
-                bars.setdefault(f"{parts[3]} (total {parts[2]})", []).append((float(parts[0]), int(parts[1])))
-    if not bars:
+                bars.setdefault((parts[3], parts[2]), []).append((float(parts[0]), int(parts[1])))
+    wanted = [key for key in bars if key[1] == str(total)]
+    if not wanted:
         return "", []
-    desc = max(bars, key=lambda k: len(bars[k]))
-    return desc, bars[desc]
+    best = (desc, str(total)) if (desc, str(total)) in bars else max(wanted, key=lambda k: len(bars[k]))
+    return f"{best[0]} (total {best[1]})", bars[best]
 
 
-def tool_reported_rate(log: str, name: str) -> str:
+def tool_reported_rate(log: str, name: str, total: int) -> str:
     """The tool's own closing speed figure, as it printed it."""
     if name == "ours":
         found = list(OURS_LINE.finditer(log))
         if found:
             return found[-1].group(0).strip()
-    rates = [m for chunk in re.split(r"[\r\n]", log) for m in TQDM_RATE.finditer(chunk)]
+    chunks = re.split(r"[\r\n]", log)
+    rates = [m for chunk in chunks for m in TQDM_RATE.finditer(chunk) if m.group(2) == str(total)]
     if not rates:
         return ""
     last = rates[-1]
@@ -49,9 +56,10 @@ def tool_reported_rate(log: str, name: str) -> str:
     return f"tqdm {last.group(1)}/{last.group(2)} at {last.group(3)}{last.group(4)} = {per_s:.3f} steps/s"
 
 
-def summarize_tool(work: Path, out: Path, row: list[str], batch: int) -> dict:
+def summarize_tool(work: Path, out: Path, row: list[str], settings: dict) -> dict:
     name, rc, t0, t1, base = row[0], int(row[1]), float(row[2]), float(row[3]), row[4]
-    desc, steps = read_steps(work / f"{name}.steps")
+    batch, total = int(settings["batch"]), int(settings["steps"])
+    desc, steps = read_steps(work / f"{name}.steps", BAR_NAMES.get(name, settings["token"]), total)
     log_path = out / f"{name}.log"
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     result = {
@@ -59,7 +67,7 @@ def summarize_tool(work: Path, out: Path, row: list[str], batch: int) -> dict:
         "wall_s": round(t1 - t0, 2),
         "progress_bar": desc,
         "steps_done": steps[-1][1] if steps else 0,
-        "tool_reported": tool_reported_rate(log, name),
+        "tool_reported": tool_reported_rate(log, name, total),
     }
     if steps:
         result["first_step_done_s"] = round(steps[0][0] - t0, 2)  # start-up + the first step
@@ -69,7 +77,7 @@ def summarize_tool(work: Path, out: Path, row: list[str], batch: int) -> dict:
         (ta, na), (tb, nb) = steps[k], steps[-1]
         rate = (nb - na) / (tb - ta)
         result["steady_steps_per_s"] = round(rate, 3)
-        result["steady_samples_per_s"] = round(rate * batch, 1)
+        result["steady_samples_per_s"] = round(rate * batch, 2)
         result["steady_window"] = f"steps {na + 1}..{nb}"
         result["loop_s"] = round(steps[-1][0] - steps[0][0], 2)  # steps 2..N
     mem = work / f"{name}.mem"
@@ -112,6 +120,10 @@ def ratio(a, b):
     return round(a / b, 3) if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def table(tools: dict, ratios: dict) -> str:
     rows = [
         ("steady steps/s", "steady_steps_per_s"),
@@ -123,12 +135,14 @@ def table(tools: dict, ratios: dict) -> str:
     names = [n for n in TOOLS if n in tools]
     lines = [f"{'':28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'ours/' + n:>16}" for n in ratios)]
     for label, key in rows:
-        cells = "".join(f"{str(tools[n].get(key, '-')):>12}" for n in names)
-        cells += "".join(f"{str(ratios[n].get(key, '-')):>16}" for n in ratios)
+        cells = "".join(f"{_cell(tools[n].get(key)):>12}" for n in names)
+        cells += "".join(f"{_cell(ratios[n].get(key)):>16}" for n in ratios)
         lines.append(f"{label:28}{cells}")
     lines.append("")
     for n in names:
-        lines.append(f"{n}: rc={tools[n]['rc']}, {tools[n]['steps_done']} steps; its own figure: {tools[n]['tool_reported']}")
+        lines.append(
+            f"{n}: rc={tools[n]['rc']}, {tools[n]['steps_done']} steps; its own figure: {tools[n]['tool_reported']}"
+        )
     return "\n".join(lines)
 
 
@@ -139,15 +153,17 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     settings = dict(item.split("=", 1) for item in args.settings.split())
-    batch = int(settings["batch"])
     runs = [line.split() for line in (work / "runs.txt").read_text().splitlines() if line.strip()]
-    tools = {row[0]: summarize_tool(work, out, row, batch) for row in runs}
+    tools = {row[0]: summarize_tool(work, out, row, settings) for row in runs}
     ratios = {}
+    keys = ("steady_steps_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")  # samples/s: as steps/s
     if "ours" in tools:
         for other in ("kohya", "diffusers"):
             if other in tools:
-                keys = ("steady_steps_per_s", "steady_samples_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")
-                ratios[other] = {k: ratio(tools["ours"].get(k), tools[other].get(k)) for k in keys}
+                both_ran = tools["ours"]["rc"] == 0 and tools[other]["rc"] == 0
+                ratios[other] = {
+                    k: ratio(tools["ours"].get(k), tools[other].get(k)) if both_ran else None for k in keys
+                }
     report = {
         "settings": settings,
         "machine": machine(),

@@ -33,7 +33,9 @@ def _chain() -> None:
         candidate = os.path.join(entry or ".", "sitecustomize.py")
         if os.path.abspath(entry or ".") != here and os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:
-                exec(compile(f.read(), candidate, "exec"), {"__name__": "sitecustomize", "__file__": candidate})
+                exec(
+                    compile(f.read(), candidate, "exec"), {"__name__": "sitecustomize", "__file__": candidate}
+                )
             return
 
 

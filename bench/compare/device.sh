@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 6 on the GPU machine in one command, from the repo root, with .bench/ carried (see README.md):
+# sites from the carried wheels, the random SD1.5 checkpoint and 8 images (as bench/face_cuda.sh makes them),
+# then run_compare.sh. Results land in $OUT/compare/ (compare.json, compare.txt, one log per tool, raw.tgz).
+set -uo pipefail
+RESULTS=${OUT:-/tmp/compare-out}/compare
+WORK=/tmp/compare-work
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
+bash bench/compare/make_sites.sh .bench/whl /tmp || exit 1
+[ -f /tmp/sd15-random.safetensors ] ||
+  PYTHONPATH=/tmp/site_ours:. $PY bench/make_sd15.py /tmp/sd15-random.safetensors 2>&1 | tail -1
+$PY -c "
+from PIL import Image; import numpy as np, os
+os.makedirs('/tmp/compare-images', exist_ok=True)
+rng = np.random.default_rng(0)
+for i in range(8):
+    Image.fromarray(rng.integers(0, 255, (640, 560, 3), dtype=np.uint8)).save(f'/tmp/compare-images/{i}.png')
+"
+echo "set-up done in $(( $(date +%s) - start )) s"
+# The device call ends at 600 s: each run's limit shrinks so that the whole job ends by 580 s.
+DEADLINE=$(( start + 580 )) WORK_DIR=$WORK bash bench/compare/run_compare.sh .bench/src/sd-scripts .bench/src/textual_inversion \
+  /tmp/sd15-random.safetensors /tmp/compare-images "$RESULTS"
+rc=$?
+(cd "$WORK" && ls -lR out_* > outputs.txt 2>&1; tar czf "$RESULTS/raw.tgz" runs.txt ./*.steps ./*.mem convert.log outputs.txt 2> /dev/null)
+echo "total $(( $(date +%s) - start )) s"
+exit $rc
