@@ -99,7 +99,7 @@ class Sweep:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sweep = cls(cfg, run, out, axes, plans, device)
         if cfg.scoring.model:
-            sweep.scorer = scoring.load_clip_scorer(cfg.scoring.model, device)
+            sweep.scorer = scoring.load_scorer(cfg.scoring.model, device)
             sweep.references = scoring.load_references(
                 cfg.scoring.reference_dir, run.config.dataset if run.config else None
             )

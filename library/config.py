@@ -330,7 +330,9 @@ class FineConfig:
 class ScoringConfig:
     """[scoring]: CLIP scores that back the choice of a step (off when `model` is empty)."""
 
-    model: str = ""  # a local CLIP folder (transformers layout) or its weights file; never downloaded
+    # A local CLIP folder (transformers layout) or its weights file, never downloaded; "builtin:toy" = the
+    # toy world's scorer (for runs on the builtin:toy model).
+    model: str = ""
     reference_dir: str = ""  # the training images; "" = the run's dataset from its config.toml
     class_word: str = "person"  # replaces the trigger word when prompt adherence is measured
     # An image passes when its likeness to the training images reaches this fraction of the training images'

@@ -534,7 +534,11 @@ def load_sd(
 
 
 def load_parts(model, *, dtype: torch.dtype = torch.float32) -> SDParts:
-    """The model a `[model]` config table names ("builtin:tiny" = the small model built in code)."""
+    """The model a `[model]` config table names.
+
+    "builtin:toy" is the embedded toy model (library/assets/toy, an SD1 single file that has learned the
+    toy world of library/toy.py); "builtin:tiny" is a randomly initialised model built in code, for tests.
+    """
     if model.checkpoint == "builtin:tiny":
         from library.tiny import build_tiny_parts  # tiny.py imports this module
 
@@ -542,6 +546,10 @@ def load_parts(model, *, dtype: torch.dtype = torch.float32) -> SDParts:
         for module in (parts.unet, parts.vae, parts.text_encoder):
             module.to(dtype)
         return parts
+    if model.checkpoint == "builtin:toy":
+        from library.toy import TOY_CHECKPOINT
+
+        return load_sd(TOY_CHECKPOINT, family=model.family, vae=model.vae or None, dtype=dtype)
     return load_sd(
         model.checkpoint,
         family=model.family,

@@ -8,7 +8,8 @@ Three numbers per rendered image, from an image-text model the user points to (a
 
 `recommend` turns the per-step curves into a step and a reason: the first step where every image passes
 the likeness bar on every checkpoint, with flags where adherence falls or the seeds collapse to one look.
-Any object with `likeness` and `adherence` (the `Scorer` protocol) can stand in for CLIP.
+Any object with `likeness`, `adherence` and `forget` (the `Scorer` protocol) can stand in for CLIP; the toy
+world's scorer (`scoring.model = "builtin:toy"`, library/toy.py) is one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Scorer(Protocol):
 
     def adherence(self, images: Sequence[Image.Image], prompt: str) -> list[float]:
         """Per image: how well it matches the prompt."""
+        ...
+
+    def forget(self) -> None:
+        """Drop whatever was cached for the images of one checkpoint."""
         ...
 
 
@@ -120,6 +125,16 @@ class CLIPScorer:
 def _as_tensor(output) -> torch.Tensor:
     # transformers 5 may return a model output object where 4.x returned the pooled features.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_scorer(model: str, device="cpu") -> Scorer:
+    """The scorer `scoring.model` names: "builtin:toy" (the toy world's scorer CNN, library/toy.py) or a
+    local CLIP."""
+    if model == "builtin:toy":
+        from library.toy import ToyScorer
+
+        return ToyScorer()
+    return load_clip_scorer(model, device)
 
 
 def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
