@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--compile", action="store_true", help="also time train.compile=true (slow to compile)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time train.compile=true (slow to compile)"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides, e.g. for a CPU smoke test")
     args = parser.parse_args()
     cases = [
