@@ -82,7 +82,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 # Each script reads its own presets; every other preset is a training preset.
-CONFIG_FOR = {"validate.toml": SweepConfig, "generate_character.toml": GenerateConfig}
+CONFIG_FOR = {
+    "validate.toml": SweepConfig,
+    "validate_demo.toml": SweepConfig,
+    "generate_character.toml": GenerateConfig,
+}
 
 
 def test_presets_are_found():
