@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project, in stages that each fit one device call (from the repo root):
-#   bash bench/run_device.sh train    training speed/memory at batch 1/8/32 (bench_train.py) and the face
+#   bash bench/run_device.sh train    training speed/memory at batch 1/8/32, CUDA graphs off, low memory
+#                                     (bench_train.py; BENCH_CASES=... picks cases, BENCH_PROFILE=1 profiles), and the face
 #                                     recipe as users run it (default and low-memory)
 #   bash bench/run_device.sh render   the 288-image generation preset and the validation sweep on two checkpoints
 # Logs and JSON go to ${OUT:-/tmp/bench}. Stages after the first reuse /tmp files while the machine stays warm.
@@ -20,7 +21,7 @@ for folder, n in (('/tmp/face', 8), ('/tmp/face32', 32)):
 "
 case "${1:-train}" in
 train)
-  python3 bench/bench_train.py --checkpoint $A --images /tmp/face32 --out "$OUT" ${BENCH_COMPILE:+--compile} 2>&1 \
+  python3 bench/bench_train.py --checkpoint $A --images /tmp/face32 --out "$OUT" ${BENCH_CASES:+--cases $BENCH_CASES} ${BENCH_PROFILE:+--profile "$OUT"} 2>&1 \
     | grep -v "float32\|torchvision" | tee "$OUT/bench_train.log" | tail -7
   for mode in default low_memory; do
     extra=""; [ $mode = low_memory ] && extra="train.low_memory=true"

@@ -48,7 +48,7 @@ def test_demo_preset_end_to_end_writes_every_output(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     final = load_embedding(out / "d3mo.pt")
-    assert final.step == 4 and final.vectors.shape == (1, 32)
+    assert final.step == 4 and final.vectors.shape == (1, 64)  # the toy model's width
     assert torch.equal(load_embedding(out / "d3mo.safetensors").vectors, final.vectors)
     for step in (2, 4):
         saved = load_embedding(out / "embeddings" / f"d3mo-{step}.pt")
@@ -296,7 +296,7 @@ def test_embedding_of_another_width_is_a_clear_error(tmp_path, capsys):
 
     wide = save_embedding(Embedding("sd2face", torch.zeros(2, 1024), step=10), tmp_path / "sd2face.pt")
     err = _bad_input_error(tmp_path, capsys, f"embedding.init_from={wide}")
-    assert "sd2face.pt" in err and "width 32" in err
+    assert "sd2face.pt" in err and "width 64" in err
 
 
 def test_low_memory_switch_trains_and_previews(tmp_path):
