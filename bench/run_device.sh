@@ -3,6 +3,7 @@
 #   bash bench/run_device.sh train    training speed/memory at batch 1/8/32, CUDA graphs off, low memory
 #                                     (bench_train.py; BENCH_CASES=... picks cases, BENCH_PROFILE=1 profiles), and the face
 #                                     recipe as users run it (default and low-memory)
+#   bash bench/run_device.sh recipe   the face recipe alone (default mode)
 #   bash bench/run_device.sh render   the 288-image generation preset and the validation sweep on two checkpoints
 # Logs and JSON go to ${OUT:-/tmp/bench}. Stages after the first reuse /tmp files while the machine stays warm.
 set -uo pipefail
@@ -19,11 +20,8 @@ for folder, n in (('/tmp/face', 8), ('/tmp/face32', 32)):
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (640, 560, 3), dtype=np.uint8)).save(f'{folder}/{i}.png')
 "
-case "${1:-train}" in
-train)
-  python3 bench/bench_train.py --checkpoint $A --images /tmp/face32 --out "$OUT" ${BENCH_CASES:+--cases $BENCH_CASES} ${BENCH_PROFILE:+--profile "$OUT"} 2>&1 \
-    | grep -v "float32\|torchvision" | tee "$OUT/bench_train.log" | tail -7
-  for mode in default low_memory; do
+recipe() {  # the face recipe as users run it, in each mode given (default, low_memory)
+  for mode in "$@"; do
     extra=""; [ $mode = low_memory ] && extra="train.low_memory=true"
     rm -rf /tmp/recipe-$mode; start=$(ms)
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
@@ -31,7 +29,16 @@ train)
       dataset.image_dir=/tmp/face save.output_dir=/tmp/recipe-$mode $extra > "$OUT/recipe-$mode.log" 2>&1
     echo "face recipe ($mode) rc=$? wall=$(( $(ms) - start )) ms :: $(grep -E 'steps in|error' "$OUT/recipe-$mode.log" | tail -1)"
   done
-  echo "saved embeddings: $(ls /tmp/recipe-default/embeddings | wc -l), previews: $(ls /tmp/recipe-default/previews | wc -l)"
+  echo "saved embeddings: $(ls /tmp/recipe-$1/embeddings | wc -l), previews: $(ls /tmp/recipe-$1/previews | wc -l)"
+}
+case "${1:-train}" in
+recipe)
+  recipe default
+  ;;
+train)
+  python3 bench/bench_train.py --checkpoint $A --images /tmp/face32 --out "$OUT" ${BENCH_CASES:+--cases $BENCH_CASES} ${BENCH_PROFILE:+--profile "$OUT"} 2>&1 \
+    | grep -v "float32\|torchvision" | tee "$OUT/bench_train.log" | tail -7
+  recipe default low_memory
   ;;
 render)
   [ -f $B ] || python3 bench/make_sd15.py $B 1 2>&1 | tail -1

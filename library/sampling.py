@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -65,6 +66,8 @@ class SampleSettings:
     height: int = 512
     sampler: str = "DPM++ 2M Karras"
     batch_size: int = 4
+    # CUDA: replay the UNet as a CUDA graph per batch shape (same images, far fewer kernel launches)
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -165,23 +168,63 @@ def _match_batch(cond: torch.Tensor, n: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch {cond.shape[0]} but there are {n} seeds")
 
 
-def _guided_prediction(unet, latents, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
+class _GraphedForward:
+    """One UNet forward captured as a CUDA graph for one input shape, replayed with new inputs copied in."""
+
+    def __init__(self, unet, latents, t, context) -> None:
+        self.latents, self.t, self.context = latents.clone(), t.clone(), context.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy kernel loading and library workspaces happen here
+            for _ in range(2):
+                unet(self.latents, self.t, encoder_hidden_states=self.context)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = unet(self.latents, self.t, encoder_hidden_states=self.context).sample
+
+    def __call__(self, latents, t, context) -> torch.Tensor:
+        self.latents.copy_(latents)
+        self.t.copy_(t)
+        self.context.copy_(context)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites `out`
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> {input shapes: _GraphedForward}
+_MAX_GRAPHS = 3  # per UNet; each holds its own activation memory
+
+
+def _unet(unet, latents, t, context, graphs: bool) -> torch.Tensor:
+    """unet(latents, t, context).sample, replayed from a CUDA graph where `graphs` is on and room is left."""
+    if graphs and latents.is_cuda and torch.is_tensor(t):
+        t = t.to(latents.device)
+        key = (latents.shape, latents.dtype, t.shape, t.dtype, context.shape, context.dtype)
+        cache = _GRAPHS.setdefault(unet, {})
+        if key not in cache and len(cache) < _MAX_GRAPHS:
+            cache[key] = _GraphedForward(unet, latents, t, context)
+        if key in cache:
+            return cache[key](latents, t, context)
+    return unet(latents, t, encoder_hidden_states=context).sample
+
+
+def _guided_prediction(
+    unet, latents, t, cond, uncond, cfg_scale: float, graphs: bool = False
+) -> torch.Tensor:
     """The UNet's output under classifier-free guidance, in float32."""
     dtype = unet.dtype
     if cfg_scale == 1:
         # uncond + 1 * (cond - uncond) is cond: skip the unconditional half.
-        return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        return _unet(unet, latents.to(dtype), t, cond.to(dtype), graphs).float()
     if cond.shape[1:] == uncond.shape[1:]:
-        both = unet(
-            torch.cat([latents, latents]).to(dtype),
-            t,
-            encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
-        ).sample.float()
+        both = _unet(
+            unet, torch.cat([latents, latents]).to(dtype), t, torch.cat([uncond, cond]).to(dtype), graphs
+        ).float()
         out_uncond, out_cond = both.chunk(2)
     else:
         # Prompts of different chunk counts cannot share one call (A1111 then runs them apart too).
-        out_uncond = unet(latents.to(dtype), t, encoder_hidden_states=uncond.to(dtype)).sample.float()
-        out_cond = unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        out_uncond = _unet(unet, latents.to(dtype), t, uncond.to(dtype), graphs).float()
+        out_cond = _unet(unet, latents.to(dtype), t, cond.to(dtype), graphs).float()
     return out_uncond + cfg_scale * (out_cond - out_uncond)
 
 
@@ -222,7 +265,9 @@ def sample_latents(
         total = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(latents, t)
-            prediction = _guided_prediction(unet, model_input, t, cond, uncond, settings.cfg_scale)
+            prediction = _guided_prediction(
+                unet, model_input, t, cond, uncond, settings.cfg_scale, settings.cuda_graphs
+            )
             extra = {"generator": generators} if step_takes_generator else {}
             latents = scheduler.step(prediction, t, latents, **extra).prev_sample
             if progress is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -346,6 +346,9 @@ class Trainer:
         """Render the preview image for `step` with the current vectors, with A1111 infotext."""
         cfg, parts = self.config.preview, self.parts
         settings = SampleSettings.from_config(cfg, default_size=self.data.resolution)
+        t = self.config.train
+        # Graph capture keeps its own memory (not for low_memory) and does not mix with torch.compile.
+        settings = replace(settings, cuda_graphs=t.cuda_graphs and not (t.low_memory or t.compile))
         prompt = (
             cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
         )
