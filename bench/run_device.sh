@@ -42,9 +42,11 @@ train)
   ;;
 render)
   [ -f $B ] || python3 bench/make_sd15.py $B 1 2>&1 | tail -1
+  # The GPU machine's OpenCV 5 has no Haar cascades (users get opencv<5 from requirements.txt).
+  FACES=$(python3 -c "import cv2, os; print('' if os.path.isdir(cv2.data.haarcascades) else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
   rm -rf /tmp/gen; start=$(ms)
   python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$A \
-    generate.output_dir=/tmp/gen > "$OUT/generate.log" 2>&1
+    generate.output_dir=/tmp/gen $FACES > "$OUT/generate.log" 2>&1
   echo "generate 288 rc=$? wall=$(( $(ms) - start )) ms, $(ls /tmp/gen/*.png 2>/dev/null | wc -l) PNGs :: $(grep -v 'it/s\]' "$OUT/generate.log" | tail -2 | tr '\n' ' ')"
   if [ ! -d /tmp/recipe-default/embeddings ]; then  # a fresh machine: make the run folder the sweep reads
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
