@@ -43,7 +43,7 @@ train)
 render)
   [ -f $B ] || python3 bench/make_sd15.py $B 1 2>&1 | tail -1
   # The GPU machine's OpenCV 5 has no Haar cascades (users get opencv<5 from requirements.txt).
-  FACES=$(python3 -c "import cv2, os; print('' if os.path.isdir(cv2.data.haarcascades) else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
+  FACES=$(python3 -c "import cv2, os; print('' if hasattr(cv2, 'CascadeClassifier') else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
   rm -rf /tmp/gen; start=$(ms)
   python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$A \
     generate.output_dir=/tmp/gen $FACES > "$OUT/generate.log" 2>&1
