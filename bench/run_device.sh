@@ -4,6 +4,7 @@
 #                                     (bench_train.py; BENCH_CASES=... picks cases, BENCH_PROFILE=1 profiles), and the face
 #                                     recipe as users run it (default and low-memory)
 #   bash bench/run_device.sh recipe   the face recipe alone (default mode)
+#   bash bench/run_device.sh generate the 288-image generation preset alone
 #   bash bench/run_device.sh render   the 288-image generation preset and the validation sweep on two checkpoints
 # Logs and JSON go to ${OUT:-/tmp/bench}. Stages after the first reuse /tmp files while the machine stays warm.
 set -uo pipefail
@@ -31,7 +32,18 @@ recipe() {  # the face recipe as users run it, in each mode given (default, low_
   done
   echo "saved embeddings: $(ls /tmp/recipe-$1/embeddings | wc -l), previews: $(ls /tmp/recipe-$1/previews | wc -l)"
 }
+generate() {  # the 288-image generation preset
+  # The GPU machine's OpenCV 5 has no Haar cascades (users get opencv<5 from requirements.txt).
+  FACES=$(python3 -c "import cv2, os; print('' if hasattr(cv2, 'CascadeClassifier') else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
+  rm -rf /tmp/gen; start=$(ms)
+  python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$A \
+    generate.output_dir=/tmp/gen $FACES > "$OUT/generate.log" 2>&1
+  echo "generate 288 rc=$? wall=$(( $(ms) - start )) ms, $(ls /tmp/gen/*.png 2>/dev/null | wc -l) PNGs :: $(grep -v 'it/s\]' "$OUT/generate.log" | tail -2 | tr '\n' ' ')"
+}
 case "${1:-train}" in
+generate)
+  generate
+  ;;
 recipe)
   recipe default
   ;;
@@ -42,12 +54,7 @@ train)
   ;;
 render)
   [ -f $B ] || python3 bench/make_sd15.py $B 1 2>&1 | tail -1
-  # The GPU machine's OpenCV 5 has no Haar cascades (users get opencv<5 from requirements.txt).
-  FACES=$(python3 -c "import cv2, os; print('' if hasattr(cv2, 'CascadeClassifier') else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
-  rm -rf /tmp/gen; start=$(ms)
-  python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$A \
-    generate.output_dir=/tmp/gen $FACES > "$OUT/generate.log" 2>&1
-  echo "generate 288 rc=$? wall=$(( $(ms) - start )) ms, $(ls /tmp/gen/*.png 2>/dev/null | wc -l) PNGs :: $(grep -v 'it/s\]' "$OUT/generate.log" | tail -2 | tr '\n' ' ')"
+  generate
   if [ ! -d /tmp/recipe-default/embeddings ]; then  # a fresh machine: make the run folder the sweep reads
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
       train_textual_inversion.py --config presets/face.toml model.checkpoint=$A dataset.image_dir=/tmp/face \
