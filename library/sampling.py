@@ -199,7 +199,9 @@ def _unet(unet, latents, t, context, graphs: bool) -> torch.Tensor:
     """unet(latents, t, context).sample, replayed from a CUDA graph where `graphs` is on and room is left."""
     if graphs and latents.is_cuda and torch.is_tensor(t):
         t = t.to(latents.device)
-        key = (latents.shape, latents.dtype, t.shape, t.dtype, context.shape, context.dtype)
+        # The weights' address too: a graph replays the memory it was captured on (a moved UNet is recaptured).
+        weights = next(unet.parameters()).data_ptr()
+        key = (weights, latents.shape, latents.dtype, t.shape, t.dtype, context.shape, context.dtype)
         cache = _GRAPHS.setdefault(unet, {})
         if key not in cache and len(cache) < _MAX_GRAPHS:
             cache[key] = _GraphedForward(unet, latents, t, context)

@@ -8,14 +8,20 @@ Stages (each resumes; library/toy.py renders the world and holds the scorer):
   3. the UNet and the CLIP text encoder together, from scratch, on a bank of encoded pictures;
   4. export (EMA weights, fp16) and an evaluation with the scorer.
 
-On the GPU machine, where one call lasts at most 10 minutes (a second call resumes):
-    python tools/toy_world.py train --work /tmp/toy --budget-s 930 --final &
-    python tools/toy_world.py collect --work /tmp/toy --out $OUT --snapshot-at 540
-    python tools/toy_world.py train --work /tmp/toy --resume-from .toy_state --budget-s 330 --final
-Then, on any machine, from the fp16 parts the final stage wrote:
-    python tools/toy_world.py assemble --parts PARTS [--diffusers DIR]
-    python tools/toy_world.py evaluate --per-combo 16                  # sample accuracy with the scorer
+On the GPU machine, where one call lasts at most 10 minutes, the trainer runs in its own session so that it
+outlives the first call (the committed model: H100, 1,100 s, 9,563 steps of batch 1,024):
+    mkdir -p /tmp/toy && setsid nohup python tools/toy_world.py train --work /tmp/toy --budget-s 1100 --final \
+        --vae-seconds 120 > /tmp/toy/train.log 2>&1 &
+    python tools/toy_world.py collect --work /tmp/toy --out $OUT --snapshot-at 505   # call 1: a snapshot
+    python tools/toy_world.py collect --work /tmp/toy --out $OUT --max-wait 585      # call 2: the fp16 parts
+A machine lost between calls: `train --work /tmp/toy --resume-from SNAPSHOT --budget-s 560 --final`.
+A scorer.safetensors already in --work is kept (the committed one: `scorer --device cpu --steps 1500 --batch 64`).
+Then, on any machine, from the fp16 parts:
+    python tools/toy_world.py assemble --parts PARTS [--diffusers DIR]  # -> library/assets/toy/toy-sd1.safetensors
+    python tools/toy_world.py evaluate --per-combo 32                  # sample accuracy with the scorer
     python tools/toy_world.py ti-eval --run output/demo --concept "orange star"
+    python tools/toy_world.py dataset --concept "orange star" --out "dataset_layouts/demo/10_d3mo star"
+    python tools/toy_world.py preview-grid --run output/demo --output docs/toy_demo.png
 A CPU smoke run of everything: `python tools/toy_world.py train --work /tmp/t --tiny --final`.
 """
 
