@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,10 @@ from library.optim import build_optimizer, clip_gradients
 from library.prompts import PromptEncoder
 from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import Schedule, build_schedule
+
+# make_graphed_callables warms up on a side stream; the vectors' gradient node then warns once that its stream
+# differs. The replayed steps do not wait on it (the GPU is busy 92 % of a step), so the warning is noise.
+warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_READ_EVERY = 25  # steps between reads of the loss from the GPU (each read is one sync)
