@@ -44,6 +44,7 @@ from library.schedules import Schedule, build_schedule
 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_CACHE = Path.home() / ".cache" / "ti-toolkit" / "torchinductor"  # TORCHINDUCTOR_CACHE_DIR overrides
 LOSS_READ_EVERY = 25  # steps between reads of the loss from the GPU (each read is one sync)
 
 
@@ -426,6 +427,8 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     graphed_unet = None
     use_graphs = t.cuda_graphs and device.type == "cuda" and not (t.low_memory or t.gradient_checkpointing)
     if t.compile:
+        # Compiled kernels go to a cache that outlives /tmp, so later runs reuse them instead of compiling again.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         parts.unet.compile(mode="reduce-overhead" if use_graphs else None)
     elif use_graphs:
         autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision)
