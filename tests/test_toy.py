@@ -258,3 +258,7 @@ def test_dataset_command_renders_a_kohya_folder_and_never_overwrites(tmp_path):
     assert toy.likeness([Image.open(p) for p in images], "purple cross") == 1.0
     again = subprocess.run([*command, "--out", str(folder)], capture_output=True, text=True)
     assert again.returncode != 0 and "not empty" in again.stderr
+    bad = subprocess.run(
+        [*command[:-1], "pink star", "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "colour from red" in bad.stderr

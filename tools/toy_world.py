@@ -48,6 +48,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from library import toy  # noqa: E402
+from library.errors import UserError  # noqa: E402
 from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer  # noqa: E402
 from library.prompts import PromptEncoder  # noqa: E402
 
@@ -1127,7 +1128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UserError as error:  # bad input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
