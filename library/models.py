@@ -72,6 +72,20 @@ class SDParts:
     checkpoint_name: str  # file stem (or folder name), as A1111 shows it
     checkpoint_hash: str  # A1111 short hash: first 10 hex of the file's SHA-256 ("" if unknown)
 
+    @classmethod
+    def of(cls, family: str, text_encoder, unet, vae, *, name: str, checkpoint_hash: str = "") -> SDParts:
+        """Parts from built modules, with the family's tokenizer and noise schedule."""
+        return cls(
+            family=family,
+            tokenizer=load_tokenizer(family),
+            text_encoder=text_encoder,
+            unet=unet,
+            vae=vae,
+            noise_scheduler=DDPMScheduler(**FAMILIES[family].scheduler_config),
+            checkpoint_name=name,
+            checkpoint_hash=checkpoint_hash,
+        )
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
@@ -425,15 +439,8 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
         vae_model = _build_vae(path, vae_sd, vae_base, None if config_dir else metadata, dtype)
     else:
         raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
-    return SDParts(
-        family=chosen,
-        tokenizer=load_tokenizer(chosen),
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae_model,
-        noise_scheduler=DDPMScheduler(**FAMILIES[chosen].scheduler_config),
-        checkpoint_name=path.stem,
-        checkpoint_hash=a1111_short_hash(path),
+    return SDParts.of(
+        chosen, text_encoder, unet, vae_model, name=path.stem, checkpoint_hash=a1111_short_hash(path)
     )
 
 

@@ -7,10 +7,10 @@ They use the exact diffusers/transformers classes of SD 1.x and 2.x and the real
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.models import FAMILIES, SDParts, load_tokenizer
+from library.models import FAMILIES, SDParts
 
 TEXT_WIDTH = 32
 
@@ -76,16 +76,6 @@ def build_tiny_parts(family: str = "sd1", seed: int = 0) -> SDParts:
     # A freshly built LayerNorm has zero bias, so every output token would have mean 0 and A1111's
     # emphasis mean-restore would divide by ~0. Real CLIP has a learned bias; give the tiny one one too.
     getattr(text_encoder, "text_model", text_encoder).final_layer_norm.bias.data.normal_(0.0, 0.5)
-    scheduler = DDPMScheduler(**FAMILIES[family].scheduler_config)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
-    return SDParts(
-        family=family,
-        tokenizer=load_tokenizer(family),
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
-        noise_scheduler=scheduler,
-        checkpoint_name=f"tiny-{family}",
-        checkpoint_hash="",
-    )
+    return SDParts.of(family, text_encoder, unet, vae, name=f"tiny-{family}")

@@ -431,8 +431,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         parts.unet.compile(mode="reduce-overhead" if use_graphs else None)
     elif use_graphs:
-        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision)
-        graphed_unet = GraphedUNet(parts.unet, autocast_dtype)
+        graphed_unet = GraphedUNet(parts.unet, None if t.mixed_precision == "no" else weight_dtype)
 
     start = _initial_vectors(cfg, parts, point)
     vectors = torch.nn.Parameter(start.to(device, torch.float32))

@@ -617,16 +617,7 @@ def write_snapshot(trainer: DiffusionTrainer, work: Path, quick_eval: bool) -> N
 
 
 def make_parts(unet, text_encoder, vae, name: str = "toy-sd1") -> SDParts:
-    return SDParts(
-        family="sd1",
-        tokenizer=load_tokenizer("sd1"),
-        text_encoder=text_encoder.eval(),
-        unet=unet.eval(),
-        vae=vae.eval(),
-        noise_scheduler=DDPMScheduler(**FAMILIES["sd1"].scheduler_config),
-        checkpoint_name=name,
-        checkpoint_hash="",
-    )
+    return SDParts.of("sd1", text_encoder.eval(), unet.eval(), vae.eval(), name=name)
 
 
 @torch.no_grad()
