@@ -29,6 +29,7 @@ from library import report, scoring
 from library.cli import run_script
 from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
+from library.files import atomic_write
 from library.sampling import resolve_seed
 from library.sweep import (
     Plan,
@@ -112,8 +113,7 @@ class Sweep:
                 "Scores are off (scoring.model is empty): the sweep renders, but recommends no step."
             )
             log("scores are off: set scoring.model to a local CLIP folder to get a recommended step")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
+        atomic_write(out / "config.toml", dump_config(cfg))
         return sweep
 
     def render(self, plans: list[Plan], log=print) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import torch
 
 from library.embeddings import Embedding, load_embedding
 from library.errors import UserError
+from library.files import atomic_write
 
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 
@@ -72,24 +71,11 @@ class RunFolder:
         return sorted(found)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder so a kill never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_training_state(path: Path, step: int, optimizer_state: dict, scaler_state: dict | None) -> None:
     """Optimizer (and fp16 loss-scaler) state after `step` updates, loadable with weights_only=True."""
     buffer = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer_state, "scaler": scaler_state or {}}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def load_training_state(path: Path) -> dict:
@@ -157,7 +143,7 @@ def trim_loss_log(run: RunFolder, step: int) -> None:
     writer = csv.DictWriter(out, LOSS_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(run.loss_csv, out.getvalue().encode())
+    atomic_write(run.loss_csv, out.getvalue())
 
 
 class LossLog:

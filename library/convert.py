@@ -10,9 +10,6 @@ back to A1111, ComfyUI or Kohya as one file (`save_single_file`) or out as a dif
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -27,6 +24,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 
 from library.errors import UserError
+from library.files import atomic_folder, atomic_write
 
 if TYPE_CHECKING:
     from library.models import SDParts
@@ -375,32 +373,6 @@ def architecture_metadata(parts: SDParts, title: str) -> dict[str, str]:
 # Writing files
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; choose another name or pass overwrite=True")
-
-
-def _usual_mode(directory: bool) -> int:
-    """The permissions a plain open()/mkdir() would give: temporary files and folders are private."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _usual_mode(directory=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_single_file(
     parts: SDParts, path, *, dtype: torch.dtype = torch.float16, overwrite: bool = False
 ) -> Path:
@@ -415,13 +387,16 @@ def save_single_file(
         raise UserError(
             f"{path}: a single-file checkpoint is written as .safetensors or .ckpt; rename the output"
         )
-    _check_target(path, overwrite)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_ldm_state_dict(parts).items()}
     metadata = architecture_metadata(parts, path.stem)
     if suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata), overwrite=overwrite)
     else:
-        _atomic_write(path, lambda tmp: torch.save({"state_dict": state, "metadata": metadata}, tmp))
+        atomic_write(
+            path,
+            lambda tmp: torch.save({"state_dict": state, "metadata": metadata}, tmp),
+            overwrite=overwrite,
+        )
     return path
 
 
@@ -433,37 +408,16 @@ def _write_text_encoder_weights(text_encoder, folder: Path) -> None:
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.replace(new, folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    os.replace(folder, old)
-    os.replace(new, folder)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def save_diffusers(parts: SDParts, folder, *, overwrite: bool = False) -> Path:
     """Write the model as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/) that `StableDiffusionPipeline.from_pretrained` and `load_sd` read offline.
 
     The tokenizer folder also gets `vocab.json` and `merges.txt`, which older transformers releases need.
     """
-    folder = Path(folder)
-    _check_target(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        pipe = parts.pipeline()
-        pipe.save_pretrained(tmp, safe_serialization=True)
+
+    def write(tmp: Path) -> None:
+        parts.pipeline().save_pretrained(tmp, safe_serialization=True)
         _write_text_encoder_weights(parts.text_encoder, tmp / "text_encoder")
         parts.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
-        os.chmod(tmp, _usual_mode(directory=True))
-        _replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_folder(folder, write, overwrite=overwrite)

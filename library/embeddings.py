@@ -16,7 +16,6 @@ import functools
 import os
 import pickle
 import re
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 
 from library import png_embedding
 from library.errors import UserError
+from library.files import atomic_write, pt_bytes
 
 # Our safetensors metadata keys; everything else in the header lands in `Embedding.metadata`.
 META_NAME = "ti.name"
@@ -295,11 +295,9 @@ def save_embedding(
         raise UserError(f"{path}: a picture can only be stored in a .png or .webp embedding")
     tensors = _checked_tensors(embedding, path)
     _extra_metadata(embedding)  # checks the metadata before anything is written
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass overwrite=True (--overwrite) or choose another name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda temp: _WRITERS[suffix](embedding, tensors, temp, image))
-    return path
+    return atomic_write(
+        path, lambda temp: _WRITERS[suffix](embedding, tensors, temp, image, path.stem), overwrite=overwrite
+    )
 
 
 def _checked_tensors(embedding: Embedding, path: Path) -> dict[str, torch.Tensor]:
@@ -322,20 +320,6 @@ def _checked_tensors(embedding: Embedding, path: Path) -> dict[str, torch.Tensor
     if len({t.shape[0] for t in out.values()}) != 1:
         raise UserError(f"{path}: clip_l and clip_g must have the same number of vectors")
     return out
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over `path`.
-
-    The writers create the temporary file themselves, so it gets the usual permissions (mkstemp's
-    owner-only mode would carry over to the embedding).
-    """
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _a1111_dict(embedding: Embedding, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -398,19 +382,27 @@ def _guess_architecture(embedding: Embedding) -> str:
     return MODELSPEC_ARCHITECTURES["sd2" if embedding.width == 1024 else "sd1"]
 
 
-def _write_pt(embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any) -> None:
-    torch.save(_a1111_dict(embedding, tensors), temp)
+def _write_pt(
+    embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any, stem: str
+) -> None:
+    # A1111's safe loader refuses torch.save's own archive; its folder is named after the file, as A1111's.
+    temp.write_bytes(pt_bytes(_a1111_dict(embedding, tensors), archive=stem))
 
 
 def _write_safetensors(
-    embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any
+    embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any, stem: str
 ) -> None:
-    # Through bytes: save_file creates owner-only files, unlike every other writer here.
     temp.write_bytes(safetensors.torch.save(tensors, metadata=_safetensors_header(embedding)))
 
 
 def _write_image(
-    embedding: Embedding, tensors: dict[str, torch.Tensor], temp: Path, image: Any, *, image_format: str
+    embedding: Embedding,
+    tensors: dict[str, torch.Tensor],
+    temp: Path,
+    image: Any,
+    stem: str,
+    *,
+    image_format: str,
 ) -> None:
     if image is None:
         lines = [
@@ -424,7 +416,7 @@ def _write_image(
     png_embedding.write_image(temp, image_format, image, _a1111_dict(embedding, tensors), first_vector)
 
 
-_WRITERS: dict[str, Callable[[Embedding, dict[str, torch.Tensor], Path, Any], None]] = {
+_WRITERS: dict[str, Callable[..., None]] = {
     ".pt": _write_pt,
     ".safetensors": _write_safetensors,
     ".png": functools.partial(_write_image, image_format="PNG"),

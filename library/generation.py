@@ -28,13 +28,13 @@ from library.config import GenerateConfig, GenerateSettings, ModelConfig, dump_c
 from library.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
 from library.embeddings import load_embedding
 from library.errors import UserError
+from library.files import atomic_write
 from library.generation_files import (
     PlannedImage,
     RunWriter,
     planned_images,
     read_manifest,
     write_manifest,
-    write_text,
 )
 from library.grid import apply_prompt_sr, prompt_sr_values
 from library.infotext import format_infotext, infotext_params
@@ -301,7 +301,7 @@ def run_generate(
         "checkpoint_name": renderer.parts.checkpoint_name,
         "checkpoint_hash": renderer.parts.checkpoint_hash,
     }
-    write_text(folder / CONFIG_FILE, dump_config(config))
+    atomic_write(folder / CONFIG_FILE, dump_config(config))
     write_manifest(folder, config, axes, model_info, plan)
     combos = len(plan) // (settings.batch_count * settings.batch_size)
     log(
@@ -344,7 +344,7 @@ def reproduce(
         log(
             f"note: the manifest was made with model hash {recorded}; this model's is {renderer.parts.checkpoint_hash}"
         )
-    write_text(folder / CONFIG_FILE, dump_config(config))
+    atomic_write(folder / CONFIG_FILE, dump_config(config))
     log(f"rendering {len(wanted)} images again into {folder}")
     writer = RunWriter(folder, config, parse_axes(config.generate))
     plan = [image for batch in batches for image in batch]

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 from library.config import GenerateConfig, PickConfig, config_to_dict
 from library.errors import UserError
+from library.files import atomic_write
 from library.grid import join_grids_side_by_side, make_grid
 from library.infotext import save_png
 from library.pick import ImageFlags, check_pick_config, flag_image
@@ -50,14 +50,6 @@ class PlannedImage:
 # Manifest
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a crash never leaves half a manifest)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(
     folder: Path, config: GenerateConfig, axes: list[list[str]], model_info: dict, plan: list[PlannedImage]
 ) -> None:
@@ -70,14 +62,14 @@ def write_manifest(
         "axes": axes,
         "images": [asdict(image) for image in plan],
     }
-    write_text(folder / MANIFEST_JSON, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(folder / MANIFEST_JSON, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
         ["file", "seed", "prompt", "negative_prompt", *[f"axis_{n + 1}" for n in range(len(axes))]]
     )
     writer.writerows([i.file, i.seed, i.prompt, i.negative_prompt, *i.axis_values] for i in plan)
-    write_text(folder / MANIFEST_CSV, buffer.getvalue())
+    atomic_write(folder / MANIFEST_CSV, buffer.getvalue())
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 
-from library.errors import UserError
+from library.files import atomic_write
 
 if TYPE_CHECKING:
     from library.sampling import SampleSettings
@@ -139,20 +138,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str, *, over
 
     Refuses to replace an existing file unless `overwrite=True`.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another name or pass overwrite=True")
-    if not path.parent.is_dir():
-        raise UserError(f"{path}: folder {path.parent} does not exist; create it first")
     info = PngImagePlugin.PngInfo()
     # A1111 writes the chunk as iTXt when the text is not Latin-1 (PIL picks it for us).
     info.add_text("parameters", infotext)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda temp: image.save(temp, format="PNG", pnginfo=info), overwrite=overwrite)

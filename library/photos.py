@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from library.captions import caption_from_stem, check_caption_extension, read_caption
 from library.config import PhotosConfig
 from library.errors import UserError
+from library.files import atomic_write
 from library.images import open_image, split_rgb_alpha
 
 # Faces are searched on a copy whose long side is at most this: the cascades find faces of 24 px and
@@ -226,10 +227,10 @@ def prepare_photos(cfg: PhotosConfig, log: Callable[[str], None] = print) -> Pho
         if cfg.flip:
             variants.append((f"{names[source]}-flipped", ImageOps.mirror(picture)))
         for stem, variant in variants:
-            variant.save(out / f"{stem}.png")
+            atomic_write(out / f"{stem}.png", lambda temp, picture=variant: picture.save(temp, format="PNG"))
             report.written.append(out / f"{stem}.png")
             if caption is not None:
-                (out / f"{stem}{cfg.caption_extension}").write_text(caption + "\n", encoding="utf-8")
+                atomic_write(out / f"{stem}{cfg.caption_extension}", caption + "\n")
     _log_report(report, out, log)
     return report
 

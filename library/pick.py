@@ -20,6 +20,7 @@ from PIL import Image, ImageColor
 
 from library.config import PickConfig
 from library.errors import UserError
+from library.files import atomic_write
 from library.images import list_images, open_image, split_rgb_alpha
 from library.photos import detect_faces
 
@@ -188,9 +189,7 @@ def run_pick(
         raise UserError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp) to review")
     results, unreadable = flag_images(paths, cfg, log, measured)
     record = {"pick": asdict(cfg), "images": [asdict(f) for f in results], "unreadable": unreadable}
-    (folder / FLAGS_FILE).write_text(
-        json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    atomic_write(folder / FLAGS_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     page = write_review_page(folder, review_items(folder, results))
     log(f"review page: {page} (open it in a browser, keep or drop, then export the selection)")
     return page

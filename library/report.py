@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from library.files import atomic_write
 from library.grid import join_grids_side_by_side, make_grid
 from library.infotext import format_infotext, infotext_params, save_png
 
@@ -80,11 +82,11 @@ def save_grid(path: Path, plan, cell_images: dict[tuple[int, int, int], Image.Im
 
 
 def write_scores_csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, SCORE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, SCORE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, buffer.getvalue())
 
 
 def score_row(out: Path, plan, cell, i: int, path: Path, result) -> dict:
@@ -353,5 +355,4 @@ def write_report(
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
         f"<body>\n{chr(10).join(body)}\n<script>{_SCRIPT}</script></body></html>\n"
     )
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write(path, page)

@@ -32,6 +32,7 @@ from library.embeddings import (
     save_embedding,
 )
 from library.errors import UserError
+from library.files import atomic_write
 from library.infotext import format_infotext, infotext_params, save_png
 from library.models import SDParts, load_parts
 from library.optim import build_optimizer, clip_gradients
@@ -44,7 +45,6 @@ from library.schedules import Schedule, build_schedule
 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPILE_CACHE = Path.home() / ".cache" / "ti-toolkit" / "torchinductor"  # TORCHINDUCTOR_CACHE_DIR overrides
 LOSS_READ_EVERY = 25  # steps between reads of the loss from the GPU (each read is one sync)
 
 
@@ -427,8 +427,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     graphed_unet = None
     use_graphs = t.cuda_graphs and device.type == "cuda" and not (t.low_memory or t.gradient_checkpointing)
     if t.compile:
-        # Compiled kernels go to a cache that outlives /tmp, so later runs reuse them instead of compiling again.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+        # Compiled kernels are cached in ~/.cache/ti-toolkit/torchinductor (library/__init__.py) for later runs.
         parts.unet.compile(mode="reduce-overhead" if use_graphs else None)
     elif use_graphs:
         graphed_unet = GraphedUNet(parts.unet, None if t.mixed_precision == "no" else weight_dtype)
@@ -455,7 +454,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         accelerator.scaler.load_state_dict(point.state["scaler"])
     if accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(run.config_file, dump_config(cfg).encode())
+        atomic_write(run.config_file, dump_config(cfg))
     log(
         f"training '{cfg.embedding.name}' ({vectors.shape[0]} vectors x {vectors.shape[1]}) on {parts.checkpoint_name} "
         f"[{parts.family}], {data.num_images} images, {accelerator.num_processes} process(es) on {device}, "

@@ -9,6 +9,15 @@ from PIL import Image, ImageDraw
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (230, 210, 40), (150, 50, 200), (240, 140, 20)]
 
 
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line a script prints for bad input (other lines, e.g. progress bars or a
+    dependency's notices, are not counted); fails on a traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 def make_images(folder: Path, count: int = 8, size: int = 32, caption: str | None = "a shape") -> Path:
     """`count` small pictures of coloured squares on gray, with optional caption files."""
     folder.mkdir(parents=True, exist_ok=True)

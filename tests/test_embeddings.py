@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import pickle
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -28,74 +29,9 @@ from library.embeddings import (
 from library.errors import UserError
 from library.png_embedding import lcg_stream
 from library.tiny import build_tiny_parts
+from tests.a1111 import a1111_check_pt, a1111_reads, reference_extract, reference_lcg
 
 WOMAN = 2308  # CLIP id of "woman"
-
-# ---------------------------------------------------------------------------------------------------------
-# Reference readers, written here from A1111's and Kohya's rules (independent of library code)
-
-
-def reference_lcg():
-    """A1111's generator: Numerical Recipes LCG from seed 0, each state reduced modulo 255."""
-    seed = 0
-    while True:
-        seed = (1664525 * seed + 1013904223) % 2**32
-        yield seed % 255
-
-
-def reference_extract(picture: Image.Image) -> dict | None:
-    """A1111's extract_image_data_embed, re-derived: crop black, split at black columns, unscramble."""
-    rgb = np.array(picture.convert("RGB"), dtype=np.uint8)
-    lit = np.all(rgb > 0, axis=2)
-    cols, rows = lit.any(axis=0), lit.any(axis=1)
-    left, right = int(np.argmax(cols)), rgb.shape[1] - int(np.argmax(cols[::-1]))
-    top, bottom = int(np.argmax(rows)), rgb.shape[0] - int(np.argmax(rows[::-1]))
-    nibbles = rgb[top:bottom, left:right] & 0x0F
-    black = np.where(nibbles.sum(axis=(0, 2)) == 0)[0]
-    if len(black) < 2:
-        return None
-
-    def unscramble(block):
-        stream = reference_lcg()
-        noise = np.array([next(stream) for _ in range(block.size)], dtype=np.uint8).reshape(block.shape)
-        return block ^ (noise & 0x0F)
-
-    low = unscramble(nibbles[:, : black.min()])
-    high = unscramble(nibbles[:, black.max() + 1 :])
-    return json.loads(
-        zlib.decompress(((high << 4) | low).astype(np.uint8).tobytes()), object_hook=_tensor_hook
-    )
-
-
-def _tensor_hook(obj):
-    return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float64) if "TORCHTENSOR" in obj else obj
-
-
-def a1111_reads(path: Path):
-    """A1111's EmbeddingDatabase.load_from_file decisions: returns (keyword, vectors, step, hash, ckpt name)."""
-    name, ext = os.path.splitext(path.name)
-    if ext.upper() in (".PNG", ".WEBP"):
-        picture = Image.open(path)
-        if hasattr(picture, "text") and "sd-ti-embedding" in picture.text:
-            data = json.loads(base64.b64decode(picture.text["sd-ti-embedding"]), object_hook=_tensor_hook)
-        else:
-            data = reference_extract(picture)
-        name = data.get("name", name)
-    elif ext.upper() in (".PT", ".BIN"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        data = safetensors.torch.load_file(path, device="cpu")
-    if "string_to_param" in data:
-        assert len(data["string_to_param"]) == 1, "embedding file has multiple terms in it"
-        vec = next(iter(data["string_to_param"].values())).detach().float()
-    elif "clip_g" in data and "clip_l" in data:
-        vec = {key: value.detach().float() for key, value in data.items()}  # every item must be a tensor
-    elif type(next(iter(data.values()))) is torch.Tensor:
-        assert len(data) == 1, "embedding file has multiple terms in it"
-        vec = next(iter(data.values())).detach().float()
-    else:
-        raise AssertionError("A1111 would not recognise this file")
-    return name, vec, data.get("step"), data.get("sd_checkpoint"), data.get("sd_checkpoint_name")
 
 
 def kohya_reads(path: Path) -> torch.Tensor:
@@ -262,6 +198,25 @@ def test_pt_file_is_a1111_dict(tmp_path):
         data["string_to_param"]["*"].dtype == torch.float32 and data["string_to_param"]["*"].is_contiguous()
     )
     assert (data["name"], data["step"], data["sd_checkpoint"]) == ("myemb", 120, "9aba26abdf")
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["sd1", "sdxl"])
+def test_pt_files_pass_a1111_safe_loader_with_the_stem_as_archive_folder(tmp_path, pair):
+    embedding = sample()
+    if pair:
+        embedding.vectors = {"clip_l": vectors(2, 768), "clip_g": vectors(2, 1280, seed=2)}
+    path = save_embedding(embedding, tmp_path / "fr3nchl4dy-115.pt")
+    a1111_check_pt(path)
+    with zipfile.ZipFile(path) as archive:
+        assert {name.split("/")[0] for name in archive.namelist()} == {"fr3nchl4dy-115"}
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    assert load_embedding(path).num_vectors == (2 if pair else 3)
+    mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # ComfyUI memory-maps
+    assert (
+        (set(mapped) >= {"clip_l", "clip_g"})
+        if pair
+        else torch.equal(mapped["string_to_param"]["*"], embedding.vectors)
+    )
 
 
 def test_safetensors_is_kohya_layout_with_modelspec(tmp_path):

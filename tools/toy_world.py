@@ -38,15 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+import library  # noqa: E402, F401  (first: it settles how the dependencies behave)
 from library import toy  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer  # noqa: E402

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from library.captions import check_caption_extension, read_caption
 from library.config import SelectConfig
 from library.errors import UserError
+from library.files import atomic_write, copy_file
 
 PAGE_FILE = "review.html"
 SELECTION_FORMAT = "ti-toolkit-selection"
@@ -87,8 +87,7 @@ def write_review_page(folder: str | Path, items: list[dict], title: str | None =
     page = page.replace("{{JS}}", (_HERE / "review.js").read_text(encoding="utf-8"))
     page = page.replace("{{DATA}}", payload)
     target = folder / PAGE_FILE
-    target.write_text(page, encoding="utf-8")
-    return target
+    return atomic_write(target, page)
 
 
 def _html_escape(text: str) -> str:
@@ -199,10 +198,9 @@ def write_kohya_folder(selection: Selection, cfg: SelectConfig, log: Callable[[s
                 raise UserError(
                     f"{existing} already exists; nothing was written (choose another select.output_dir)"
                 )
-    target.mkdir(parents=True, exist_ok=True)
     for source, image, caption_file, caption in plan:
-        shutil.copyfile(source, image)  # the bytes as they are: PNG infotext and all
-        caption_file.write_text(caption + "\n", encoding="utf-8")
+        copy_file(source, image)  # the bytes as they are: PNG infotext and all
+        atomic_write(caption_file, caption + "\n", overwrite=False)
     log(
         f"wrote {len(plan)} pictures with captions to {target} (train with dataset.image_dir={cfg.output_dir})"
     )

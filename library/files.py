@@ -1,0 +1,158 @@
+"""Every file the toolkit writes goes through here, and so does the `.pt` container A1111 accepts.
+
+- Atomic: the data goes to a temporary file in the target's folder, which is then renamed over the target,
+  so a kill never leaves half a file; the temporary file is removed whatever happens.
+- Usual permissions: the file gets the mode a plain `open()` gives (0666 minus the umask), never the
+  owner-only 0600 of `tempfile.mkstemp`, whichever library writes the bytes.
+- Nothing is replaced by surprise: with `overwrite=False` an existing target is a one-line `UserError`.
+- A folder that is a file, is read-only or is full is a one-line `UserError` naming the path.
+
+`pt_bytes` writes a `torch.save` archive that A1111's safe loader (`modules/safe.py`, FACTS §8) accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError
+
+Writer = Callable[[Path], None]  # writes the whole file at the path it is given
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents); a path that is a file, or a read-only place, is a UserError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{folder}: is a file, not a folder; choose another output folder") from None
+    except OSError as error:
+        raise UserError(f"{folder}: cannot create the folder ({error.strerror})") from None
+    return folder
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Writer, *, overwrite: bool = True) -> Path:
+    """Write `data` (bytes, UTF-8 text, or a function that writes a file at a given path) to `path`.
+
+    See the module docstring for what is guaranteed. Returns `path`.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise UserError(f"{path}: already exists; nothing was replaced (choose another name or folder)")
+    ensure_folder(path.parent)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "xb") as handle:
+            if isinstance(data, str):
+                handle.write(data.encode("utf-8"))
+            elif isinstance(data, bytes | bytearray | memoryview):
+                handle.write(data)
+        if callable(data):
+            data(temp)
+        os.chmod(temp, 0o666 & ~_umask())  # some writers (safetensors) replace the file with a private one
+        os.replace(temp, path)
+    except OSError as error:
+        raise UserError(
+            f"{path}: cannot write ({error.strerror or error}); check the folder and free space"
+        ) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_folder(folder: str | os.PathLike, write: Writer, *, overwrite: bool = False) -> Path:
+    """Write a whole folder through `write(temporary_folder)`, then rename it into place (replacing an
+    existing folder only with `overwrite=True`). Everything inside gets the usual permissions, whatever
+    the libraries that wrote it chose (safetensors writes owner-only files)."""
+    folder = Path(folder)
+    if not overwrite and folder.exists():
+        raise UserError(f"{folder}: already exists; nothing was replaced (choose another name or folder)")
+    ensure_folder(folder.parent)
+    temp = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.tmp")
+    old = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.old")
+    try:
+        temp.mkdir()
+        write(temp)
+        file_mode, folder_mode = 0o666 & ~_umask(), 0o777 & ~_umask()
+        for inner, folders, files in os.walk(temp):
+            for name in files:
+                os.chmod(os.path.join(inner, name), file_mode)
+            for name in folders:
+                os.chmod(os.path.join(inner, name), folder_mode)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(temp, folder)
+    except OSError as error:
+        raise UserError(
+            f"{folder}: cannot write ({error.strerror or error}); check the folder and free space"
+        ) from None
+    finally:
+        for leftover in (temp, old):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    return folder
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Copy the bytes of `source` to `target` atomically (never through a symbolic link's target)."""
+    source = Path(source)
+
+    def copy(temp: Path) -> None:
+        with open(source, "rb") as reader, open(temp, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
+
+    return atomic_write(target, copy, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------
+# The `.pt` container
+
+# Entries A1111's check_pt accepts inside the archive folder; `torch.save` also writes `.format_version` and
+# `.storage_alignment`, which make A1111 refuse the file as "bad file inside ..." (possibly malicious).
+_A1111_ENTRIES = ("data.pkl", "version", "byteorder", ".data/serialization_id")
+_ALIGNMENT = 64  # torch aligns tensor data to 64 bytes so that it can be memory-mapped; keep that
+_PADDING_HEADER = b"\xfe\xca"  # an unregistered zip extra-field id, used only to pad
+
+
+def pt_bytes(obj: Any, archive: str) -> bytes:
+    """`torch.save(obj)` as A1111 writes it: a zip holding only `archive/data.pkl`, `archive/data/N`,
+    `archive/version`, `archive/byteorder` and `archive/.data/serialization_id`.
+
+    A1111 names the archive folder after the file's stem (`NAME-500/data.pkl`). The pickle is torch's own,
+    so it uses only the globals A1111's restricted unpickler allows for plain dicts of tensors and numbers.
+    """
+    import torch
+
+    if not archive or "/" in archive or "\\" in archive:
+        raise ValueError(f"archive name {archive!r} must be a plain name")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            entry = info.filename.split("/", 1)[1]
+            if entry in _A1111_ENTRIES or entry.startswith("data/"):
+                name = f"{archive}/{entry}"
+                record = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                record.compress_type = zipfile.ZIP_STORED
+                # Pad the local header so the data starts on a 64-byte boundary (30 = fixed header size).
+                start = out.tell() + 30 + len(name.encode()) + 4
+                padding = -start % _ALIGNMENT
+                record.extra = _PADDING_HEADER + padding.to_bytes(2, "little") + b"\0" * padding
+                target.writestr(record, source.read(info))
+    return out.getvalue()
