@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.cli import run_script
+from library.cli import ArgumentParser, parse_command_line, run_script
 from library.config import GenerateConfig, load_config
 from library.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -54,10 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     select.add_argument("--images", metavar="DIR", help="the images' folder, if it moved since the review")
     for sub in commands.choices.values():
         sub.add_argument("overrides", nargs="*", metavar="table.key=value", help="override preset values")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(argv: list[str] | None) -> None:
+    args = parse_args(argv)
     from library import photos, pick, review  # torch and diffusers load only for `generate`
 
     if args.command == "generate":
@@ -83,8 +82,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_script(lambda: run(args))
+    return run_script(lambda: run(argv))
 
 
 if __name__ == "__main__":

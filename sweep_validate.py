@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from library import report, scoring
-from library.cli import run_script
+from library.cli import ArgumentParser, parse_command_line, run_script
 from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
 from library.files import atomic_write
@@ -204,9 +204,7 @@ class Sweep:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML preset, e.g. presets/validate.toml")
     parser.add_argument(
         "--export",
@@ -217,10 +215,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--export-to", metavar="DIR", help="folder for --export (same as export.folder=DIR)")
     parser.add_argument("--overwrite", action="store_true", help="let --export replace existing NAME.* files")
     parser.add_argument("overrides", nargs="*", metavar="table.key=value", help="override preset values")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
-def sweep(args: argparse.Namespace) -> None:
+def sweep(argv: list[str] | None) -> None:
+    args = parse_args(argv)
     overrides = list(args.overrides) + ([f"export.folder={args.export_to}"] if args.export_to else [])
     cfg = load_config(SweepConfig, args.config, overrides)
     export = (args.export or "").strip().lower()
@@ -260,8 +259,7 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_script(lambda: sweep(args))
+    return run_script(lambda: sweep(argv))
 
 
 if __name__ == "__main__":

@@ -12,24 +12,34 @@ output_dir/
 from __future__ import annotations
 
 import csv
+import fcntl
+import glob
 import io
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 
 from library.embeddings import Embedding, load_embedding
 from library.errors import UserError
-from library.files import atomic_write
+from library.files import atomic_write, ensure_folder
 
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 
 
 @dataclass(frozen=True)
 class RunFolder:
+    """The names inside a run folder, and what its saves are.
+
+    A save of step N is complete once `embeddings/NAME-N.<first format>` exists: the trainer writes the
+    optimizer state and the other formats first and that file last, so a run killed while saving leaves an
+    incomplete save that resuming recognises and removes.
+    """
+
     root: Path
     name: str
 
@@ -53,6 +63,10 @@ class RunFolder:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
     def final_file(self, fmt: str) -> Path:
         return self.root / f"{self.name}.{fmt}"
 
@@ -69,6 +83,34 @@ class RunFolder:
             return []
         found = {int(m.group(1)) for p in self.embeddings_dir.iterdir() if (m := pattern.match(p.name))}
         return sorted(found)
+
+    def complete_steps(self, formats: tuple[str, ...]) -> list[int]:
+        """Saved steps whose save finished (their first format's file exists), ascending."""
+        return [s for s in self.saved_steps() if self.step_file(s, formats[0]).is_file()]
+
+    def files_of(self, step: int) -> list[Path]:
+        """Every file a save of `step` may have written."""
+        return [p for p in self.embeddings_dir.glob(f"{glob.escape(self.name)}-{step}.*") if p.is_file()]
+
+    def holds_a_run(self) -> bool:
+        """True once a run saved anything here (a start that failed before its first save leaves nothing
+        that counts)."""
+        return bool(self.saved_steps()) or any(self.final_file(f).is_file() for f in ("pt", "safetensors"))
+
+    def lock(self) -> IO:
+        """Hold the folder for one run (until the returned file is closed): a second run into the same
+        folder is refused while this one lives. The lock goes with the process, so a killed run leaves none."""
+        ensure_folder(self.root)
+        handle = open(self.lock_file, "a")  # noqa: SIM115 - kept open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(
+                f"{self.root}: another training run is writing to this folder; wait for it to finish "
+                "or set save.output_dir to a new folder"
+            ) from None
+        return handle
 
 
 def save_training_state(path: Path, step: int, optimizer_state: dict, scaler_state: dict | None) -> None:
@@ -95,18 +137,25 @@ class ResumePoint:
     source: Path
 
 
-def find_resume_point(target: Path, name: str) -> ResumePoint:
-    """Where to continue from: a run folder (its latest save) or one `NAME-N` embedding file."""
+def find_resume_point(
+    target: Path, name: str, formats: tuple[str, ...], log: Callable[[str], None] = print
+) -> ResumePoint | None:
+    """Where to continue from: a run folder (its latest complete save) or one `NAME-N` embedding file.
+
+    A run folder with no complete save yet gives None (start from step 0). An incomplete save after the
+    latest complete one (the run was killed while saving) is removed: training writes it again.
+    """
     if target.is_dir():
         run = RunFolder(target, name)
-        steps = [s for s in run.saved_steps() if run.optim_file(s).exists()] or run.saved_steps()
-        if not steps:
-            raise UserError(
-                f"{target}: no saved '{name}-N' embeddings to resume from; check the folder and [embedding] name"
-            )
-        step = steps[-1]
-        file = next(f for fmt in ("pt", "safetensors") if (f := run.step_file(step, fmt)).exists())
-        optim = run.optim_file(step)
+        complete = run.complete_steps(formats)
+        for step in [s for s in run.saved_steps() if s not in complete and s > max(complete, default=-1)]:
+            for file in run.files_of(step):
+                file.unlink()
+            log(f"removed the incomplete save of step {step} (the run stopped while writing it)")
+        if not complete:
+            return None
+        file = run.step_file(complete[-1], formats[0])
+        optim = run.optim_file(complete[-1])
     elif target.is_file():
         file = target
         optim = target.with_suffix(".optim")
@@ -128,7 +177,7 @@ def check_no_later_saves(run: RunFolder, step: int) -> None:
     later = [s for s in run.saved_steps() if s > step]
     if later:
         raise UserError(
-            f"{run.step_file(later[0], 'pt').parent}: holds saves after step {step} (up to {later[-1]}); "
+            f"{run.embeddings_dir}: holds saves after step {step} (up to {later[-1]}); "
             "resuming would overwrite them: move them away or set save.output_dir to a new folder"
         )
 

@@ -1,24 +1,96 @@
 """Typed TOML configuration: each table is a frozen dataclass, and this is the only place defaults live.
 
 A preset is loaded with `load_config(TrainConfig, "presets/face.toml", ["train.lr=0.002"])`:
-unknown keys and wrong types are one-line `UserError`s naming the key and the closest valid one, and
-`dump_config` writes the fully resolved config beside every output so a run can be reproduced.
+unknown keys, wrong types and values out of range are one-line `UserError`s naming the key (and the
+closest valid one), checked before anything is loaded. `dump_config` writes the fully resolved config,
+with its `format_version`, beside every output (the run's record), so a run can be reproduced and later
+tools can read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 
+from library.captions import check_caption_extension
 from library.errors import UserError
+
+# The layout of the tables. Every resolved config.toml records it; a record of an older layout is upgraded
+# on reading by `_UPGRADES` (format N -> N + 1); a newer one is refused with a clear line.
+CONFIG_FORMAT = 1
+_UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+# "builtin:toy" is the embedded toy model (a try-out that learns on a CPU); "builtin:tiny" a random model
+# for tests. Real work names a checkpoint file or a diffusers folder.
+BUILTIN_MODELS = ("builtin:toy", "builtin:tiny")
+
+
+def at_least(low: float, default: Any) -> Any:
+    """A field whose value must be `low` or more."""
+    return field(default=default, metadata={"test": lambda v: v >= low, "problem": f"must be at least {low}"})
+
+
+def above(low: float, default: Any) -> Any:
+    """A field whose value must be more than `low` (a number; schedule strings are checked elsewhere)."""
+    return field(
+        default=default,
+        metadata={"test": lambda v: isinstance(v, str) or v > low, "problem": f"must be above {low}"},
+    )
+
+
+def as_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Normalise a resolution to (width, height); an int means a square. Kohya writes [width, height]."""
+    if isinstance(resolution, bool):
+        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
+    if isinstance(resolution, int):
+        size = (resolution, resolution)
+    elif isinstance(resolution, (tuple, list)) and len(resolution) == 2:
+        size = (resolution[0], resolution[1])
+    else:
+        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
+    for side in size:
+        # Multiples of 8: SD's VAE halves the image three times; anything else is silently cropped.
+        if not isinstance(side, int) or isinstance(side, bool) or side <= 0 or side % 8:
+            raise UserError(
+                f"resolution {list(size)} must be positive multiples of 8 (e.g. 512 or [768, 512])"
+            )
+    return size
+
+
+def check_name(value: str, key: str) -> str:
+    """A trigger word becomes a file name (NAME.pt, embeddings/NAME-N.pt): it must be a plain name."""
+    if not value.strip():
+        raise UserError(f"{key} is empty: set the trigger word, e.g. {key}=fr3nchl4dy")
+    bad = re.search(r"[/\\:\x00-\x1f]", value)
+    if bad or value.startswith(".") or len(value) > 100:
+        why = (
+            f"holds {bad.group()!r}" if bad else "starts with '.'" if value.startswith(".") else "is too long"
+        )
+        raise UserError(
+            f"{key} = {value!r} {why}: a trigger word is also a file name; use letters, digits, '_' and '-'"
+        )
+    return value
+
+
+def check_model(model: Any, key: str = "model.checkpoint") -> None:
+    """A run needs a model named: nothing falls back silently to a test model."""
+    if not model.checkpoint:
+        raise UserError(
+            f"{key} is not set: name the model, e.g. {key}=builtin:toy (the built-in toy model, to try the "
+            "toolkit), a .safetensors/.ckpt checkpoint, or a diffusers folder"
+        )
+
 
 # --------------------------------------------------------------------------------------------------
 # Tables shared by the scripts
@@ -28,9 +100,9 @@ from library.errors import UserError
 class ModelConfig:
     """[model]: the checkpoint to train on (or render with)."""
 
-    # A single-file checkpoint (.safetensors / .ckpt) as A1111 uses, or a diffusers folder.
-    # "builtin:tiny" is the small model built into the project (runs anywhere, learns nothing real).
-    checkpoint: str = "builtin:tiny"
+    # A single-file checkpoint (.safetensors / .ckpt) as A1111 uses, or a diffusers folder; "builtin:toy" is
+    # the toy model built into the project (a try-out that learns on a CPU). Required: no default.
+    checkpoint: str = ""
     vae: str = ""  # optional separate VAE file, as A1111's "SD VAE" setting
     family: Literal["auto", "sd1", "sd2", "sd2-v"] = "auto"  # override only for files detection gets wrong
     config_dir: str = ""  # optional diffusers-format config folder overriding the built-in configs
@@ -42,13 +114,13 @@ class SamplingConfig:
 
     prompt: str = ""  # "" = a prompt drawn from the training template, as A1111 does
     negative_prompt: str = ""
-    seed: int = 12345678  # -1 = a new random seed each time
-    steps: int = 20
-    cfg_scale: float = 7.0
+    seed: int = at_least(-1, 12345678)  # -1 = a new random seed each time
+    steps: int = at_least(1, 20)
+    cfg_scale: float = at_least(0, 7.0)
     sampler: str = "DPM++ 2M Karras"
-    width: int = 0  # 0 = the training resolution
-    height: int = 0
-    batch_size: int = 1
+    width: int = at_least(0, 0)  # 0 = the training resolution
+    height: int = at_least(0, 0)
+    batch_size: int = at_least(1, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,8 +132,15 @@ class EmbeddingConfig:
     """[embedding]: the new word being learned."""
 
     name: str = ""  # trigger word = file stem of the saved embedding, e.g. "fr3nchl4dy"
+
+    def __post_init__(self) -> None:
+        if self.name:
+            check_name(self.name, "embedding.name")
+
     init_text: str = "*"  # word(s) whose token vectors start the embedding ("" = zeros)
-    num_vectors: int = 1
+    num_vectors: int = field(
+        default=1, metadata={"test": lambda v: 1 <= v <= 75, "problem": "must be 1 to 75 (a prompt chunk)"}
+    )
     init_rule: Literal["a1111", "kohya"] = "a1111"  # how init tokens fill the vectors (FACTS §2)
     init_from: str = ""  # start from an existing embedding file instead of init_text
 
@@ -76,8 +155,10 @@ class DatasetConfig:
     caption_extension: str = ".txt"
     template: str = "subject_filewords"  # stock template name, a file path, or an inline "...[name]..." line
     shuffle_tags: bool = False
-    keep_tokens: int = 0  # tags kept in place at the front when shuffling / dropping
-    tag_dropout: float = 0.0
+    keep_tokens: int = at_least(0, 0)  # tags kept in place at the front when shuffling / dropping
+    tag_dropout: float = field(
+        default=0.0, metadata={"test": lambda v: 0 <= v < 1, "problem": "must be at least 0 and below 1"}
+    )
     flip_aug: bool = False
     alpha_loss_weight: bool = False  # PNG alpha channel weights the loss
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
@@ -85,26 +166,25 @@ class DatasetConfig:
     filename_join_string: str = " "
 
     def __post_init__(self) -> None:
-        from library.data import check_data_settings  # data.py builds on this table; import late
-
-        check_data_settings(self)
+        as_size(self.resolution)
+        check_caption_extension(self.caption_extension, "dataset.caption_extension")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """[train]: the optimisation itself."""
 
-    max_steps: int = 1000  # optimizer updates
-    batch_size: int = 1  # per process
-    gradient_accumulation_steps: int = 1
+    max_steps: int = at_least(1, 1000)  # optimizer updates
+    batch_size: int = at_least(1, 1)  # per process
+    gradient_accumulation_steps: int = at_least(1, 1)
     # A number, or an A1111 schedule string such as "0.05:10, 0.02:20, 0.005" (FACTS §2).
-    lr: float | str = 0.005
+    lr: float | str = above(0, 0.005)
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"  # shape for a plain number
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = at_least(0, 0)
     optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy"] = "adamw"
-    weight_decay: float = 0.0
+    weight_decay: float = at_least(0, 0.0)
     clip_grad_mode: Literal["off", "value", "norm"] = "off"
-    clip_grad_value: float | str = 0.1  # a number or a schedule string, like lr
+    clip_grad_value: float | str = above(0, 0.1)  # a number or a schedule string, like lr
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # For 8 GB cards: gradient checkpointing, and the VAE leaves the GPU once the latents are cached.
@@ -115,9 +195,17 @@ class TrainSettings:
     compile: bool = (
         False  # torch.compile the UNet (with cuda_graphs: mode "reduce-overhead"); slow first step
     )
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
-    seed: int = 42
+    noise_offset: float = at_least(0, 0.0)
+    min_snr_gamma: float = at_least(0, 0.0)  # 0 = off; 5 is the usual value
+    seed: int = at_least(0, 42)
+
+    def __post_init__(self) -> None:
+        from library.schedules import build_schedule  # a leaf module: no import cost, no circle
+
+        # Schedule strings are read now, so a typo fails before the model loads.
+        build_schedule(self.lr, self.max_steps, self.lr_scheduler, self.lr_warmup_steps, what="train.lr")
+        if self.clip_grad_mode != "off":
+            build_schedule(self.clip_grad_value, self.max_steps, what="train.clip_grad_value")
 
 
 @dataclass(frozen=True)
@@ -125,8 +213,18 @@ class SaveConfig:
     """[save]: what is written, where, and how often."""
 
     output_dir: str = "output"
-    save_every_steps: int = 500  # 0 = only the final embedding
-    formats: tuple[str, ...] = ("pt", "safetensors")
+    save_every_steps: int = at_least(0, 500)  # 0 = only the final embedding
+    # .pt (A1111's own format), .safetensors (Kohya's), .png / .webp (A1111's image embeddings)
+    formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise UserError(
+                "save.formats is empty: list at least one, e.g. save.formats=['pt', 'safetensors']"
+            )
+        if not self.output_dir.strip():
+            raise UserError("save.output_dir is empty: name the run folder, e.g. save.output_dir=output/face")
+
     save_optimizer_state: bool = True
     embed_in_png: bool = False  # also write A1111 PNG embeddings beside the previews
 
@@ -135,7 +233,10 @@ class SaveConfig:
 class PreviewConfig(SamplingConfig):
     """[preview]: images rendered during training with the current vectors."""
 
-    every_steps: int = 0  # 0 = no previews
+    every_steps: int = at_least(0, 0)  # 0 = no previews
+    # Kohya's --sample_prompts: a text file, one prompt per line with its own options
+    # (`... --n negative --w 512 --h 512 --d seed --s steps --l cfg --ss sampler`); "" = the prompt above
+    prompts_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,7 +256,7 @@ class TrainConfig:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """Read a TOML preset (optional) and dotted `table.key=value` overrides into a frozen `cls`."""
+    """Read a TOML preset or run record (optional) and dotted `table.key=value` overrides into a frozen `cls`."""
     raw: dict = {}
     source = "command line"
     if path is not None:
@@ -167,9 +268,28 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
                 f"{path}: config file not found; check the path (presets live in presets/)"
             ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+            reason = " ".join(str(exc).split())
+            raise UserError(f"{path}: not valid TOML ({reason}); fix the syntax at that line") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the config file ({exc.strerror})") from None
     for item in overrides:
         _apply_override(raw, item)
+    return config_from_dict(cls, raw, source)
+
+
+def config_from_dict(cls: type, raw: dict, source: str) -> Any:
+    """A frozen `cls` from parsed TOML tables (a record of an older format is upgraded first)."""
+    raw = dict(raw)
+    version = raw.pop("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{source}: format_version = {version!r} is not a format number; remove the line")
+    if version > CONFIG_FORMAT:
+        raise UserError(
+            f"{source}: written by a newer version of the toolkit (format_version {version}); this one reads "
+            f"formats up to {CONFIG_FORMAT}: update the toolkit"
+        )
+    for older in range(version, CONFIG_FORMAT):
+        raw = _UPGRADES[older](raw)
     return _build(cls, raw, prefix="", source=source)
 
 
@@ -203,9 +323,22 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise UserError(f"{source}: '{prefix}{name}' must be a table [{prefix}{name}]")
             values[name] = _build(kind, value, f"{prefix}{name}.", source)
-        else:
-            values[name] = _coerce(value, kind, f"{prefix}{name}", source)
-    return cls(**values)
+            continue
+        values[name] = _coerce(value, kind, f"{prefix}{name}", source)
+        _check_value(fields[name], values[name], value, f"{prefix}{name}", source)
+    try:
+        return cls(**values)
+    except UserError as error:  # a check across keys (e.g. a schedule string against max_steps)
+        raise UserError(f"{source}: {error}") from None
+
+
+def _check_value(spec: dataclasses.Field, value: Any, written: Any, key: str, source: str) -> None:
+    """The field's declared range (`at_least`, `above`, ...); no number may be nan or inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{source}: '{key}' = {written!r} must be a finite number")
+    test = spec.metadata.get("test")
+    if test is not None and not test(value):
+        raise UserError(f"{source}: '{key}' = {written!r} {spec.metadata['problem']}")
 
 
 def _suggest(key: str, fields: dict) -> str:
@@ -268,8 +401,8 @@ def config_to_dict(config: Any) -> dict:
 
 
 def dump_config(config: Any) -> str:
-    """The resolved config as TOML text, loadable again by `load_config`."""
-    return tomli_w.dumps(config_to_dict(config))
+    """The resolved config as TOML text with its `format_version`, loadable again by `load_config`."""
+    return tomli_w.dumps({"format_version": CONFIG_FORMAT, **config_to_dict(config)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,8 +448,10 @@ class SweepSettings:
     """[sweep]: where the sweep writes and how it renders."""
 
     output_dir: str = ""  # "" = <run folder>/validation
-    grid_margin: int = 16  # blank pixels between grid cells
-    images_per_batch: int = 16  # images per UNet call; all cells of one checkpoint are batched together
+    grid_margin: int = at_least(0, 16)  # blank pixels between grid cells
+    images_per_batch: int = at_least(
+        1, 16
+    )  # images per UNet call; all cells of one checkpoint are batched together
     mixed_precision: Literal["no", "fp16", "bf16"] = (
         "fp16"  # on CUDA (the VAE decodes in fp32 under fp16); CPU renders fp32
     )
@@ -327,7 +462,7 @@ class FineConfig:
     """[fine]: coarse-to-fine, a second pass every few steps over one interval of the coarse sweep."""
 
     interval: str = ""  # "" = off; "40-80" = saved steps 40..80; "auto" = the interval the scores point to
-    every: int = 5  # render every 5th step inside the interval
+    every: int = at_least(1, 5)  # render every 5th step inside the interval
     coarse: bool = True  # false = skip the coarse pass (you looked at it already; needs an explicit interval)
 
 
@@ -343,10 +478,12 @@ class ScoringConfig:
     # An image passes when its likeness to the training images reaches this fraction of the training images'
     # likeness to each other (1.0 = as alike as the training photos are among themselves).
     likeness_bar: float = 0.8
-    collapse_ratio: float = (
-        0.5  # flag "one look" when seed variety falls below this fraction of the first step's
-    )
-    adherence_drop: float = 0.1  # flag when adherence falls this fraction below the best earlier step's
+    collapse_ratio: float = at_least(
+        0, 0.5
+    )  # flag "one look" when seed variety falls below this share of step 1's
+    adherence_drop: float = at_least(
+        0, 0.1
+    )  # flag when adherence falls this fraction below the best earlier step's
 
 
 @dataclass(frozen=True)
@@ -390,22 +527,24 @@ class GenerateSettings:
     # or the negative prompt. Axis 1 = grid columns (X), 2 = rows (Y), 3 = grids side by side (Z); further
     # axes give one overview per combination of their values. Every combination gets all the images.
     axes: tuple[str, ...] = ()
-    batch_count: int = 1  # batches per axis combination
-    batch_size: int = 1  # images denoised together on the GPU; lower it if memory runs out
-    seed: int = -1  # -1 = random, drawn once and recorded; image i of every combination uses seed + i
-    steps: int = 20
-    cfg_scale: float = 7.0
+    batch_count: int = at_least(1, 1)  # batches per axis combination
+    batch_size: int = at_least(1, 1)  # images denoised together on the GPU; lower it if memory runs out
+    seed: int = at_least(
+        -1, -1
+    )  # -1 = random, drawn once and recorded; image i of every combination uses seed + i
+    steps: int = at_least(1, 20)
+    cfg_scale: float = at_least(0, 7.0)
     sampler: str = "DPM++ 2M Karras"
-    width: int = 512
-    height: int = 512
-    clip_skip: int = 1
+    width: int = at_least(8, 512)
+    height: int = at_least(8, 512)
+    clip_skip: int = at_least(1, 1)
     embeddings: tuple[str, ...] = ()  # embedding files or folders (A1111's embeddings/); keyword = file stem
     # On CUDA: fp16 runs the UNet and text encoder in fp16 and decodes in fp32 (SD's VAE overflows in fp16);
     # bf16 runs everything in bf16. The CPU always renders in fp32.
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     output_dir: str = "output/generated"
     grids: bool = True  # a grid per axis combination, and the X/Y/Z overview of the first seed
-    grid_margin: int = 0  # blank pixels between grid cells
+    grid_margin: int = at_least(0, 0)  # blank pixels between grid cells
 
 
 @dataclass(frozen=True)
@@ -414,9 +553,9 @@ class PhotosConfig:
 
     input_dir: str = ""
     output_dir: str = ""
-    size: int = 512  # side of the square output images
+    size: int = at_least(8, 512)  # side of the square output images
     # Side of the crop as a multiple of the detected face's side: 2.5 takes in the hair, neck and shoulders.
-    face_scale: float = 2.5
+    face_scale: float = above(0, 2.5)
     face_offset: float = 0.15  # crop centre sits this many face heights below the face centre (shoulders)
     flip: bool = False  # also write mirrored copies (A1111 never flips at train time)
     # "" = keep an existing <stem>.txt caption; else a template where [filewords] is that caption (or the
@@ -433,9 +572,11 @@ class PickConfig:
     # Flag an image whose 64-bit perceptual hash is at most this many bits from an earlier one's; -1 = off.
     duplicate_distance: int = 5
     # Sharpness (variance of the Laplacian, measured at 512 px) below which an image is blurry; 0 = off.
-    blur_threshold: float = 40.0
+    blur_threshold: float = at_least(0, 40.0)
     background: str = ""  # the plain background colour asked for ("gray", "#808080"); "" = no check
-    background_tolerance: float = 60.0  # RGB distance from that colour still counted as background
+    background_tolerance: float = at_least(
+        0, 60.0
+    )  # RGB distance from that colour still counted as background
     background_fraction: float = 0.6  # share of the image's top and side borders that must be that colour
 
 
@@ -446,7 +587,7 @@ class SelectConfig:
     output_dir: str = ""  # the Kohya parent folder; train with dataset.image_dir = this folder
     name: str = ""  # trigger word, e.g. "fr3nchl4dy"
     class_tokens: str = ""  # e.g. "woman"
-    repeats: int = 100
+    repeats: int = at_least(1, 100)
     # [name], [class], and [filewords] = the image's own caption (a .txt beside it) or its Prompt S/R values.
     caption: str = "[name] [class], [filewords]"
     caption_extension: str = ".txt"

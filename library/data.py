@@ -37,10 +37,9 @@ from library.captions import (
     read_text_file,
 )
 from library.config import DatasetConfig as DataSettings  # the [dataset] table of a preset
+from library.config import as_size
 from library.errors import UserError
-from library.images import alpha_loss_weight, as_size, encode_images, list_images
-
-LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
+from library.images import alpha_loss_weight, encode_images, list_images
 
 # Kohya folder names: "<repeats>_<class tokens>"; Kohya also accepts a bare "<repeats>".
 _KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)
@@ -51,20 +50,6 @@ _STREAM_EPOCH, _STREAM_SAMPLE, _STREAM_CACHE = 1, 2, 3
 
 class DataWarning(UserWarning):
     """A dataset problem that training survives: a skipped folder, an ignored dataset-config key."""
-
-
-def check_data_settings(settings) -> None:
-    """Check the values of DataSettings (or any object with its fields, such as the preset's table)."""
-    if settings.latent_sampling not in LATENT_SAMPLING_METHODS:
-        raise UserError(
-            f"latent_sampling {settings.latent_sampling!r} must be one of {', '.join(LATENT_SAMPLING_METHODS)}"
-        )
-    if not 0.0 <= settings.tag_dropout < 1.0:
-        raise UserError(f"tag_dropout {settings.tag_dropout} must be at least 0 and below 1")
-    if settings.keep_tokens < 0:
-        raise UserError(f"keep_tokens {settings.keep_tokens} must be 0 or more")
-    check_caption_extension(settings.caption_extension)
-    as_size(settings.resolution)
 
 
 @dataclass
@@ -90,7 +75,6 @@ def scan_images(settings: DataSettings) -> list[ImageRecord]:
     With `settings.dataset_config`, read the Kohya dataset TOML; otherwise `settings.image_dir` is either
     a Kohya parent folder (subfolders `<repeats>_<class tokens>`) or a flat folder of images (repeats 1).
     """
-    check_data_settings(settings)
     if settings.dataset_config:
         return records_from_dataset_config(Path(settings.dataset_config).expanduser(), settings)
     if not settings.image_dir:
@@ -414,7 +398,6 @@ class TrainingData:
     def __init__(
         self, records: Sequence[ImageRecord], settings: DataSettings, *, name: str, seed: int, batch_size: int
     ):
-        check_data_settings(settings)
         if not records:
             raise UserError("no training images found")
         if batch_size < 1:

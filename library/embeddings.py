@@ -458,7 +458,7 @@ def _token_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]
     return list(tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"])
 
 
-def check_name(tokenizer, name: str, loaded_names: Iterable[str] = ()) -> list[str]:
+def name_warnings(tokenizer, name: str, loaded_names: Iterable[str] = ()) -> list[str]:
     """Human-readable warnings about a new embedding's name (an empty list when it is a good name).
 
     A1111 finds embeddings in prompts by their token ids, longest match first, so a name that is one

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from library.config import as_size
 from library.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -37,25 +38,6 @@ def is_image_file(path: Path) -> bool:
 def list_images(folder: Path) -> list[Path]:
     """The images directly inside `folder` (not recursive, as Kohya), sorted by name for determinism."""
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
-
-
-def as_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Normalise a resolution to (width, height); an int means a square. Kohya writes [width, height]."""
-    if isinstance(resolution, bool):
-        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
-    if isinstance(resolution, int):
-        size = (resolution, resolution)
-    elif isinstance(resolution, (tuple, list)) and len(resolution) == 2:
-        size = (resolution[0], resolution[1])
-    else:
-        raise UserError(f"resolution must be a number or [width, height], not {resolution!r}")
-    for side in size:
-        # Multiples of 8: SD's VAE halves the image three times; anything else is silently cropped.
-        if not isinstance(side, int) or isinstance(side, bool) or side <= 0 or side % 8:
-            raise UserError(
-                f"resolution {list(size)} must be positive multiples of 8 (e.g. 512 or [768, 512])"
-            )
-    return size
 
 
 def open_image(path: Path) -> Image.Image:

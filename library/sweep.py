@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 
 from library.checkpoints import RunFolder
-from library.config import ModelConfig, SweepAxis, SweepConfig, TrainConfig, load_config
+from library.config import ModelConfig, SweepAxis, SweepConfig, TrainConfig, as_size, load_config
 from library.embeddings import Embedding, load_embedding, save_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
-from library.images import as_size
 from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
 
 RUN_CHECKPOINT = "run:checkpoint"  # [model] checkpoints entry meaning "the checkpoint the run was trained on"
@@ -280,6 +279,11 @@ def _checkpoint_path(value: str, run: Run) -> str:
     if run.config is None:
         raise UserError(
             f"{run.folder.root}: no config.toml, so '{RUN_CHECKPOINT}' is unknown; list the checkpoint file in model.checkpoints"
+        )
+    if not run.config.model.checkpoint:
+        raise UserError(
+            f"{run.folder.config_file}: names no model.checkpoint, so '{RUN_CHECKPOINT}' is unknown; "
+            "list the checkpoint file in model.checkpoints"
         )
     return run.config.model.checkpoint
 

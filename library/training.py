@@ -6,13 +6,16 @@ Every random draw of a step (which images, captions, noise, timesteps) is a pure
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +23,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from library import checkpoints as ckpt
-from library.config import TrainConfig, dump_config
+from library.cli import INTERRUPTED
+from library.config import TrainConfig, check_model, check_name, dump_config, load_config
 from library.data import TrainingData, scan_images
 from library.embeddings import (
     MODELSPEC_ARCHITECTURES,
     TRAINING_SETTINGS_KEY,
     Embedding,
-    check_name,
     init_vectors,
     load_embedding,
+    name_warnings,
     save_embedding,
 )
 from library.errors import UserError
@@ -36,6 +40,7 @@ from library.files import atomic_write
 from library.infotext import format_infotext, infotext_params, save_png
 from library.models import SDParts, load_parts
 from library.optim import build_optimizer, clip_gradients
+from library.previews import PreviewImage, image_paths, preview_images, write_sheet
 from library.prompts import PromptEncoder
 from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import Schedule, build_schedule
@@ -50,7 +55,7 @@ LOSS_READ_EVERY = 25  # steps between reads of the loss from the GPU (each read 
 
 @dataclass
 class _Pending:
-    """A step whose loss is still on the GPU."""
+    """A step whose loss (and the finiteness of its result) is still on the GPU."""
 
     step: int  # updates done after it
     lr: float
@@ -59,23 +64,34 @@ class _Pending:
 
 
 class _LossWriters:
-    """loss.csv rows (A1111's columns), TensorBoard scalars and the progress bar's loss."""
+    """loss.csv rows (A1111's columns), TensorBoard scalars and the progress bar's running mean."""
 
     def __init__(self, csv_log, tensorboard, data: TrainingData, accumulation: int, bar):
         self.csv_log, self.tensorboard, self.bar = csv_log, tensorboard, bar
         self.per_epoch = max(1, data.epoch_length // (data.batch_size * accumulation))
+        self.recent: collections.deque[float] = collections.deque(maxlen=LOSS_READ_EVERY)
 
     def write(self, step: int, loss: float, lr: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+        self.recent.append(loss)
         if self.csv_log is None:
             return
         self.csv_log.write(step, (step - 1) // self.per_epoch, (step - 1) % self.per_epoch + 1, loss, lr)
         self.tensorboard.add_scalar("loss", loss, step)
         self.tensorboard.add_scalar("lr", lr, step)
 
+    def show(self, lr: float) -> None:
+        """The mean loss of the last steps read (one step's loss jumps with its timestep and images)."""
+        if self.recent:
+            mean = sum(self.recent) / len(self.recent)
+            self.bar.set_postfix({f"loss (mean of {len(self.recent)})": f"{mean:.4f}", "lr": f"{lr:.3g}"})
+
 
 class TrainingStopped(UserError):
     """Training ended early (NaN loss, Ctrl-C) after saving the last good state."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _UNetCall(torch.nn.Module):
@@ -140,6 +156,9 @@ class Trainer:
     log: callable = print
     saver: ckpt.BackgroundSaver = field(default_factory=ckpt.BackgroundSaver)
     graphed_unet: GraphedUNet | None = None
+    saved_step: int | None = None  # the last step whose save was started
+    preview_steps: list[int] = field(default_factory=list)
+    lock: IO | None = None  # the run folder's lock (RunFolder.lock), closed when the run ends
 
     # ------------------------------------------------------------------ one optimizer update
     def loss_for(self, micro_step: int) -> torch.Tensor:
@@ -213,6 +232,8 @@ class Trainer:
         main = acc.is_main_process
         loss_log = ckpt.LossLog(self.run.loss_csv) if main else None
         writer = _tensorboard(self.run.logs_dir) if main else None
+        if self.start_step == 0 and cfg.save.save_every_steps:
+            self.save(0, final=False)  # the starting vectors: the sweep's "before"
         if main and cfg.preview.every_steps and self.start_step == 0:
             self.preview(0)
         stop = _StopRequest()
@@ -228,7 +249,8 @@ class Trainer:
                     self.save(step, final=False, wait=True)
                     raise TrainingStopped(
                         f"interrupted after {step} steps; saved {self.run.step_file(step, cfg.save.formats[0])}; "
-                        f"continue with --resume {self.run.root}"
+                        f"continue with --resume {self.run.root}",
+                        exit_code=INTERRUPTED,
                     )
                 lr = lr_schedule.value(step)
                 clip = clip_schedule.value(step) if clip_schedule else None
@@ -240,6 +262,7 @@ class Trainer:
                 preview_due = main and cfg.preview.every_steps and step % cfg.preview.every_steps == 0
                 if len(pending) >= LOSS_READ_EVERY or step == end or preview_due:
                     self._flush_losses(pending, logs)
+                    logs.show(lr)
                 if cfg.save.save_every_steps and step % cfg.save.save_every_steps == 0:
                     self.save(step, final=False)
                 if preview_due:
@@ -257,24 +280,32 @@ class Trainer:
         return final
 
     def _flush_losses(self, pending: list[_Pending], logs: _LossWriters) -> None:
-        """Read the queued losses in one GPU sync, log them, and stop at the first non-finite one."""
+        """Read the queued losses, and whether each update left finite vectors, in one GPU sync; log them,
+        and stop at the first non-finite loss or vectors, keeping the vectors from before that update."""
         if not pending:
             return
-        values = torch.stack([p.loss for p in pending]).tolist()
-        for entry, loss in zip(pending, values, strict=True):
-            if not math.isfinite(loss):
-                # Undo that update: the vectors from before it are the last good ones.
-                self.vectors.data.copy_(entry.vectors_before)
-                self.saver.wait()
-                good = entry.step - 1
-                self.save(good, final=False, wait=True, overwrite=True, optimizer_state=False)
-                raise TrainingStopped(
-                    f"loss became {loss} at step {entry.step}; kept the last good embedding "
-                    f"{self.run.step_file(good, self.config.save.formats[0])}; lower train.lr or use "
-                    "mixed_precision=bf16"
-                )
+        after = [p.vectors_before for p in pending[1:]] + [self.vectors.detach()]
+        finite = torch.stack([torch.isfinite(v).all() for v in after]).tolist()
+        losses = torch.stack([p.loss for p in pending]).tolist()
+        for entry, loss, vectors_finite in zip(pending, losses, finite, strict=True):
+            if not (math.isfinite(loss) and vectors_finite):
+                what = f"loss became {loss}" if not math.isfinite(loss) else "the vectors became non-finite"
+                self._stop_with_good_vectors(entry, f"{what} at step {entry.step}")
             logs.write(entry.step, loss, entry.lr)
         pending.clear()
+
+    def _stop_with_good_vectors(self, entry: _Pending, what: str) -> None:
+        """Undo the update of `entry` (its starting vectors are finite: every earlier update was checked),
+        make sure that state is saved, and stop."""
+        self.vectors.data.copy_(entry.vectors_before)
+        self.saver.wait()
+        good = entry.step - 1
+        kept = self.run.step_file(good, self.config.save.formats[0])
+        if not kept.is_file():  # the optimizer state is spoilt: the kept save has none, resume restarts it
+            self.save(good, final=False, wait=True, optimizer_state=False)
+        raise TrainingStopped(
+            f"{what}; kept the last good embedding {kept}; lower train.lr or use train.mixed_precision=bf16"
+        )
 
     def report_speed(self, steps: int, seconds: float) -> None:
         """Log steps/s, samples/s (all processes) and peak GPU memory of the training loop."""
@@ -287,10 +318,11 @@ class Trainer:
             self.log(line + " (loop incl. saves and previews)")
 
     # ------------------------------------------------------------------ outputs
-    def embedding(self, step: int, vectors: torch.Tensor | None = None) -> Embedding:
+    def embedding(self, step: int, vectors: torch.Tensor | None = None, *, final: bool = True) -> Embedding:
+        """The embedding after `step` updates; saves of a step are named `NAME-STEP` inside, as A1111 does."""
         cfg = self.config
         return Embedding(
-            name=cfg.embedding.name,
+            name=cfg.embedding.name if final else f"{cfg.embedding.name}-{step}",
             vectors=(self.vectors.detach().float().cpu().clone() if vectors is None else vectors),
             step=step,
             checkpoint_hash=self.parts.checkpoint_hash or None,
@@ -301,27 +333,19 @@ class Trainer:
             },
         )
 
-    def save(
-        self,
-        step: int,
-        *,
-        final: bool,
-        wait: bool = False,
-        overwrite: bool = False,
-        optimizer_state: bool = True,
-    ) -> Path:
+    def save(self, step: int, *, final: bool, wait: bool = False, optimizer_state: bool = True) -> Path:
         """Write the embedding after `step` updates in every format (and the optimizer state).
 
         The GPU copies into pinned host memory are queued without waiting; a worker thread writes the files once
-        they have arrived, so the loop never waits for the disk. `wait=True` writes before returning.
+        they have arrived, so the loop never waits for the disk. `wait=True` writes before returning. A step
+        saved already (a Ctrl-C right after a save) is not written twice. The first format's file is
+        written last: its presence marks the save complete (RunFolder).
         """
         acc, cfg = self.accelerator, self.config
-        first = (
-            self.run.final_file(cfg.save.formats[0])
-            if final
-            else self.run.step_file(step, cfg.save.formats[0])
-        )
-        if acc.is_main_process:
+        formats = cfg.save.formats
+        first = self.run.final_file(formats[0]) if final else self.run.step_file(step, formats[0])
+        if acc.is_main_process and (final or step != self.saved_step):
+            self.saved_step = None if final else step
             vectors = ckpt.host_copy(self.vectors.detach())
             state = None
             if not final and optimizer_state and cfg.save.save_optimizer_state:
@@ -332,13 +356,15 @@ class Trainer:
             def write() -> None:
                 ready()
                 if not torch.isfinite(vectors).all():
-                    return  # a non-finite update: the loop restores and saves the last good vectors
-                embedding = self.embedding(step, vectors.float())
-                for fmt in cfg.save.formats:
-                    path = self.run.final_file(fmt) if final else self.run.step_file(step, fmt)
-                    save_embedding(embedding, path, overwrite=final or overwrite)
+                    if final or wait:
+                        raise RuntimeError(f"non-finite vectors reached a checked save of step {step}")
+                    return  # a non-finite update: the loop finds it, restores and saves the last good vectors
+                embedding = self.embedding(step, vectors.float(), final=final)
                 if state is not None:
                     ckpt.save_training_state(self.run.optim_file(step), step, *state)
+                for fmt in (*formats[1:], formats[0]):
+                    path = self.run.final_file(fmt) if final else self.run.step_file(step, fmt)
+                    save_embedding(embedding, path, overwrite=final)
 
             if wait:
                 self.saver.wait()
@@ -349,55 +375,133 @@ class Trainer:
             acc.wait_for_everyone()
         return first
 
-    def preview(self, step: int) -> Path:
-        """Render the preview image for `step` with the current vectors, with A1111 infotext."""
-        cfg, parts = self.config.preview, self.parts
-        settings = SampleSettings.from_config(cfg, default_size=self.data.resolution)
+    def preview(self, step: int) -> list[Path]:
+        """Render the preview images of `step` with the current vectors (A1111 infotext in each PNG), and
+        refresh the sheet of every preview so far (previews/index.html)."""
+        cfg, parts, name = self.config.preview, self.parts, self.config.embedding.name
         t = self.config.train
-        # Graph capture keeps its own memory (not for low_memory) and does not mix with torch.compile.
-        settings = replace(settings, cuda_graphs=t.cuda_graphs and not (t.low_memory or t.compile))
-        prompt = (
-            cfg.prompt.replace("[name]", self.config.embedding.name) or self.data.batch(step, 0, 1).prompts[0]
-        )
-        seeds = [resolve_seed(cfg.seed) + i for i in range(cfg.batch_size)]
-        if self.config.train.low_memory:
+        images = preview_images(cfg, name, self.data.resolution, resolve_seed(cfg.seed))
+        # An empty prompt is a line of the training template, as A1111 previews.
+        template_prompt = self.data.batch(step, 0, 1).prompts[0]
+        images = [replace(i, prompt=i.prompt or template_prompt) for i in images]
+        if t.low_memory:
             parts.vae.to(self.accelerator.device)
-        images = generate(
-            parts, self.encoder, [prompt] * len(seeds), [cfg.negative_prompt] * len(seeds), seeds, settings
-        )
-        if self.config.train.low_memory:
+        pictures = {}
+        for settings, group in _by_settings(images, cfg.batch_size).items():
+            # Graph capture keeps its own memory (not for low_memory) and does not mix with torch.compile.
+            settings = replace(settings, cuda_graphs=t.cuda_graphs and not (t.low_memory or t.compile))
+            rendered = generate(
+                parts, self.encoder, [i.prompt for i in group], [i.negative for i in group],
+                [i.seed for i in group], settings,
+            )  # fmt: skip
+            for image, picture in zip(group, rendered, strict=True):
+                pictures[id(image)] = (picture, settings)
+        if t.low_memory:
             parts.vae.to("cpu")
-        self.run.previews_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run.previews_dir / f"{self.config.embedding.name}-{step}.png"
-        for i, image in enumerate(images):
-            target = path if i == 0 else path.with_name(f"{path.stem}-{i}.png")
-            params = infotext_params(settings, seeds[i], parts)
-            save_png(image, target, format_infotext(prompt, cfg.negative_prompt, params), overwrite=True)
+        paths = image_paths(self.run.previews_dir, name, step, len(images))
+        for path, image in zip(paths, images, strict=True):
+            picture, settings = pictures[id(image)]
+            params = infotext_params(settings, image.seed, parts)
+            save_png(picture, path, format_infotext(image.prompt, image.negative, params), overwrite=True)
         if self.config.save.embed_in_png:
-            card = self.run.previews_dir / f"{self.config.embedding.name}-{step}-embedding.png"
-            save_embedding(self.embedding(step), card, overwrite=True, image=images[0])
-        return path
+            card = self.run.previews_dir / f"{name}-{step}-embedding.png"
+            first = pictures[id(images[0])][0]
+            save_embedding(self.embedding(step, final=False), card, overwrite=True, image=first)
+        self.preview_steps.append(step)
+        write_sheet(self.run.previews_dir, name, self.preview_steps, images)
+        return paths
+
+
+def _by_settings(images: list[PreviewImage], batch_size: int) -> dict[SampleSettings, list[PreviewImage]]:
+    """Preview pictures grouped by their sampler settings, so each group renders in full batches."""
+    groups: dict[SampleSettings, list[PreviewImage]] = {}
+    for image in images:
+        settings = SampleSettings(
+            steps=image.steps, cfg_scale=image.cfg_scale, width=image.width, height=image.height,
+            sampler=image.sampler, batch_size=batch_size,
+        )  # fmt: skip
+        groups.setdefault(settings, []).append(image)
+    return groups
+
+
+def load_training_config(path: str | None, resume: str | None, overrides: list[str]) -> TrainConfig:
+    """The run's settings: the preset at `path`; without one, the config.toml of the run `--resume` names."""
+    if path or not resume:
+        return load_config(TrainConfig, path, overrides)
+    target = Path(resume).expanduser()
+    record = (target if target.is_dir() else target.parent.parent) / "config.toml"
+    if not record.is_file():
+        raise UserError(f"--resume {resume}: no config.toml in its run folder; give the preset with --config")
+    return load_config(TrainConfig, record, overrides)
 
 
 def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     """Load the model and data, create or restore the vectors and optimizer, prepare the run folder."""
-    cfg = config
-    if not cfg.embedding.name:
-        raise UserError("embedding.name is empty: set the trigger word, e.g. embedding.name=fr3nchl4dy")
+    cfg, t = config, config.train
     # Check what can be checked before loading anything, so bad input fails fast and writes nothing.
-    t = cfg.train
+    check_name(cfg.embedding.name, "embedding.name")
+    check_model(cfg.model)
     lr_schedule = build_schedule(t.lr, t.max_steps, t.lr_scheduler, t.lr_warmup_steps)
     clip_schedule = None
     if t.clip_grad_mode != "off":
         clip_schedule = build_schedule(t.clip_grad_value, t.max_steps, what="clip_grad_value")
+    records = scan_images(cfg.dataset)
+    size = records[0].resolution if records else (512, 512)
+    _by_settings(preview_images(cfg.preview, cfg.embedding.name, size, seed=0), cfg.preview.batch_size)
     # Without a GPU, accelerate treats a multi-process launch (torchrun) as data parallel only when told cpu=True.
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     _use_the_cpu_cores(accelerator)
-    run = ckpt.RunFolder(Path(cfg.save.output_dir), cfg.embedding.name)
-    point = ckpt.find_resume_point(Path(resume), cfg.embedding.name) if resume else None
-    _check_run_folder(run, point)
+    run = ckpt.RunFolder(Path(cfg.save.output_dir).expanduser(), cfg.embedding.name)
+    lock = run.lock() if accelerator.is_main_process else None
+    try:
+        point = _resume_point(run, resume, cfg, log)
+        global_batch = cfg.train.batch_size * accelerator.num_processes
+        distinct = len({record.path for record in records})
+        if global_batch > distinct:
+            raise UserError(
+                f"{cfg.dataset.dataset_config or cfg.dataset.image_dir}: batch of {global_batch} is larger than "
+                f"its {distinct} images; lower train.batch_size or add images"
+            )
+        data = TrainingData(
+            records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch
+        )
+        trainer = _build(cfg, accelerator, data, run, point, (lr_schedule, clip_schedule), log)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    trainer.lock = lock
+    return trainer
 
-    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+
+def _resume_point(run: ckpt.RunFolder, resume: str | None, cfg: TrainConfig, log) -> ckpt.ResumePoint | None:
+    """Where this run starts: a save to resume from, or None for step 0 in a folder that holds no run."""
+    point = None
+    if resume:
+        point = ckpt.find_resume_point(Path(resume).expanduser(), cfg.embedding.name, cfg.save.formats, log)
+        if point is None:
+            log(f"{run.root} holds no save yet: starting from step 0")
+    if point is not None:
+        ckpt.check_no_later_saves(run, point.step)
+        return point
+    if run.holds_a_run():
+        raise UserError(
+            f"{run.root}: already holds a training run; continue it with --resume {run.root}, "
+            "or set save.output_dir to a new folder"
+        )
+    # A start that failed before its first save leaves a config and a few log lines: start over.
+    for stale in (run.loss_csv, run.config_file):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(run.logs_dir, ignore_errors=True)
+    return None
+
+
+def _build(
+    cfg: TrainConfig, accelerator: Accelerator, data: TrainingData, run, point, schedules, log
+) -> Trainer:
+    """Load the model onto the device, cache the latents, and set up the vectors and the optimizer."""
+    t = cfg.train
+    weight_dtype = WEIGHT_DTYPES[t.mixed_precision]
     parts = load_parts(cfg.model, dtype=weight_dtype)
     device = accelerator.device
     parts.unet.to(device)
@@ -406,17 +510,6 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         parts.unet.enable_gradient_checkpointing()
     if t.gradient_checkpointing:
         parts.text_encoder.gradient_checkpointing_enable()
-    records = scan_images(cfg.dataset)
-    global_batch = cfg.train.batch_size * accelerator.num_processes
-    distinct = len({record.path for record in records})
-    if global_batch > distinct:
-        raise UserError(
-            f"{cfg.dataset.dataset_config or cfg.dataset.image_dir}: batch of {global_batch} is larger than its "
-            f"{distinct} images; lower train.batch_size or add images"
-        )
-    data = TrainingData(
-        records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch
-    )
     # The SD VAE overflows in fp16; encode latents in fp32 then (a one-time cost), else in the weight dtype.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
     parts.vae.to(device, vae_dtype)
@@ -436,11 +529,11 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     vectors = torch.nn.Parameter(start.to(device, torch.float32))
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
     encoder.set_embedding(cfg.embedding.name, vectors)
-    for warning in check_name(parts.tokenizer, cfg.embedding.name):
+    for warning in name_warnings(parts.tokenizer, cfg.embedding.name):
         log(f"warning: {warning}")
 
     # The schedule sets the rate before every update; this first value only has to be valid.
-    optimizer = build_optimizer(cfg.train.optimizer, [vectors], lr=1e-3, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(t.optimizer, [vectors], lr=1e-3, weight_decay=t.weight_decay)
     start_step = 0
     if point is not None:
         start_step = point.step
@@ -453,7 +546,6 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     if point is not None and point.state and point.state.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(point.state["scaler"])
     if accelerator.is_main_process:
-        run.root.mkdir(parents=True, exist_ok=True)
         atomic_write(run.config_file, dump_config(cfg))
     log(
         f"training '{cfg.embedding.name}' ({vectors.shape[0]} vectors x {vectors.shape[1]}) on {parts.checkpoint_name} "
@@ -461,20 +553,9 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         f"from step {start_step} -> {run.root}"
     )
     return Trainer(
-        cfg,
-        accelerator,
-        parts,
-        data,
-        encoder,
-        vectors,
-        optimizer,
-        run,
-        start_step,
-        lr_schedule,
-        clip_schedule,
-        log,
+        cfg, accelerator, parts, data, encoder, vectors, optimizer, run, start_step, *schedules, log,
         graphed_unet=graphed_unet,
-    )
+    )  # fmt: skip
 
 
 def _use_the_cpu_cores(accelerator: Accelerator) -> None:
@@ -487,17 +568,6 @@ def _use_the_cpu_cores(accelerator: Accelerator) -> None:
     ):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(cores)
-
-
-def _check_run_folder(run: ckpt.RunFolder, point) -> None:
-    if point is None:
-        if run.config_file.exists() or run.saved_steps():
-            raise UserError(
-                f"{run.root}: already holds a training run; continue it with --resume {run.root}, "
-                "or set save.output_dir to a new folder"
-            )
-        return
-    ckpt.check_no_later_saves(run, point.step)
 
 
 def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
@@ -523,6 +593,8 @@ def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
         raise UserError(
             f"{source}: embedding of shape {shape} does not fit this model's text encoder (width {width}); use an embedding made for this model family"
         )
+    if not torch.isfinite(vectors).all():
+        raise UserError(f"{source}: the embedding holds NaN or infinite numbers; start from another file")
     return vectors.float()
 
 
@@ -569,7 +641,11 @@ def run_training(config: TrainConfig, resume: str | None = None, log=print) -> P
     """Train an embedding as the config says; returns the path of the final embedding file."""
     started = time.perf_counter()
     trainer = setup(config, resume=resume, log=log)
-    final = trainer.train()
+    try:
+        final = trainer.train()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.close()
     trainer.accelerator.end_training()
     if trainer.accelerator.is_main_process:
         log(f"saved {final} after {time.perf_counter() - started:.1f} s")

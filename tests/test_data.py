@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from library.captions import STOCK_TEMPLATES, TEMPLATE_DIR, fill_template, load_template, process_tags
+from library.config import TrainConfig, load_config
 from library.data import (
     DataSettings,
     DataWarning,
@@ -425,9 +426,10 @@ def test_corrupt_image_and_bad_resolution(tmp_path, vae):
     with pytest.raises(UserError, match="multiples of 8"):
         DataSettings(resolution=500)
     with pytest.raises(
-        UserError, match="latent_sampling 'sometimes' must be one of once, deterministic, random"
+        UserError,
+        match="'dataset.latent_sampling' = 'sometimes' is not allowed.*Choose one of: once, deterministic, random",
     ):
-        DataSettings(latent_sampling="sometimes")
+        load_config(TrainConfig, None, ["dataset.latent_sampling=sometimes"])
 
 
 def test_batch_size_larger_than_distinct_images(tmp_path):

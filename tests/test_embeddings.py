@@ -21,9 +21,9 @@ from library.embeddings import (
     STORED_NAME_KEY,
     TRAINING_SETTINGS_KEY,
     Embedding,
-    check_name,
     init_vectors,
     load_embedding,
+    name_warnings,
     save_embedding,
 )
 from library.errors import UserError
@@ -347,17 +347,17 @@ def test_init_rejects_bad_settings(tiny_sd1):
     expect_user_error(lambda: init_vectors(tiny_sd1.tokenizer, tiny_sd1.text_encoder, "x", 0), "num_vectors")
 
 
-def test_check_name_warnings(tiny_sd1):
+def test_name_warnings(tiny_sd1):
     tokenizer = tiny_sd1.tokenizer
-    assert check_name(tokenizer, "sksperson") == []
-    (single,) = check_name(tokenizer, "woman")
+    assert name_warnings(tokenizer, "sksperson") == []
+    (single,) = name_warnings(tokenizer, "woman")
     assert "single CLIP token" in single and str(WOMAN) in single
-    (same,) = check_name(tokenizer, "MyEmb", loaded_names=["myemb", "other"])  # CLIP lowercases
+    (same,) = name_warnings(tokenizer, "MyEmb", loaded_names=["myemb", "other"])  # CLIP lowercases
     assert "'myemb'" in same and "same tokens" in same
-    (prefix,) = check_name(tokenizer, "myemb", loaded_names=["myemb-500"])
+    (prefix,) = name_warnings(tokenizer, "myemb", loaded_names=["myemb-500"])
     assert "'myemb-500'" in prefix
-    assert any("A1111 keeps only" in w for w in check_name(tokenizer, "my/emb"))
-    expect_user_error(lambda: check_name(tokenizer, " "), "empty")
+    assert any("A1111 keeps only" in w for w in name_warnings(tokenizer, "my/emb"))
+    expect_user_error(lambda: name_warnings(tokenizer, " "), "empty")
 
 
 # ---------------------------------------------------------------------------------------------------------

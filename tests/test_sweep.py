@@ -38,7 +38,14 @@ def make_run(tmp_path: Path, steps=(20, 40, 60), *, final: bool = False, width: 
     (run / "embeddings").mkdir(parents=True)
     images = make_images(tmp_path / "img", count=3, size=32)
     config = load_config(
-        TrainConfig, None, [f"embedding.name={NAME}", f"dataset.image_dir={images}", "dataset.resolution=16"]
+        TrainConfig,
+        None,
+        [
+            "model.checkpoint=builtin:tiny",
+            f"embedding.name={NAME}",
+            f"dataset.image_dir={images}",
+            "dataset.resolution=16",
+        ],
     )
     (run / "config.toml").write_text(dump_config(config))
     generator = torch.Generator().manual_seed(0)
