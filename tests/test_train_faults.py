@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from library.config import TrainConfig, load_config
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.infotext import parse_infotext
