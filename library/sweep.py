@@ -4,7 +4,8 @@
   step that was not saved is an error (never a silent fall-back to `NAME`).
 - `parse_axis` reads one `[x]`/`[y]`/`[z]` table; `plan` lays out the cells (X columns, Y rows, Z grids);
   `fine_plan` re-plans the step axis every few steps over one interval (coarse-to-fine).
-- `render` loads each checkpoint once and renders all cells of all plans on it in full batches.
+- `render` loads each checkpoint once and renders all cells of all plans on it in full batches, with a
+  progress bar (stderr) of the images rendered.
 - `export_step` copies one step out as `NAME.pt` / `NAME.safetensors` (file stem = trigger word).
 sweep_validate.py puts these together with library/scoring.py (scores, recommendation) and library/report.py
 (cell images, grids, scores.csv, report.html).
@@ -16,6 +17,7 @@ import csv
 import itertools
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from library.checkpoints import RunFolder
 from library.config import ModelConfig, SweepAxis, SweepConfig, TrainConfig, load_config
@@ -33,6 +36,11 @@ from library.grid import apply_prompt_sr, prompt_sr_values
 from library.images import as_size
 from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
 
+# The render progress bar (stderr): images done of the checkpoint's total, and images per second (tqdm's
+# default would switch to seconds per image below 1 image/s, as on a CPU).
+_PROGRESS = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+)
 RUN_CHECKPOINT = "run:checkpoint"  # [model] checkpoints entry meaning "the checkpoint the run was trained on"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -488,6 +496,8 @@ def render(
     dtype = _DTYPES[cfg.sweep.mixed_precision] if device.type == "cuda" else torch.float32
     checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
     for checkpoint in checkpoints:
+        label = checkpoint_label(checkpoint)
+        log(f"{label}: loading {checkpoint}")
         started = time.perf_counter()
         model = ModelConfig(
             checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
@@ -515,23 +525,30 @@ def render(
         groups: dict[SampleSettings, list] = {}
         for job in jobs:
             groups.setdefault(job[2].settings, []).append(job)
+        total = sum(len(job[2].seeds) for job in jobs)
+        log(f"{label}: loaded in {loaded:.1f} s; rendering {total} images")
         render_started = time.perf_counter()
-        for settings, group in groups.items():
-            flat = [(job, seed) for job in group for seed in job[2].seeds]
-            out = generate(
-                parts,
-                encoder,
-                [j[2].prompt for j, _ in flat],
-                [j[2].negative for j, _ in flat],
-                [seed for _, seed in flat],
-                settings,
-            )
-            for (job, _), image in zip(flat, out, strict=True):
-                images.setdefault((job[0], job[1]), []).append(image)
+        with tqdm(total=total, desc=label, unit=" images", file=sys.stderr, bar_format=_PROGRESS) as progress:
+            for settings, group in groups.items():
+                flat = [(job, seed) for job in group for seed in job[2].seeds]
+                # One UNet batch per call (as generate would batch them anyway), so the bar moves per batch.
+                for start in range(0, len(flat), settings.batch_size):
+                    batch = flat[start : start + settings.batch_size]
+                    out = generate(
+                        parts,
+                        encoder,
+                        [j[2].prompt for j, _ in batch],
+                        [j[2].negative for j, _ in batch],
+                        [seed for _, seed in batch],
+                        settings,
+                    )
+                    for (job, _), image in zip(batch, out, strict=True):
+                        images.setdefault((job[0], job[1]), []).append(image)
+                    progress.update(len(batch))
         seconds = time.perf_counter() - render_started
         count = sum(len(v) for v in images.values())
         log(
-            f"{checkpoint_label(checkpoint)}: loaded in {loaded:.1f} s, {count} images in {seconds:.1f} s "
+            f"{label}: loaded in {loaded:.1f} s, {count} images in {seconds:.1f} s "
             f"({count / max(seconds, 1e-9):.2f} images/s)"
         )
         yield checkpoint, parts, images, seconds

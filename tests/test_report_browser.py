@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from library.recommendation import StepScores, recommend
 from library.report import write_report
-from library.scoring import StepScores, recommend
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(

@@ -9,19 +9,16 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
+from library.recommendation import StepScores, judge, recommend, step_curves
 from library.scoring import (
     CellScores,
     CLIPScorer,
     Scorer,
-    StepScores,
     adherence_prompt,
-    judge,
     load_clip_scorer,
     load_references,
-    recommend,
     reference_likeness,
     score_cell,
-    step_curves,
 )
 from tests.helpers import make_images
 
