@@ -547,10 +547,7 @@ def render(
                     progress.update(len(batch))
         seconds = time.perf_counter() - render_started
         count = sum(len(v) for v in images.values())
-        log(
-            f"{label}: loaded in {loaded:.1f} s, {count} images in {seconds:.1f} s "
-            f"({count / max(seconds, 1e-9):.2f} images/s)"
-        )
+        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
         yield checkpoint, parts, images, seconds
         del parts, encoder
         if device.type == "cuda":
