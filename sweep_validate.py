@@ -31,16 +31,14 @@ from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
 from library.files import atomic_write
 from library.recommendation import BASELINE_STEP, Recommendation, recommend, step_curves
+from library.runs import Run, export_step, open_run
 from library.sampling import resolve_seed
 from library.sweep import (
     Plan,
-    Run,
     auto_interval,
     base_prompt,
     batch_grid,
-    export_step,
     fine_plan,
-    open_run,
     parse_axis,
     parse_interval,
     plan,

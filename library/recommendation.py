@@ -173,9 +173,8 @@ def recommend(
             (v.step for v in verdicts if v.checkpoint == checkpoint and not v.baseline and test(v)), None
         )
 
-    def later(
-        checkpoint: str, step: int
-    ) -> int | None:  # the next saved step (verdicts ascend per checkpoint)
+    # The next saved step on a checkpoint (judge's verdicts ascend per checkpoint).
+    def later(checkpoint: str, step: int) -> int | None:
         return next((v.step for v in verdicts if v.checkpoint == checkpoint and v.step > step), None)
 
     confirmed, passing = everywhere(lambda v: v.confirmed), everywhere(lambda v: v.passes)
@@ -188,9 +187,9 @@ def recommend(
         nexts = sorted({later(c, step) for c in checkpoints})
         n = sum(images[(c, s)] for c in checkpoints for s in (step, later(c, step)))
         reason = (
-            f"step {step}: {first_pass} {where}, confirmed by the next saved step "
-            f"({', '.join(map(str, nexts))}): all {n} images of the two reach it, "
-            f"a pass rate of at least {wilson_interval(n, n)[0]:.2f} (95 % interval)"
+            f"step {step}: {first_pass} {where} and the next saved step ({', '.join(map(str, nexts))}) "
+            f"confirms it: all {n} images of the two steps pass, a pass rate of at least "
+            f"{wilson_interval(n, n)[0]:.2f} (95 % interval)"
         )
         if passing[0] < step:
             reason += f"; step {passing[0]} passed too, but the step after it did not"
@@ -215,8 +214,8 @@ def recommend(
         step = own
         failing = [c for c in checkpoints if (c, step) not in table or not table[(c, step)].passes]
         reason = (
-            f"step {step}: {first_pass} on {trained_on}, but not validated: "
-            f"no step passes on {', '.join(failing)}"
+            f"step {step}: {first_pass} on {trained_on}, but not validated: it falls below the bar on "
+            f"{', '.join(failing)}, and no step passes on every checkpoint"
         )
     else:
         step = None

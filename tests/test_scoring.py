@@ -128,7 +128,7 @@ def test_a_lucky_pass_needs_the_next_saved_step_to_confirm_it():
     rec = recommend(scores, 0.65, **RULES)
     assert rec.step == 80
     # 16 of 16 images: Wilson's lower 95 % bound is 16 / (16 + 1.96²) = 0.806
-    assert "confirmed by the next saved step (100): all 16 images of the two reach it" in rec.reason
+    assert "and the next saved step (100) confirms it: all 16 images of the two steps pass" in rec.reason
     assert "a pass rate of at least 0.81 (95 % interval)" in rec.reason
     assert "step 40 passed too, but the step after it did not" in rec.reason
     assert rec.verdict("base", 40).passes and not rec.verdict("base", 40).confirmed
@@ -156,7 +156,7 @@ def test_step_0_is_the_baseline_never_recommended_and_no_reference_for_flags():
     # 1 - 0.55); as a reference it would flag every trained step.
     with_baseline = curve("base", [(0, eight(8), 0.40, 0.0), *trained])
     rec = recommend(with_baseline, 0.65, **RULES)
-    assert rec.step == 20 and "confirmed by the next saved step (40)" in rec.reason
+    assert rec.step == 20 and "and the next saved step (40) confirms it" in rec.reason
     assert "step 0 (before training) already reaches the bar on base" in rec.reason
     assert rec.verdict("base", 0).baseline and rec.verdict("base", 0).flags == ()
     # The trained steps are judged exactly as in a run without NAME-0.

@@ -15,17 +15,8 @@ from library.errors import UserError
 from library.infotext import parse_infotext
 from library.recommendation import StepScores, recommend
 from library.report import save_grid, write_report
-from library.sweep import (
-    Axis,
-    auto_interval,
-    expand_numbers,
-    export_step,
-    fine_plan,
-    open_run,
-    parse_axis,
-    plan,
-    render,
-)
+from library.runs import export_step, open_run
+from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan, render
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
 
@@ -538,8 +529,7 @@ def test_step_0_shows_as_the_baseline_and_is_never_recommended(tmp_path, capsys,
     assert code == 0, captured.err
     # Every image passes a bar of -100, step 0's too: the first trained step, confirmed by the next, wins.
     assert (
-        "recommendation: step 20: " in captured.out
-        and "confirmed by the next saved step (40)" in captured.out
+        "recommendation: step 20: " in captured.out and "the next saved step (40) confirms it" in captured.out
     )
     assert "step 0 (before training) already reaches the bar" in captured.out
     assert {r["step"] for r in csv.DictReader((out / "scores.csv").open())} == {"0", "20", "40", "60"}
