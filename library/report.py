@@ -127,6 +127,7 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
   vertical-align: middle; border-top: 2px solid; } .swatch.dashed { border-top-style: dashed; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 td.pass { background: #e4f4e4; } td.flag { background: #fcefd9; } td.fail { color: #999; } td.base { color: #666; }
+td { white-space: nowrap; } th[colspan] { text-align: center; } tr.chosen th { background: #cfeccf; }
 """
 _SCRIPT = """
 document.querySelectorAll('.grid img').forEach(function (img) {
@@ -235,7 +236,8 @@ def _step_table(curves: list[StepScores], checkpoints: list[str], rec: Recommend
             cells += [f"<td>{html.escape(n)}</td>" for n in numbers]
             cells.append(f'<td class="{kind}">{html.escape(text)}</td>')
         label = f"{step} (before training)" if step == BASELINE_STEP else str(step)
-        rows.append(f"<tr><th>{label}</th>{''.join(cells)}</tr>")
+        chosen = ' class="chosen" title="recommended step"' if step == rec.step else ""
+        rows.append(f"<tr{chosen}><th>{label}</th>{''.join(cells)}</tr>")
     trained = [s for s in curves if s.step != BASELINE_STEP] or curves
     counts = sorted({len(s.likeness) for s in trained})
     n = counts[0]

@@ -320,8 +320,10 @@ def test_per_step_table_shows_the_numbers_behind_each_verdict(tmp_path):
         "<tr><th>20</th><td>6/8 (0.41–0.93)</td><td>0.800 (0.645–0.955)</td><td>0.500</td><td>0.300</td>"
         '<td>0.500</td><td class="fail">below bar</td></tr>'
     ) in page
-    # 8 of 8: 8 / (8 + 1.96²) = 0.68; the mean of eight equal values has no spread.
-    assert "<tr><th>40</th><td>8/8 (0.68–1.00)</td><td>0.900 (0.900–0.900)</td>" in page
+    # 8 of 8: 8 / (8 + 1.96²) = 0.68; the mean of eight equal values has no spread. 40 is the recommended row.
+    assert (
+        '<tr class="chosen" title="recommended step"><th>40</th><td>8/8 (0.68–1.00)</td><td>0.900 (0.900–0.900)</td>'
+    ) in page
     assert "<tr><th>0 (before training)</th><td>0/8 (0.00–0.32)</td>" in page
     assert '<td class="base">baseline</td>' in page
     assert "An image passes when its likeness reaches the bar, 0.650" in page
