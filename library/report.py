@@ -127,7 +127,8 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
   vertical-align: middle; border-top: 2px solid; } .swatch.dashed { border-top-style: dashed; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 td.pass { background: #e4f4e4; } td.flag { background: #fcefd9; } td.fail { color: #999; } td.base { color: #666; }
-td { white-space: nowrap; } th[colspan] { text-align: center; } tr.chosen th { background: #cfeccf; }
+td, tr > th:first-child { white-space: nowrap; } th[colspan] { text-align: center; }
+tr.chosen th { background: #cfeccf; } .wide { overflow-x: auto; }
 """
 _SCRIPT = """
 document.querySelectorAll('.grid img').forEach(function (img) {
@@ -251,7 +252,7 @@ def _step_table(curves: list[StepScores], checkpoints: list[str], rec: Recommend
         f"shows a pass rate above {wilson_interval(n, n)[0]:.2f}: the ranges in brackets are 95 % "
         "intervals (Wilson's for shares, Student's t for means), and steps whose ranges overlap may not "
         "differ at all.</p>"
-        f"<table>{''.join(rows)}</table>"
+        f'<div class="wide"><table>{"".join(rows)}</table></div>'
     )
 
 
