@@ -98,7 +98,7 @@ def test_report_opens_without_errors(tmp_path):
     problems, dom, console = open_in_chromium(page, tmp_path)
     assert problems == [] and "Uncaught" not in console, (problems, console)
     assert f"Recommended step: {rec.step}" in dom and rec.step == 120
-    assert dom.count('<svg class="chart"') == 4  # loss, likeness, adherence, seed likeness
+    assert dom.count('<svg class="chart"') == 4  # loss, likeness, adherence, seed variety
     assert 'src="grid.png"' in dom and 'src="grid-fine.png"' in dom
     assert "fr3nchl4dy &lt;&amp;&gt;" in dom
     assert "adherence falls" in rec.reason and "adherence falls" in dom
