@@ -30,16 +30,15 @@ from library.cli import ArgumentParser, parse_command_line, run_script
 from library.config import SweepConfig, dump_config, load_config
 from library.errors import UserError
 from library.files import atomic_write
+from library.recommendation import BASELINE_STEP, Recommendation, recommend, step_curves
+from library.runs import Run, export_step, open_run
 from library.sampling import resolve_seed
 from library.sweep import (
     Plan,
-    Run,
     auto_interval,
     base_prompt,
     batch_grid,
-    export_step,
     fine_plan,
-    open_run,
     parse_axis,
     parse_interval,
     plan,
@@ -140,12 +139,12 @@ class Sweep:
                 self.scorer.forget()
             del parts, images  # let this checkpoint go before the next one loads
 
-    def recommendation(self) -> tuple[list, scoring.Recommendation | None]:
-        curves = scoring.step_curves(self.scored)
+    def recommendation(self) -> tuple[list, Recommendation | None]:
+        curves = step_curves(self.scored)
         if not curves:
             return curves, None
         s = self.cfg.scoring
-        return curves, scoring.recommend(
+        return curves, recommend(
             curves, self.bar, collapse_ratio=s.collapse_ratio, adherence_drop=s.adherence_drop
         )
 
@@ -164,11 +163,16 @@ class Sweep:
         self.plans.append(fine_plan(self.cfg, self.run, self.axes, (lo, hi)))
         self.render(self.plans[-1:], log)
 
-    def write(self, started: float, log=print) -> tuple[Path, scoring.Recommendation | None]:
+    def write(self, started: float, log=print) -> tuple[Path, Recommendation | None]:
         """The grids, scores.csv and report.html."""
         curves, rec = self.recommendation() if self.scorer is not None else ([], None)
         if self.scorer is not None and rec is None:
             self.notes.append("No cell names a single embedding step, so no step is recommended.")
+        if any(c.step == BASELINE_STEP for p in self.plans for c in p.cells):
+            self.notes.append(
+                f"Step 0 ({self.run.name}-0) is the embedding before training, its starting vectors: "
+                "the baseline to compare with, never recommended."
+            )
         grids = []
         for p in self.plans:
             images = {(c.x, c.y, c.z): self.cells[(p.name, i)] for i, c in enumerate(p.cells)}

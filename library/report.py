@@ -9,18 +9,19 @@ from __future__ import annotations
 import csv
 import html
 import io
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from library.charts import COLOURS, chart, moving_average
 from library.files import atomic_write
 from library.grid import join_grids_side_by_side, make_grid
 from library.infotext import format_infotext, infotext_params, save_png
+from library.recommendation import BASELINE_STEP, Recommendation, StepScores
+from library.stats import wilson_interval
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 SCORE_COLUMNS = [
     "pass",
     "file",
@@ -112,103 +113,6 @@ def score_row(out: Path, plan, cell, i: int, path: Path, result) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Charts
-
-
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / count
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    first = math.ceil(lo / step) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def svg_chart(
-    series: list[dict],
-    *,
-    x_label: str,
-    y_label: str,
-    hline: tuple[float, str] | None = None,
-    vline: tuple[float, str] | None = None,
-    width: int = 640,
-    height: int = 300,
-) -> str:
-    """A line chart as inline SVG. Each series: {"label", "points": [(x, y)], "colour", "dashed"}."""
-    points = [p for s in series for p in s["points"] if math.isfinite(p[1])]
-    if not points:
-        return '<p class="note">no data</p>'
-    xs = [p[0] for p in points] + ([vline[0]] if vline else [])
-    ys = [p[1] for p in points] + ([hline[0]] if hline else [])
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = (max(ys) - min(ys)) * 0.05 or 0.05
-    y0, y1 = min(ys) - pad, max(ys) + pad
-    left, right, top, bottom = 60, 10, 10, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
-
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#ccc"/>',
-    ]
-    for tick in _ticks(y0, y1):
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{py(tick):.1f}" y2="{py(tick):.1f}" stroke="#e4e4e4"/>'
-            f'<text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>'
-        )
-    for tick in _ticks(x0, x1, 8):
-        parts.append(f'<text x="{px(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{tick:g}</text>')
-    parts.append(
-        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">{html.escape(x_label)}</text>'
-        f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" transform="rotate(-90 14 {top + plot_h / 2})">'
-        f"{html.escape(y_label)}</text>"
-    )
-    if hline:
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{py(hline[0]):.1f}" y2="{py(hline[0]):.1f}" '
-            f'stroke="#555" stroke-dasharray="2 3"><title>{html.escape(hline[1])}</title></line>'
-        )
-    if vline:
-        parts.append(
-            f'<line x1="{px(vline[0]):.1f}" x2="{px(vline[0]):.1f}" y1="{top}" y2="{top + plot_h}" '
-            f'stroke="#2a2" stroke-width="2"><title>{html.escape(vline[1])}</title></line>'
-        )
-    for s in series:
-        pts = [(x, y) for x, y in sorted(s["points"]) if math.isfinite(y)]
-        dash = ' stroke-dasharray="6 4"' if s.get("dashed") else ""
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        parts.append(
-            f'<polyline fill="none" stroke="{s["colour"]}" stroke-width="1.6"{dash} points="{coords}">'
-            f"<title>{html.escape(s['label'])}</title></polyline>"
-        )
-        if len(pts) <= 60:
-            parts += [
-                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{s["colour"]}"/>' for x, y in pts
-            ]
-    parts.append("</svg>")
-    legend = "".join(
-        f'<span class="key"><span class="swatch{" dashed" if s.get("dashed") else ""}" style="border-color:{s["colour"]}">'
-        f"</span>{html.escape(s['label'])}</span>"
-        for s in series
-    )
-    return f"<figure>{''.join(parts)}<figcaption>{legend}</figcaption></figure>"
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # The page
 
 _STYLE = """
@@ -222,7 +126,9 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
 .key { margin-right: 14px; white-space: nowrap; } .swatch { display: inline-block; width: 22px; margin-right: 5px;
   vertical-align: middle; border-top: 2px solid; } .swatch.dashed { border-top-style: dashed; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-td.pass { background: #e4f4e4; } td.flag { background: #fcefd9; } td.fail { color: #999; }
+td.pass { background: #e4f4e4; } td.flag { background: #fcefd9; } td.fail { color: #999; } td.base { color: #666; }
+td, tr > th:first-child { white-space: nowrap; } th[colspan] { text-align: center; }
+tr.chosen th { background: #cfeccf; } .wide { overflow-x: auto; }
 """
 _SCRIPT = """
 document.querySelectorAll('.grid img').forEach(function (img) {
@@ -231,7 +137,7 @@ document.querySelectorAll('.grid img').forEach(function (img) {
 """
 
 
-def _score_sections(curves, recommendation) -> str:
+def _score_sections(curves: list[StepScores], recommendation: Recommendation | None) -> str:
     checkpoints = list(dict.fromkeys(s.checkpoint for s in curves))
     colour = {c: COLOURS[i % len(COLOURS)] for i, c in enumerate(checkpoints)}
     rec = (
@@ -240,7 +146,7 @@ def _score_sections(curves, recommendation) -> str:
         else None
     )
 
-    def lines(metric, label, dashed=False):
+    def lines(metric, label, dashed=False, band=None):
         return [
             {
                 "label": f"{label} — {c}",
@@ -249,49 +155,105 @@ def _score_sections(curves, recommendation) -> str:
                 "points": [
                     (s.step, metric(s)) for s in curves if s.checkpoint == c and metric(s) is not None
                 ],
+                "band": [
+                    (s.step, *band(s)) for s in curves if s.checkpoint == c and band and band(s) is not None
+                ],
             }
             for c in checkpoints
         ]
 
     bar = (recommendation.bar, f"likeness bar {recommendation.bar:.3f}") if recommendation else None
-    likeness = lines(lambda s: s.mean_likeness, "mean") + lines(
-        lambda s: s.min_likeness, "lowest image", dashed=True
-    )
+    likeness = lines(
+        lambda s: s.mean_likeness, "mean (shaded: 95 % interval)", band=lambda s: s.likeness_interval
+    ) + lines(lambda s: s.min_likeness, "lowest image", dashed=True)
     out = [
         "<h3>Likeness to the training images</h3>",
-        svg_chart(likeness, x_label="embedding step", y_label="likeness", hline=bar, vline=rec),
+        chart(likeness, "likeness", x_label="embedding step", y_label="likeness", hline=bar, vline=rec),
         "<h3>Prompt adherence</h3>",
-        svg_chart(
+        chart(
             lines(lambda s: s.mean_adherence, "mean"),
+            "adherence",
             x_label="embedding step",
             y_label="adherence",
             vline=rec,
         ),
-        "<h3>Likeness between the seeds of a cell (high = one look)</h3>",
-        svg_chart(
-            lines(lambda s: None if s.variety is None else 1 - s.variety, "mean"),
-            x_label="embedding step",
-            y_label="seed likeness",
-            vline=rec,
-        ),
+        "<h3>Seed variety (1 − likeness between the seeds of a cell; low = one look)</h3>",
     ]
+    if all(s.variety is None for s in curves):
+        out.append('<p class="note">No seed variety chart: every cell holds one image.</p>')
+    elif recommendation and recommendation.collapse_ratio <= 0:
+        out.append(
+            '<p class="note">No seed variety chart: scoring.collapse_ratio = 0, so seed variety is not '
+            "judged (for scorers where every right image looks alike by design).</p>"
+        )
+    else:
+        out.append(
+            chart(
+                lines(lambda s: s.variety, "mean"),
+                "seed variety",
+                x_label="embedding step",
+                y_label="seed variety",
+                vline=rec,
+            )
+        )
     if recommendation:
-        steps = sorted({s.step for s in curves})
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in checkpoints)
-        body = []
-        for step in steps:
-            cells = []
-            for c in checkpoints:
-                v = recommendation.verdict(c, step)
-                if v is None:
-                    cells.append("<td></td>")
-                    continue
+        out.append(_step_table(curves, checkpoints, recommendation))
+    return "\n".join(out)
+
+
+def _step_table(curves: list[StepScores], checkpoints: list[str], rec: Recommendation) -> str:
+    """The numbers behind each verdict, per step and checkpoint, with their 95 % intervals."""
+    scores = {(s.checkpoint, s.step): s for s in curves}
+    variety = rec.collapse_ratio > 0 and any(s.variety is not None for s in curves)
+    columns = ["at the bar", "mean likeness", "lowest", "adherence", *(["seed variety"] * variety), "verdict"]
+    head = "".join(f'<th colspan="{len(columns)}">{html.escape(c)}</th>' for c in checkpoints)
+    rows = [
+        f'<tr><th rowspan="2">step</th>{head}</tr>',
+        "<tr>" + "".join(f"<th>{c}</th>" for c in columns) * len(checkpoints) + "</tr>",
+    ]
+    for step in sorted({s.step for s in curves}):
+        cells = []
+        for c in checkpoints:
+            s, v = scores.get((c, step)), rec.verdict(c, step)
+            if s is None or v is None:
+                cells.append("<td></td>" * len(columns))
+                continue
+            low, high = s.pass_interval(rec.bar)
+            mean = f"{s.mean_likeness:.3f}"
+            if (interval := s.likeness_interval) is not None:
+                mean += f" ({interval[0]:.3f}–{interval[1]:.3f})"
+            numbers = [
+                f"{s.at_bar(rec.bar)}/{len(s.likeness)} ({low:.2f}–{high:.2f})",
+                mean,
+                f"{s.min_likeness:.3f}",
+                f"{s.mean_adherence:.3f}",
+                *([f"{s.variety:.3f}" if s.variety is not None else ""] * variety),
+            ]
+            if v.baseline:
+                kind, text = "base", "baseline"
+            else:
                 kind = "flag" if v.flags else "pass" if v.passes else "fail"
                 text = ("pass" if v.passes else "below bar") + (f" · {', '.join(v.flags)}" if v.flags else "")
-                cells.append(f'<td class="{kind}">{html.escape(text)}</td>')
-            body.append(f"<tr><th>{step}</th>{''.join(cells)}</tr>")
-        out.append(f"<h3>Per step</h3><table><tr><th>step</th>{head}</tr>{''.join(body)}</table>")
-    return "\n".join(out)
+            cells += [f"<td>{html.escape(n)}</td>" for n in numbers]
+            cells.append(f'<td class="{kind}">{html.escape(text)}</td>')
+        label = f"{step} (before training)" if step == BASELINE_STEP else str(step)
+        chosen = ' class="chosen" title="recommended step"' if step == rec.step else ""
+        rows.append(f"<tr{chosen}><th>{label}</th>{''.join(cells)}</tr>")
+    trained = [s for s in curves if s.step != BASELINE_STEP] or curves
+    counts = sorted({len(s.likeness) for s in trained})
+    n = counts[0]
+    images = f"{n}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    return (
+        "<h3>Per step</h3>"
+        f'<p class="note">An image passes when its likeness reaches the bar, {rec.bar:.3f} '
+        "(scoring.likeness_bar × how alike the training images are to each other); a step passes when "
+        "all its images do. "
+        f"Each step was judged on {images} images per checkpoint, so even {n} of {n} at the bar only "
+        f"shows a pass rate above {wilson_interval(n, n)[0]:.2f}: the ranges in brackets are 95 % "
+        "intervals (Wilson's for shares, Student's t for means), and steps whose ranges overlap may not "
+        "differ at all.</p>"
+        f'<div class="wide"><table>{"".join(rows)}</table></div>'
+    )
 
 
 def write_report(
@@ -307,7 +269,7 @@ def write_report(
 ) -> Path:
     """Write report.html: recommendation, grids (linked relative to the page), loss and score curves.
 
-    `curves` are scoring.StepScores, `recommendation` a scoring.Recommendation or None (scores off);
+    `curves` are recommendation.StepScores, `recommendation` a Recommendation or None (scores off);
     `notes` are shown under the recommendation; `summary` rows (key, value) describe the sweep.
     """
     esc = html.escape
@@ -342,10 +304,10 @@ def write_report(
             {
                 "label": "moving average (10 steps)",
                 "colour": "#1f77b4",
-                "points": list(zip(steps, _moving_average(values, 10), strict=True)),
+                "points": list(zip(steps, moving_average(values, 10), strict=True)),
             },
         ]
-        body.append(svg_chart(series, x_label="step", y_label="loss"))
+        body.append(chart(series, "training loss", x_label="step", y_label="loss"))
     else:
         body.append('<p class="note">The run folder has no loss.csv.</p>')
     body.append("<h2>Scores</h2>")

@@ -1,4 +1,4 @@
-"""Scores that make the choice of a step less of a guess, and the recommended step.
+"""Scores that make the choice of a step less of a guess.
 
 Three numbers per rendered image, from an image-text model the user points to (a local CLIP, offline):
 - likeness: mean cosine similarity of the image to the training images (is it the character?);
@@ -6,10 +6,9 @@ Three numbers per rendered image, from an image-text model the user points to (a
 - adherence: similarity to the prompt with the trigger word replaced by a class word (does it still
   follow the prompt, or has the embedding taken over?).
 
-`recommend` turns the per-step curves into a step and a reason: the first step where every image passes
-the likeness bar on every checkpoint, with flags where adherence falls or the seeds collapse to one look.
-Any object with `likeness`, `adherence` and `forget` (the `Scorer` protocol) can stand in for CLIP; the toy
-world's scorer (`scoring.model = "builtin:toy"`, library/toy.py) is one.
+library/recommendation.py pools them per step and turns them into the recommended step. Any object with
+`likeness`, `adherence` and `forget` (the `Scorer` protocol) can stand in for CLIP; the toy world's scorer
+(`scoring.model = "builtin:toy"`, library/toy.py) is one.
 """
 
 from __future__ import annotations
@@ -310,147 +309,3 @@ class CellScores:
     likeness: tuple[float, ...]
     seed_likeness: tuple[float, ...]
     adherence: tuple[float, ...]
-
-
-def step_curves(cells: Sequence[tuple[str, int, CellScores]]) -> list[StepScores]:
-    """Pool the cells of each (checkpoint, step) into one StepScores, in order of first appearance."""
-    pooled: dict[tuple[str, int], list[CellScores]] = {}
-    for checkpoint, step, scores in cells:
-        pooled.setdefault((checkpoint, step), []).append(scores)
-    return [
-        StepScores(
-            checkpoint,
-            step,
-            *(
-                tuple(v for c in group for v in getattr(c, key))
-                for key in ("likeness", "seed_likeness", "adherence")
-            ),
-        )
-        for (checkpoint, step), group in pooled.items()
-    ]
-
-
-# --------------------------------------------------------------------------------------------------
-# The recommendation
-
-
-@dataclass(frozen=True)
-class StepScores:
-    """The scores of every image of one embedding step on one checkpoint."""
-
-    checkpoint: str
-    step: int
-    likeness: tuple[float, ...]
-    seed_likeness: tuple[float, ...]  # empty when every cell holds a single image
-    adherence: tuple[float, ...]
-
-    @property
-    def min_likeness(self) -> float:
-        return min(self.likeness)
-
-    @property
-    def mean_likeness(self) -> float:
-        return float(np.mean(self.likeness))
-
-    @property
-    def mean_adherence(self) -> float:
-        return float(np.mean(self.adherence))
-
-    @property
-    def variety(self) -> float | None:
-        """1 - mean seed likeness: how different the seeds look (None without several seeds)."""
-        return 1.0 - float(np.mean(self.seed_likeness)) if self.seed_likeness else None
-
-
-@dataclass(frozen=True)
-class StepVerdict:
-    checkpoint: str
-    step: int
-    passes: bool  # every image reaches the likeness bar
-    flags: tuple[str, ...]  # "adherence falls", "one look"
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    step: int | None
-    reason: str
-    bar: float
-    verdicts: tuple[StepVerdict, ...]
-
-    def verdict(self, checkpoint: str, step: int) -> StepVerdict | None:
-        return next((v for v in self.verdicts if v.checkpoint == checkpoint and v.step == step), None)
-
-
-def judge(
-    curve: Sequence[StepScores], bar: float, *, collapse_ratio: float, adherence_drop: float
-) -> list[StepVerdict]:
-    """Pass/flags for each step of one checkpoint's curve (any order in, ascending steps out)."""
-    curve = sorted(curve, key=lambda s: s.step)
-    first_variety = next((s.variety for s in curve if s.variety is not None), None)
-    verdicts, best_adherence = [], -math.inf
-    for scores in curve:
-        flags = []
-        if scores.mean_adherence < best_adherence - adherence_drop * abs(best_adherence):
-            flags.append("adherence falls")
-        if first_variety and scores.variety is not None and scores.variety < collapse_ratio * first_variety:
-            flags.append("one look")
-        best_adherence = max(best_adherence, scores.mean_adherence)
-        verdicts.append(StepVerdict(scores.checkpoint, scores.step, scores.min_likeness >= bar, tuple(flags)))
-    return verdicts
-
-
-def recommend(
-    scores: Sequence[StepScores], bar: float, *, collapse_ratio: float, adherence_drop: float
-) -> Recommendation:
-    """The first step where every image passes the likeness bar on every checkpoint, and why.
-
-    The first checkpoint (in order of appearance) is the one trained on; the others validate the step.
-    When no step passes everywhere, the first checkpoint's first passing step is given, with the
-    checkpoints it fails on; when none passes at all, no step.
-    """
-    checkpoints = list(dict.fromkeys(s.checkpoint for s in scores))
-    verdicts = [
-        v
-        for c in checkpoints
-        for v in judge(
-            [s for s in scores if s.checkpoint == c],
-            bar,
-            collapse_ratio=collapse_ratio,
-            adherence_drop=adherence_drop,
-        )
-    ]
-    table = {(v.checkpoint, v.step): v for v in verdicts}
-    first_pass = {
-        c: next((v.step for v in verdicts if v.checkpoint == c and v.passes), None) for c in checkpoints
-    }
-    steps = sorted({v.step for v in verdicts})
-    everywhere = [s for s in steps if all((c, s) in table and table[(c, s)].passes for c in checkpoints)]
-    where = "on every checkpoint" if len(checkpoints) > 1 else f"on {checkpoints[0]}" if checkpoints else ""
-    if everywhere:
-        step = everywhere[0]
-        reason = f"step {step}: the first step where all images reach the likeness bar ({bar:.3f}) {where}"
-        if len(checkpoints) > 1:
-            firsts = ", ".join(f"{c}: {first_pass[c]}" for c in checkpoints)
-            reason += f" (first passing step per checkpoint: {firsts})"
-    elif first_pass.get(checkpoints[0] if checkpoints else None) is not None:
-        step = first_pass[checkpoints[0]]
-        failing = [c for c in checkpoints if not table.get((c, step), StepVerdict(c, step, False, ())).passes]
-        reason = (
-            f"step {step}: the first step where all images reach the likeness bar ({bar:.3f}) on "
-            f"{checkpoints[0]}, but not validated: no step passes on {', '.join(failing)}"
-        )
-    else:
-        best = max(scores, key=lambda s: s.min_likeness, default=None)
-        reason = "no step reaches the likeness bar"
-        if best is not None:
-            reason += (
-                f" ({bar:.3f}; best: step {best.step} on {best.checkpoint}, lowest image {best.min_likeness:.3f});"
-                " train longer, check the training images, or lower scoring.likeness_bar"
-            )
-        return Recommendation(None, reason, bar, tuple(verdicts))
-    flags = sorted(
-        {f"{flag} on {c}" for c in checkpoints for flag in getattr(table.get((c, step)), "flags", ())}
-    )
-    if flags:
-        reason += f"; warning at this step: {', '.join(flags)} (it may be over-baked: compare the grid)"
-    return Recommendation(step, reason, bar, tuple(verdicts))

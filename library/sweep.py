@@ -1,140 +1,45 @@
 """Validation sweeps: render a run's saved steps side by side on several checkpoints (A1111's X/Y/Z plot).
 
-- `open_run` reads the run folder; `NAME-20` in a prompt is that step's file, `NAME` the final file, and a
-  step that was not saved is an error (never a silent fall-back to `NAME`).
+- the run folder is read by library/runs.py (`open_run`: which file `NAME-20` in a prompt stands for).
 - `parse_axis` reads one `[x]`/`[y]`/`[z]` table; `plan` lays out the cells (X columns, Y rows, Z grids);
   `fine_plan` re-plans the step axis every few steps over one interval (coarse-to-fine).
-- `render` loads each checkpoint once and renders all cells of all plans on it in full batches.
-- `export_step` copies one step out as `NAME.pt` / `NAME.safetensors` (file stem = trigger word).
-sweep_validate.py puts these together with library/scoring.py (scores, recommendation) and library/report.py
-(cell images, grids, scores.csv, report.html).
+- `render` loads each checkpoint once and renders all cells of all plans on it in full batches, with a
+  progress bar (stderr) of the images rendered.
+sweep_validate.py puts these together with library/runs.py (the run folder, export), library/scoring.py
+(scores), library/recommendation.py (the recommended step) and library/report.py (cell images, grids,
+scores.csv, report.html).
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import re
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from library.checkpoints import RunFolder
-from library.config import ModelConfig, SweepAxis, SweepConfig, TrainConfig, as_size, load_config
-from library.embeddings import Embedding, load_embedding, save_embedding
+from library.config import ModelConfig, SweepAxis, SweepConfig, as_size
+from library.embeddings import load_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
+from library.runs import Run, describe_steps
 from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
 
+# The render progress bar (stderr): images done of the checkpoint's total, and images per second (tqdm's
+# default would switch to seconds per image below 1 image/s, as on a CPU).
+_PROGRESS = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+)
 RUN_CHECKPOINT = "run:checkpoint"  # [model] checkpoints entry meaning "the checkpoint the run was trained on"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# --------------------------------------------------------------------------------------------------
-# The run folder
-
-
-@dataclass(frozen=True)
-class Run:
-    """A training run: its saved steps by file, its config (when it has one) and its loss log."""
-
-    folder: RunFolder
-    files: dict[int, Path]  # step -> embeddings/NAME-N.pt (or .safetensors)
-    config: TrainConfig | None
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def steps(self) -> list[int]:
-        return sorted(self.files)
-
-    def final_file(self) -> Path | None:
-        return next(
-            (p for fmt in ("pt", "safetensors") if (p := self.folder.final_file(fmt)).is_file()), None
-        )
-
-    def pattern(self) -> re.Pattern:
-        """`NAME` or `NAME-<suffix>` as a whole word, case-insensitive (CLIP lowercases prompts)."""
-        return re.compile(rf"(?<![\w-]){re.escape(self.name)}(?:-(\w+))?(?![\w])", re.IGNORECASE)
-
-    def resolve(self, token: str) -> tuple[str, Path]:
-        """The embedding name a prompt word stands for and its file: `NAME-20` -> embeddings/NAME-20.pt."""
-        match = self.pattern().fullmatch(token)
-        suffix = match.group(1) if match else None
-        if suffix is None:
-            final = self.final_file()
-            if final is None:
-                raise UserError(
-                    f"'{self.name}' without a step means the final embedding, but {self.folder.root} has no "
-                    f"{self.name}.pt; write {self.name}-N with a saved step ({describe_steps(self.steps)})"
-                )
-            return self.name, final
-        if not suffix.isdigit() or int(suffix) not in self.files:
-            raise UserError(
-                f"'{token}' is not a saved step of {self.folder.embeddings_dir}; saved steps: "
-                f"{describe_steps(self.steps)}; write {self.name}-N with one of them"
-            )
-        return f"{self.name}-{int(suffix)}", self.files[int(suffix)]
-
-    def tokens_in(self, text: str) -> list[str]:
-        return [m.group(0) for m in self.pattern().finditer(text)]
-
-    def loss(self) -> list[tuple[int, float]]:
-        """(step, loss) rows of loss.csv; empty when the run has none."""
-        if not self.folder.loss_csv.is_file():
-            return []
-        with self.folder.loss_csv.open(newline="") as handle:
-            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle) if r.get("loss")]
-
-
-def describe_steps(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    if len(steps) <= 12:
-        return ", ".join(map(str, steps))
-    return f"{len(steps)} steps from {steps[0]} to {steps[-1]}: {', '.join(map(str, steps[:5]))}, ..., {steps[-1]}"
-
-
-def open_run(folder: str, name: str = "") -> Run:
-    """Read a run folder (ours, or any folder with embeddings/NAME-N files such as A1111's)."""
-    if not folder:
-        raise UserError(
-            "run.folder is empty: set it to the training run's output folder, e.g. run.folder=output/face"
-        )
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{root}: run folder not found; set run.folder to the folder training wrote")
-    config = load_config(TrainConfig, root / "config.toml") if (root / "config.toml").is_file() else None
-    name = name or (config.embedding.name if config else _only_name(root))
-    run = RunFolder(root, name)
-    files: dict[int, Path] = {}
-    for step in run.saved_steps():
-        files[step] = next(p for fmt in ("pt", "safetensors") if (p := run.step_file(step, fmt)).is_file())
-    if not files and not run.final_file("pt").is_file() and not run.final_file("safetensors").is_file():
-        raise UserError(
-            f"{run.embeddings_dir}: no saved '{name}-N' embeddings; check run.folder and run.name"
-        )
-    return Run(run, files, config)
-
-
-def _only_name(root: Path) -> str:
-    names = {
-        m.group(1)
-        for p in (root / "embeddings").glob("*")
-        if (m := re.match(r"(.+)-\d+\.(pt|safetensors)$", p.name))
-    }
-    if len(names) != 1:
-        found = ", ".join(sorted(names)) or "none"
-        raise UserError(f"{root}: no config.toml and embeddings of {found}; set run.name to the trigger word")
-    return names.pop()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +397,8 @@ def render(
     dtype = _DTYPES[cfg.sweep.mixed_precision] if device.type == "cuda" else torch.float32
     checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
     for checkpoint in checkpoints:
+        label = checkpoint_label(checkpoint)
+        log(f"{label}: loading {checkpoint}")
         started = time.perf_counter()
         model = ModelConfig(
             checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
@@ -519,25 +426,29 @@ def render(
         groups: dict[SampleSettings, list] = {}
         for job in jobs:
             groups.setdefault(job[2].settings, []).append(job)
+        total = sum(len(job[2].seeds) for job in jobs)
+        log(f"{label}: loaded in {loaded:.1f} s; rendering {total} images")
         render_started = time.perf_counter()
-        for settings, group in groups.items():
-            flat = [(job, seed) for job in group for seed in job[2].seeds]
-            out = generate(
-                parts,
-                encoder,
-                [j[2].prompt for j, _ in flat],
-                [j[2].negative for j, _ in flat],
-                [seed for _, seed in flat],
-                settings,
-            )
-            for (job, _), image in zip(flat, out, strict=True):
-                images.setdefault((job[0], job[1]), []).append(image)
+        with tqdm(total=total, desc=label, unit=" images", file=sys.stderr, bar_format=_PROGRESS) as progress:
+            for settings, group in groups.items():
+                flat = [(job, seed) for job in group for seed in job[2].seeds]
+                # One UNet batch per call (as generate would batch them anyway), so the bar moves per batch.
+                for start in range(0, len(flat), settings.batch_size):
+                    batch = flat[start : start + settings.batch_size]
+                    out = generate(
+                        parts,
+                        encoder,
+                        [j[2].prompt for j, _ in batch],
+                        [j[2].negative for j, _ in batch],
+                        [seed for _, seed in batch],
+                        settings,
+                    )
+                    for (job, _), image in zip(batch, out, strict=True):
+                        images.setdefault((job[0], job[1]), []).append(image)
+                    progress.update(len(batch))
         seconds = time.perf_counter() - render_started
         count = sum(len(v) for v in images.values())
-        log(
-            f"{checkpoint_label(checkpoint)}: loaded in {loaded:.1f} s, {count} images in {seconds:.1f} s "
-            f"({count / max(seconds, 1e-9):.2f} images/s)"
-        )
+        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
         yield checkpoint, parts, images, seconds
         del parts, encoder
         if device.type == "cuda":
@@ -555,42 +466,3 @@ def batch_grid(images: list[Image.Image]) -> Image.Image:
     for i, image in enumerate(images):
         canvas.paste(image, ((i % cols) * w, (i // cols) * h))
     return canvas
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-
-
-def export_step(
-    run: Run,
-    step: int,
-    folder: str | Path,
-    formats: tuple[str, ...],
-    *,
-    overwrite: bool = False,
-    log: Callable = print,
-) -> list[Path]:
-    """Write step `step` of the run as `NAME.<fmt>` in `folder` (the file stem is the trigger word)."""
-    if not str(folder):
-        raise UserError(
-            "--export needs a folder: --export-to DIR or export.folder (e.g. your A1111 embeddings/)"
-        )
-    _, source = run.resolve(f"{run.name}-{step}")
-    embedding = load_embedding(source)
-    out = Embedding(
-        run.name,
-        embedding.vectors,
-        embedding.step,
-        embedding.checkpoint_hash,
-        embedding.checkpoint_name,
-        dict(embedding.metadata),
-    )
-    out.metadata.pop("stored_name", None)
-    folder = Path(folder).expanduser()
-    targets = [folder / f"{run.name}.{fmt.lstrip('.')}" for fmt in formats]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]}: already exists; pass --overwrite or choose another export folder")
-    paths = [save_embedding(out, target, overwrite=overwrite) for target in targets]
-    log(f"exported {source.name} (step {embedding.step}) as {', '.join(str(p) for p in paths)}")
-    return paths

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from library.recommendation import StepScores, recommend
 from library.report import write_report
-from library.scoring import StepScores, recommend
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -85,7 +85,9 @@ def test_report_opens_without_errors(tmp_path):
     grid = tmp_path / "grid.png"
     Image.new("RGB", (64, 32), (200, 120, 40)).save(grid)
     Image.new("RGB", (64, 32), (40, 120, 200)).save(tmp_path / "grid-fine.png")
-    curves = _curves()
+    # Step 0, the embedding before training, as the trainer saves it: a baseline row and chart point.
+    baseline = [StepScores(c, 0, (0.3, 0.32, 0.28, 0.31), (0.3,) * 4, (0.33,) * 4) for c in ("v1-5-pruned-emaonly", "deliberate_v2")]  # fmt: skip
+    curves = baseline + _curves()
     rec = recommend(curves, 0.65, collapse_ratio=0.5, adherence_drop=0.1)
     loss = [(step, 0.2 + 0.1 * ((step * 7) % 5) / 5) for step in range(1, 141)]
     page = write_report(
@@ -96,10 +98,12 @@ def test_report_opens_without_errors(tmp_path):
     problems, dom, console = open_in_chromium(page, tmp_path)
     assert problems == [] and "Uncaught" not in console, (problems, console)
     assert f"Recommended step: {rec.step}" in dom and rec.step == 120
-    assert dom.count('<svg class="chart"') == 4  # loss, likeness, adherence, seed likeness
+    assert dom.count('<svg class="chart"') == 4  # loss, likeness, adherence, seed variety
     assert 'src="grid.png"' in dom and 'src="grid-fine.png"' in dom
     assert "fr3nchl4dy &lt;&amp;&gt;" in dom
     assert "adherence falls" in rec.reason and "adherence falls" in dom
+    # The numbers behind the verdicts, with 95 % intervals (4 of 4: 4 / (4 + 1.96²) = 0.51), and the band.
+    assert "0 (before training)" in dom and "<td>4/4 (0.51–1.00)</td>" in dom and 'class="band"' in dom
 
 
 def test_report_without_scores_or_loss_opens_without_errors(tmp_path):

@@ -9,20 +9,18 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
+from library.recommendation import StepScores, judge, recommend, step_curves
 from library.scoring import (
     CellScores,
     CLIPScorer,
     Scorer,
-    StepScores,
     adherence_prompt,
-    judge,
     load_clip_scorer,
     load_references,
-    recommend,
     reference_likeness,
     score_cell,
-    step_curves,
 )
+from library.stats import Z95, mean_interval, t975, wilson_interval
 from tests.helpers import make_images
 
 RULES = dict(collapse_ratio=0.5, adherence_drop=0.1)
@@ -114,6 +112,72 @@ def test_no_step_passes_or_not_validated_elsewhere():
     )
     rec = recommend(both, 0.65, **RULES)
     assert rec.step == 40 and "not validated" in rec.reason and "other" in rec.reason
+
+
+def eight(passing: int, low: float = 0.5, high: float = 0.9) -> list[float]:
+    """Likeness of 8 seeds, `passing` of them at or above a bar of 0.65."""
+    return [high] * passing + [low] * (8 - passing)
+
+
+def test_a_lucky_pass_needs_the_next_saved_step_to_confirm_it():
+    # 40 passes 8/8 between failing steps (a lucky draw), then 80 and 100 pass: 80 is confirmed by 100.
+    scores = curve(
+        "base",
+        [(step, eight(k), 0.3, 0.5) for step, k in ((20, 3), (40, 8), (60, 7), (80, 8), (100, 8))],
+    )
+    rec = recommend(scores, 0.65, **RULES)
+    assert rec.step == 80
+    # 16 of 16 images: Wilson's lower 95 % bound is 16 / (16 + 1.96²) = 0.806
+    assert "and the next saved step (100) confirms it: all 16 images of the two steps pass" in rec.reason
+    assert "a pass rate of at least 0.81 (95 % interval)" in rec.reason
+    assert "step 40 passed too, but the step after it did not" in rec.reason
+    assert rec.verdict("base", 40).passes and not rec.verdict("base", 40).confirmed
+    assert rec.verdict("base", 80).confirmed and not rec.verdict("base", 100).confirmed
+
+
+def test_a_pass_that_nothing_confirms_is_given_with_the_reason():
+    last = recommend(curve("base", [(20, eight(5), 0.3, 0.5), (40, eight(8), 0.3, 0.5)]), 0.65, **RULES)
+    # 8 of 8 alone: 8 / (8 + 1.96²) = 0.676
+    assert last.step == 40 and "but not confirmed: it is the last saved step" in last.reason
+    assert "its 8 of 8 images only show a pass rate of at least 0.68" in last.reason
+    falls = curve("base", [(20, eight(8), 0.3, 0.5), (40, eight(7), 0.3, 0.5)]) + curve(
+        "other", [(20, eight(8), 0.3, 0.5), (40, eight(8), 0.3, 0.5)]
+    )
+    rec = recommend(falls, 0.65, **RULES)
+    assert (
+        rec.step == 20 and "not confirmed: the next saved step (40) falls below the bar on base" in rec.reason
+    )
+    assert "16 of 16 images only show a pass rate of at least 0.81" in rec.reason
+
+
+def test_step_0_is_the_baseline_never_recommended_and_no_reference_for_flags():
+    trained = [(20, eight(8), 0.30, 0.55), (40, eight(8), 0.30, 0.55), (60, eight(8), 0.24, 0.8)]
+    # Before training: every image already at the bar, higher adherence, more variety (1 - 0.0 against
+    # 1 - 0.55); as a reference it would flag every trained step.
+    with_baseline = curve("base", [(0, eight(8), 0.40, 0.0), *trained])
+    rec = recommend(with_baseline, 0.65, **RULES)
+    assert rec.step == 20 and "and the next saved step (40) confirms it" in rec.reason
+    assert "step 0 (before training) already reaches the bar on base" in rec.reason
+    assert rec.verdict("base", 0).baseline and rec.verdict("base", 0).flags == ()
+    # The trained steps are judged exactly as in a run without NAME-0.
+    without = recommend(curve("base", trained), 0.65, **RULES)
+    assert [v for v in rec.verdicts if not v.baseline] == list(without.verdicts)
+    assert without.verdict("base", 60).flags == ("adherence falls", "one look")
+    only_baseline = recommend(curve("base", [(0, eight(8), 0.4, 0.0)]), 0.65, **RULES)
+    assert only_baseline.step is None and "only step 0" in only_baseline.reason
+
+
+def test_intervals_match_the_textbook_values():
+    assert wilson_interval(8, 8) == pytest.approx((8 / (8 + Z95**2), 1.0))  # 0.676 - 1
+    assert wilson_interval(6, 8) == pytest.approx((0.4093, 0.9285), abs=1e-4)
+    assert wilson_interval(0, 4) == pytest.approx((0.0, 0.4899), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    # mean 0.7, standard deviation 0.1, t(2 df) = 4.303: 0.7 ± 4.303 · 0.1 / √3
+    assert mean_interval([0.6, 0.7, 0.8]) == pytest.approx((0.4516, 0.9484), abs=1e-4)
+    assert mean_interval([1.0, 0.0, 1.0, 1.0]) == wilson_interval(3, 4)  # 0/1 values: a proportion
+    assert mean_interval([0.7]) is None and mean_interval([1.0]) == wilson_interval(1, 1)
+    assert t975(30) == 2.042 and t975(31) == pytest.approx(2.0395, abs=1e-3)
+    assert t975(10_000) == pytest.approx(Z95, abs=1e-3)
 
 
 def test_step_curves_pool_cells_of_one_step():

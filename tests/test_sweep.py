@@ -13,18 +13,10 @@ from library.config import SweepConfig, TrainConfig, dump_config, load_config
 from library.embeddings import Embedding, load_embedding, save_embedding
 from library.errors import UserError
 from library.infotext import parse_infotext
-from library.report import save_grid
-from library.sweep import (
-    Axis,
-    auto_interval,
-    expand_numbers,
-    export_step,
-    fine_plan,
-    open_run,
-    parse_axis,
-    plan,
-    render,
-)
+from library.recommendation import StepScores, recommend
+from library.report import save_grid, write_report
+from library.runs import export_step, open_run
+from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan, render
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
 
@@ -151,7 +143,7 @@ def test_bare_name_without_a_final_file_is_an_error(tmp_path):
         run.resolve(NAME.upper())
 
 
-def test_cells_render_with_their_own_steps_vectors(tmp_path):
+def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
     from library.prompts import PromptEncoder
     from library.sampling import generate
     from library.tiny import build_tiny_parts
@@ -161,7 +153,13 @@ def test_cells_render_with_their_own_steps_vectors(tmp_path):
     cfg = sweep_config(run_dir, "x.values=d3mo-20, d3mo-40, d3mo")
     coarse = plan(cfg, run, axes_of(cfg, run))
     assert [c.step for c in coarse.cells] == [20, 40, 60]
-    ((_, _, images, _),) = list(render(cfg, run, [coarse], torch.device("cpu"), log=lambda *_: None))
+    lines = []
+    ((_, _, images, _),) = list(render(cfg, run, [coarse], torch.device("cpu"), log=lines.append))
+    # A line as the checkpoint loads, a progress bar of the images on stderr, nothing printed to stdout.
+    assert lines[0] == "builtin:tiny: loading builtin:tiny" and "rendering 6 images" in lines[1]
+    captured = capsys.readouterr()
+    assert captured.out == "" and "builtin:tiny: 100%" in captured.err and "6/6 images" in captured.err
+    assert " images/s]" in captured.err
     parts = build_tiny_parts("sd1", seed=0)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
     encoder.set_embedding(f"{NAME}-40", load_embedding(run_dir / "embeddings" / f"{NAME}-40.pt").vectors)
@@ -295,6 +293,75 @@ def test_grid_size_and_label_layout(tmp_path, count):
         assert _has_ink(grid, (boxes[(0, 0, 1)][0], 0, grid.width, first[1] // 2))  # ... over each of them
     assert grid.width >= sizes[0] * sizes[2] * CELL and grid.height > sizes[1] * CELL
     assert parse_infotext(Image.open(tmp_path / "grid.png").text["parameters"])[2]["Seed"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def _step(checkpoint, step, likeness, adherence=0.3, seeds=0.5):
+    return StepScores(
+        checkpoint, step, tuple(likeness), (seeds,) * len(likeness), (adherence,) * len(likeness)
+    )
+
+
+def _page(tmp_path, curves, *, collapse_ratio=0.5, loss=()) -> str:
+    rec = recommend(curves, 0.65, collapse_ratio=collapse_ratio, adherence_drop=0.1)
+    page = write_report(tmp_path / "report.html", title="t", grids=[], loss=list(loss), curves=curves,
+                        recommendation=rec, notes=[], summary=[])  # fmt: skip
+    return page.read_text()
+
+
+def test_per_step_table_shows_the_numbers_behind_each_verdict(tmp_path):
+    checkpoint = "base<i>&"
+    curves = [
+        _step(checkpoint, 0, [0.5] * 8, adherence=0.35, seeds=0.4),
+        _step(checkpoint, 20, [0.9] * 6 + [0.5] * 2, adherence=0.3, seeds=0.5),
+        _step(checkpoint, 40, [0.9] * 8, adherence=0.31, seeds=0.6),
+        _step(checkpoint, 60, [0.9] * 8, adherence=0.3, seeds=0.6),
+    ]
+    page = _page(tmp_path, curves)
+    # Step 20: 6 of 8 at the bar, Wilson 95 % 0.41-0.93; mean 0.8, sd 0.185, t(7) = 2.365 -> 0.645-0.955;
+    # lowest 0.5, adherence 0.3, seed variety 1 - 0.5.
+    assert (
+        "<tr><th>20</th><td>6/8 (0.41–0.93)</td><td>0.800 (0.645–0.955)</td><td>0.500</td><td>0.300</td>"
+        '<td>0.500</td><td class="fail">below bar</td></tr>'
+    ) in page
+    # 8 of 8: 8 / (8 + 1.96²) = 0.68; the mean of eight equal values has no spread. 40 is the recommended row.
+    assert (
+        '<tr class="chosen" title="recommended step"><th>40</th><td>8/8 (0.68–1.00)</td><td>0.900 (0.900–0.900)</td>'
+    ) in page
+    assert "<tr><th>0 (before training)</th><td>0/8 (0.00–0.32)</td>" in page
+    assert '<td class="base">baseline</td>' in page
+    assert "An image passes when its likeness reaches the bar, 0.650" in page
+    assert (
+        "Each step was judged on 8 images per checkpoint, so even 8 of 8 at the bar only shows a pass rate above 0.68"
+        in page
+    )
+    assert (
+        "Recommended step: 40" in page and '<polygon class="band"' in page
+    )  # the likeness chart's 95 % band
+    # What the user wrote reaches the page escaped: header, legends, reason.
+    assert "<i>" not in page and page.count("base&lt;i&gt;&amp;") >= 4
+
+
+def test_charts_that_carry_no_information_are_not_drawn(tmp_path):
+    rising = [_step("toy", step, [1.0] * k + [0.0] * (8 - k), adherence=1.0, seeds=1.0) for step, k in
+              ((25, 3), (50, 5), (75, 8), (100, 8))]  # fmt: skip
+    page = _page(tmp_path, rising, collapse_ratio=0.0, loss=[(1, 0.2), (2, 0.1)])
+    assert page.count('<svg class="chart"') == 2  # the loss and the likeness
+    assert "No adherence chart: every value is 1." in page
+    assert "No seed variety chart: scoring.collapse_ratio = 0, so seed variety is not judged" in page
+    assert "<th>seed variety</th>" not in page
+    # 0/1 likeness: the mean is a share, with Wilson's interval (3 of 8: 0.14-0.69)
+    assert "<td>0.375 (0.137–0.694)</td>" in page
+    single = [StepScores("c", step, (0.7,), (), (0.2 + step / 1000,)) for step in (20, 40)]
+    page = _page(tmp_path, single)
+    assert "No seed variety chart: every cell holds one image." in page
+    assert "No likeness chart: every value is 0.7." in page and page.count('<svg class="chart"') == 1
+    page = _page(tmp_path, [_step("c", 20, [0.7, 0.8])], loss=[(1, 0.3)])
+    assert "No training loss chart: there is only one step." in page
+    assert "No likeness chart: there is only one step." in page and '<svg class="chart"' not in page
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,6 +520,33 @@ def test_sweep_with_scores_and_auto_fine_pass(tmp_path, capsys, monkeypatch):
     # seed -1: one random seed for both passes, recorded in the sweep's config.toml
     seed = load_config(SweepConfig, out / "config.toml").render.seed
     assert seed >= 0 and {int(r["seed"]) for r in rows} == {seed, seed + 1}
+
+
+def test_step_0_shows_as_the_baseline_and_is_never_recommended(tmp_path, capsys, monkeypatch):
+    from library import scoring
+    from tests.test_scoring import tiny_clip_folder
+
+    monkeypatch.setattr(scoring, "reference_likeness", lambda scorer, refs: 1.0)  # a random CLIP's may be < 0
+    run_dir = make_run(tmp_path, steps=(0, 20, 40, 60))  # NAME-0: the starting vectors the trainer saves
+    out = tmp_path / "out"
+    args = ["--config", str(ROOT / "presets/validate.toml"), f"run.folder={run_dir}", f"sweep.output_dir={out}",
+            'model.checkpoints=["run:checkpoint"]', "y.type=none", "x.values=every 20", "render.steps=1",
+            "render.width=16", "render.height=16", "render.batch_size=2",
+            f"scoring.model={tiny_clip_folder(tmp_path)}", "scoring.likeness_bar=-100"]  # fmt: skip
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # Every image passes a bar of -100, step 0's too: the first trained step, confirmed by the next, wins.
+    assert (
+        "recommendation: step 20: " in captured.out and "the next saved step (40) confirms it" in captured.out
+    )
+    assert "step 0 (before training) already reaches the bar" in captured.out
+    assert {r["step"] for r in csv.DictReader((out / "scores.csv").open())} == {"0", "20", "40", "60"}
+    page = (out / "report.html").read_text()
+    assert "Recommended step: 20" in page and "<tr><th>0 (before training)</th><td>2/2" in page
+    assert "Step 0 (d3mo-0) is the embedding before training, its starting vectors" in page
+    # No silence while rendering: a line as the checkpoint loads, then a progress bar on stderr.
+    assert "builtin:tiny: loading builtin:tiny" in captured.out and "8/8 images" in captured.err
 
 
 def test_checkpoints_are_loaded_one_at_a_time(tmp_path, monkeypatch):
