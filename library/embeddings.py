@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-import pickle
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from PIL import Image
 
 from library import png_embedding
 from library.errors import UserError
-from library.files import atomic_write, pt_bytes
+from library.files import TORCH_LOAD_ERRORS, atomic_write, pt_bytes, refused_global
 
 # Our safetensors metadata keys; everything else in the header lands in `Embedding.metadata`.
 META_NAME = "ti.name"
@@ -149,15 +147,13 @@ def _read_pickle(file: Path) -> Any:
     try:
         with torch.serialization.safe_globals([torch.nn.ParameterDict]):
             return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to decode untrusted bytes is the file's fault
-        if isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
-            found = re.search(r"GLOBAL ([\w.]+)", str(error))
-            what = f"it calls {found.group(1)}" if found else "it holds objects beyond plain tensors"
+    except TORCH_LOAD_ERRORS as error:
+        if refused := refused_global(error):
             raise UserError(
-                f"{file}: refused to load, {what} and a pickle like this could run any code; "
+                f"{file}: refused to load, it calls {refused} and a pickle like this could run any code; "
                 "ask its author for a .safetensors file"
-            ) from error
-        raise UserError(f"{file}: not a readable torch file ({_first_line(error)}); replace it") from error
+            ) from None
+        raise UserError(f"{file}: not a readable torch file ({_first_line(error)}); replace it") from None
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -165,10 +161,10 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safetensors.safe_open(file, framework="pt", device="cpu") as handle:
             header = dict(handle.metadata() or {})
             return {key: handle.get_tensor(key) for key in handle.keys()}, header  # noqa: SIM118
-    except Exception as error:  # noqa: BLE001 - corrupt or truncated header/data
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise UserError(
             f"{file}: corrupt or truncated safetensors file ({_first_line(error)}); replace it"
-        ) from error
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

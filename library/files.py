@@ -7,15 +7,19 @@
 - Nothing is replaced by surprise: with `overwrite=False` an existing target is a one-line `UserError`.
 - A folder that is a file, is read-only or is full is a one-line `UserError` naming the path.
 
-`pt_bytes` writes a `torch.save` archive that A1111's safe loader (`modules/safe.py`, FACTS §8) accepts.
+`pt_bytes` writes a `torch.save` archive that A1111's safe loader (`modules/safe.py`, FACTS §8) accepts;
+`TORCH_LOAD_ERRORS` and `refused_global` tell a damaged or foreign `.pt`/`.ckpt` from one that would run code.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 import secrets
 import shutil
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,3 +160,28 @@ def pt_bytes(obj: Any, archive: str) -> bytes:
                 record.extra = _PADDING_HEADER + padding.to_bytes(2, "little") + b"\0" * padding
                 target.writestr(record, source.read(info))
     return out.getvalue()
+
+
+# What `torch.load(weights_only=True)` raises for bytes it did not write, or wrote but were cut short or
+# damaged (found by truncating and corrupting real files, zip and legacy): the file's fault, not a bug.
+TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    IndexError,
+    KeyError,
+    AssertionError,
+    struct.error,
+    zipfile.BadZipFile,
+    OSError,
+)
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The Python global a weights-only `torch.load` refused to call (e.g. "pathlib.PosixPath"): such a
+    file would run code. None when the bytes were simply not a pickle torch can read (damaged, foreign)."""
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        return found.group(1) if found else None
+    return None

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import convert
 from library.errors import UserError
+from library.files import TORCH_LOAD_ERRORS, refused_global
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -191,8 +189,8 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 def _read_pickle(path: Path) -> tuple[dict, dict]:
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (ValueError, RuntimeError, zipfile.BadZipFile):
-        found = []  # legacy format: the weights-only unpickler below checks every global itself
+    except TORCH_LOAD_ERRORS:
+        found = []  # legacy format or damaged: the weights-only unpickler below checks every global itself
     refused = [name for name in found if name not in _BOOKKEEPING_GLOBALS]
     if refused:
         raise UserError(
@@ -202,13 +200,11 @@ def _read_pickle(path: Path) -> tuple[dict, dict]:
     try:
         with torch.serialization.safe_globals([(_Inert, name) for name in found]):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"would run {found.group(1)}" if found else "holds Python objects, not just tensors"
-        raise UserError(
-            f"{path}: refused: the pickle {what}; use a .safetensors copy of this model"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except TORCH_LOAD_ERRORS as e:
+        if name := refused_global(e):
+            raise UserError(
+                f"{path}: refused: the pickle would run {name}; use a .safetensors copy of this model"
+            ) from None
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)}); download it again") from None
     metadata = {}
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -303,19 +299,27 @@ def is_v_prediction(unet: UNet2DConditionModel) -> bool:
 _VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON config of a model folder; broken JSON (a hand edit, a cut download) is a UserError."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e}); restore the file from the model's download") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: not a JSON object of settings; restore the file from the model's download")
+    return config
+
+
 def _base_configs(family: str, config_dir) -> dict[str, dict]:
     folder = Path(config_dir) if config_dir else ASSETS / "configs" / family
     configs = {}
     for part in ("unet", "vae", "text_encoder"):
         file = folder / part / "config.json"
-        try:
-            configs[part] = json.loads(file.read_text())
-        except FileNotFoundError:
+        if not file.is_file():
             raise UserError(
                 f"{file}: missing; a config folder holds unet/, vae/ and text_encoder/ config.json files"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file}: not valid JSON ({e})") from None
+            )
+        configs[part] = _read_json(file)
     return configs
 
 
@@ -458,7 +462,8 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     dtype_arg = {"dtype": dtype} if cls is CLIPTextModel else {"torch_dtype": dtype}
     try:
         model = cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # TypeError: a config value of the
+        # wrong type (`"layers_per_block": "x"`) fails inside the model's constructor
         raise UserError(f"{folder}: cannot load the {cls.__name__} ({_first_line(e)})") from None
     return model.eval().requires_grad_(False)
 
@@ -477,7 +482,7 @@ def _folder_family(folder: Path, family: str, text_config: dict) -> str:
     if sd1:
         return "sd1"
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file() else None
+    prediction = _read_json(scheduler).get("prediction_type") if scheduler.is_file() else None
     return "sd2-v" if prediction == "v_prediction" else "sd2"
 
 
@@ -493,10 +498,13 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
             raise UserError(
                 f"{folder}: not a diffusers SD folder (no {part}/config.json); pass the folder with model_index.json"
             )
-    chosen = _folder_family(folder, family, json.loads((folder / "text_encoder" / "config.json").read_text()))
+    chosen = _folder_family(folder, family, _read_json(folder / "text_encoder" / "config.json"))
     tokenizer_dir = folder / "tokenizer"
     if (tokenizer_dir / "tokenizer_config.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers raises for broken files
+            raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({_first_line(e)})") from None
     else:
         tokenizer = load_tokenizer(chosen)
     if vae is not None:

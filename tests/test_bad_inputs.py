@@ -1,0 +1,1132 @@
+"""Bad input to the three scripts ends as one line, `error: <file or key>: <what is wrong>; <the fix>`, exit
+code 2, no traceback, and nothing half-written; valid but unusual datasets train.
+
+Each case is a row: a builder that puts the bad file, folder or value in place and returns the command-line
+arguments, and a piece of the one line the user must see (the file or key it names). The scripts' `main` runs
+in-process on the tiny model (1 step, 16 px, 1 sampling step); a few cases run as real processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import generate_dataset
+import sweep_validate
+import train_textual_inversion
+from library.config import TrainConfig, dump_config, load_config
+from library.embeddings import Embedding, save_embedding
+from tests.helpers import make_images, one_error_line, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "d3mo"
+WIDTH = 32  # the tiny model's text-encoder width
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A good tiny single-file checkpoint, for cases that damage a copy of it."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+def fails(main: Callable, argv: list[str], capsys, expected: str) -> str:
+    """Run a script's main; it must exit 2 with exactly one error line holding `expected`."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    line = one_error_line(err)
+    assert expected in line, line
+    return line
+
+
+def no_leftovers(folder: Path) -> None:
+    """No temporary file of an interrupted write anywhere below `folder`."""
+    left = [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert not left, left
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def embedding_file(path: Path, vectors, **fields) -> Path:
+    """An embedding file (any format, from the suffix) holding `vectors` (a tensor or an SDXL dict)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_embedding(Embedding(path.stem, vectors, **fields), path)
+
+
+# ==================================================================================================
+# train_textual_inversion.py
+
+
+def train_args(tmp: Path, *overrides: str) -> list[str]:
+    return [
+        "--config",
+        ROOT / "presets/demo.toml",
+        "model.checkpoint=builtin:tiny",
+        f"save.output_dir={tmp / 'run'}",
+        f"dataset.image_dir={make_images(tmp / 'img', count=2, size=16)}",
+        "dataset.resolution=16",
+        "train.batch_size=1",
+        "train.max_steps=1",
+        "save.save_every_steps=0",
+        "preview.every_steps=0",
+        *overrides,
+    ]
+
+
+def assert_no_embedding_written(tmp: Path) -> None:
+    run = tmp / "run"
+    written = [p for p in run.rglob("*") if p.suffix in (".pt", ".safetensors", ".optim")] if run.exists() else []
+    assert not written, written
+    no_leftovers(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model files: half downloads, corrupt headers, folders with parts missing, a VAE that is not one
+
+
+def _truncated(checkpoint: Path, tmp: Path, name: str, save_as_pickle: bool = False, zip_format=True) -> Path:
+    if save_as_pickle:
+        from safetensors.torch import load_file
+
+        full = tmp / f"full-{name}"
+        torch.save(load_file(checkpoint), full, _use_new_zipfile_serialization=zip_format)
+        data = full.read_bytes()
+        full.unlink()
+    else:
+        data = checkpoint.read_bytes()
+    return write(tmp / name, data[: len(data) // 2])
+
+
+def _damaged_zip(checkpoint: Path, tmp: Path) -> Path:
+    """A .ckpt whose pickle is intact but whose tensor data was overwritten (a bad disk, a bad copy)."""
+    from safetensors.torch import load_file
+
+    path = tmp / "damaged.ckpt"
+    torch.save(load_file(checkpoint), path)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"data.pkl") + 40
+    data[start : start + 200] = os.urandom(200)
+    return write(path, bytes(data))
+
+
+def _corrupt_header(checkpoint: Path, tmp: Path) -> Path:
+    data = bytearray(checkpoint.read_bytes())
+    data[8:40] = b'{"broken": [1, 2, 3' + b" " * 13  # the JSON header, cut short
+    return write(tmp / "header.safetensors", bytes(data))
+
+
+def _huge_header_length(tmp: Path) -> Path:
+    return write(tmp / "huge.safetensors", (2**62).to_bytes(8, "little") + b"{}")
+
+
+def _diffusers_folder(checkpoint: Path, tmp: Path, damage: Callable[[Path], None]) -> Path:
+    from library.convert import save_diffusers
+    from library.models import load_sd
+
+    folder = save_diffusers(load_sd(checkpoint), tmp / "diffusers-model")
+    damage(folder)
+    return folder
+
+
+def _unlink_unet_weights(folder: Path) -> None:
+    for file in (folder / "unet").iterdir():
+        if file.suffix in (".safetensors", ".bin"):
+            file.unlink()
+
+
+def _truncate_unet_weights(folder: Path) -> None:
+    for file in (folder / "unet").iterdir():
+        if file.suffix == ".safetensors":
+            data = file.read_bytes()
+            file.write_bytes(data[: len(data) // 3])
+
+
+SCHEDULER = Path("scheduler/scheduler_config.json")
+BAD_UNET_CONFIG = json.dumps({"_class_name": "UNet2DConditionModel", "block_out_channels": 5, "layers_per_block": "x"})
+
+MODEL_CASES = {
+    # name: (builder(checkpoint, tmp) -> overrides, what the line must name)
+    "ckpt truncated zip": (
+        lambda c, t: [f"model.checkpoint={_truncated(c, t, 'half.ckpt', save_as_pickle=True)}"],
+        "half.ckpt: not a readable checkpoint",
+    ),
+    "ckpt truncated legacy pickle": (
+        lambda c, t: [f"model.checkpoint={_truncated(c, t, 'old.ckpt', True, zip_format=False)}"],
+        "old.ckpt: not a readable checkpoint",
+    ),
+    "safetensors truncated": (
+        lambda c, t: [f"model.checkpoint={_truncated(c, t, 'half.safetensors')}"],
+        "half.safetensors: not a readable .safetensors file",
+    ),
+    "safetensors corrupt header": (
+        lambda c, t: [f"model.checkpoint={_corrupt_header(c, t)}"],
+        "header.safetensors: not a readable .safetensors file",
+    ),
+    "safetensors header length beyond the file": (
+        lambda c, t: [f"model.checkpoint={_huge_header_length(t)}"],
+        "huge.safetensors: not a readable .safetensors file",
+    ),
+    "file of zeros": (
+        lambda c, t: [f"model.checkpoint={write(t / 'zeros.safetensors', bytes(4096))}"],
+        "zeros.safetensors: not a readable .safetensors file",
+    ),
+    "ckpt of zeros": (
+        lambda c, t: [f"model.checkpoint={write(t / 'zeros.ckpt', bytes(4096))}"],
+        "zeros.ckpt: not a readable",
+    ),
+    "random bytes behind a pickle header": (
+        lambda c, t: [f"model.checkpoint={write(t / 'noise.ckpt', bytes([0x80, 2]) + os.urandom(300))}"],
+        "noise.ckpt: not a readable checkpoint",
+    ),
+    "ckpt with a damaged zip entry": (
+        lambda c, t: [f"model.checkpoint={_damaged_zip(c, t)}"],
+        "damaged.ckpt: not a readable checkpoint",
+    ),
+    "text file as ckpt": (
+        lambda c, t: [f"model.checkpoint={write(t / 'notes.ckpt', 'this is a web page, not a model')}"],
+        "notes.ckpt: not a readable",
+    ),
+    "empty file": (
+        lambda c, t: [f"model.checkpoint={write(t / 'empty.safetensors', b'')}"],
+        "empty.safetensors: the file is empty",
+    ),
+    "missing file": (
+        lambda c, t: [f"model.checkpoint={t / 'absent.safetensors'}"],
+        "absent.safetensors: no such file",
+    ),
+    "folder named x.safetensors": (
+        lambda c, t: [f"model.checkpoint={(t / 'x.safetensors').mkdir() or t / 'x.safetensors'}"],
+        "x.safetensors: not a diffusers SD folder",
+    ),
+    "an embedding as the model": (
+        lambda c, t: [f"model.checkpoint={embedding_file(t / 'emb.safetensors', torch.ones(1, WIDTH))}"],
+        "emb.safetensors: is a textual-inversion embedding",
+    ),
+    "diffusers folder without unet": (
+        lambda c, t: [
+            f"model.checkpoint={_diffusers_folder(c, t, lambda f: __import__('shutil').rmtree(f / 'unet'))}"
+        ],
+        "diffusers-model: not a diffusers SD folder (no unet/config.json)",
+    ),
+    "diffusers folder without unet weights": (
+        lambda c, t: [f"model.checkpoint={_diffusers_folder(c, t, _unlink_unet_weights)}"],
+        "unet: cannot load the UNet2DConditionModel",
+    ),
+    "diffusers folder with truncated unet weights": (
+        lambda c, t: [f"model.checkpoint={_diffusers_folder(c, t, _truncate_unet_weights)}"],
+        "unet: cannot load the UNet2DConditionModel",
+    ),
+    "diffusers folder with broken text_encoder JSON": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "text_encoder" / "config.json", '{"hidden_size": 3')))
+        ],
+        "text_encoder/config.json: not valid JSON",
+    ),
+    "diffusers folder with broken unet JSON": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "unet" / "config.json", "[1, 2")))
+        ],
+        "unet",
+    ),
+    "SD2 diffusers folder with broken scheduler JSON": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(tiny_checkpoint(t, "sd2"), t, lambda f: write(f / SCHEDULER, "{oops")))
+        ],
+        "scheduler_config.json: not valid JSON",
+    ),
+    "diffusers folder whose text_encoder config is a list": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "text_encoder" / "config.json", "[]")))
+        ],
+        "text_encoder/config.json: not a JSON object",
+    ),
+    "diffusers folder with a unet config of wrong types": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "unet" / "config.json", BAD_UNET_CONFIG)))
+        ],
+        "unet: cannot load the UNet2DConditionModel",
+    ),
+    "diffusers folder with broken tokenizer": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "tokenizer" / "tokenizer_config.json", "{oops")))
+        ],
+        "tokenizer: cannot load the tokenizer",
+    ),
+    "diffusers folder without vae": (
+        lambda c, t: [
+            f"model.checkpoint={_diffusers_folder(c, t, lambda f: __import__('shutil').rmtree(f / 'vae'))}"
+        ],
+        "vae: no config.json",
+    ),
+    "VAE file that is not a VAE": (
+        lambda c, t: [
+            "model.checkpoint=" + str(c),
+            f"model.vae={_save(t / 'vae.safetensors', {'layers.0.weight': torch.ones(2, 2)})}",
+        ],
+        "vae.safetensors: holds no VAE weights",
+    ),
+    "VAE file with the wrong shapes": (
+        lambda c, t: [
+            "model.checkpoint=" + str(c),
+            f"model.vae={_save(t / 'vae.safetensors', {'encoder.conv_in.weight': torch.ones(2, 2)})}",
+        ],
+        "vae.safetensors:",
+    ),
+    "truncated VAE": (
+        lambda c, t: ["model.checkpoint=" + str(c), f"model.vae={_truncated(c, t, 'vae.safetensors')}"],
+        "vae.safetensors: not a readable .safetensors file",
+    ),
+    "missing VAE": (
+        lambda c, t: ["model.checkpoint=" + str(c), f"model.vae={t / 'absent-vae.safetensors'}"],
+        "absent-vae.safetensors: no such file",
+    ),
+    "empty folder as VAE": (
+        lambda c, t: ["model.checkpoint=" + str(c), f"model.vae={(t / 'vae').mkdir() or t / 'vae'}"],
+        "vae: no config.json",
+    ),
+    "an embedding as the VAE": (
+        lambda c, t: [
+            "model.checkpoint=" + str(c),
+            f"model.vae={embedding_file(t / 'emb.safetensors', torch.ones(1, WIDTH))}",
+        ],
+        "emb.safetensors: holds no VAE weights",
+    ),
+    "config_dir without configs": (
+        lambda c, t: ["model.checkpoint=" + str(c), f"model.config_dir={(t / 'cfg').mkdir() or t / 'cfg'}"],
+        "config.json: missing",
+    ),
+    "config_dir with broken JSON": (
+        lambda c, t: [
+            "model.checkpoint=" + str(c),
+            f"model.config_dir={_config_dir(t, broken='unet')}",
+        ],
+        "unet/config.json: not valid JSON",
+    ),
+    "broken yaml beside the checkpoint": (
+        lambda c, t: [f"model.checkpoint={_with_yaml(tiny_checkpoint(t, 'sd2'), t, 'model: [unclosed')}"],
+        "m.yaml: not valid YAML",
+    ),
+}
+
+
+def _save(path: Path, tensors: dict) -> Path:
+    save_file(tensors, path)
+    return path
+
+
+def _config_dir(tmp: Path, broken: str) -> Path:
+    folder = tmp / "cfg"
+    for part in ("unet", "vae", "text_encoder"):
+        write(folder / part / "config.json", "{oops" if part == broken else "{}")
+    return folder
+
+
+def _with_yaml(checkpoint: Path, tmp: Path, text: str) -> Path:
+    copy = write(tmp / "m.safetensors", checkpoint.read_bytes())
+    write(tmp / "m.yaml", text)
+    return copy
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_bad_model_files(case, tmp_path, checkpoint, capsys):
+    build, expected = MODEL_CASES[case]
+    fails(train_textual_inversion.main, train_args(tmp_path, *build(checkpoint, tmp_path)), capsys, expected)
+    assert_no_embedding_written(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: a file, read-only, full
+
+
+class _FullFile:
+    """A file on a full disk: it opens, but every write fails as the kernel's would."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+
+def refuse_writes(monkeypatch, folder: Path, *, full: bool, suffix: str = "") -> None:
+    """Writes below `folder` (to files ending in `suffix`) fail as on a read-only (as root, chmod cannot
+    make one) or full disk; the folder itself may already exist."""
+    import builtins
+    import io
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def blocked(path) -> bool:
+        path = Path(os.fsdecode(path)) if not isinstance(path, int) else None
+        return path is not None and folder in path.parents and suffix in path.name
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and blocked(file):
+            if not full:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return _FullFile(real_open(file, mode, *args, **kwargs))
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and blocked(path):
+            code = errno.ENOSPC if full else errno.EACCES
+            raise OSError(code, os.strerror(code), str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if not full and blocked(path) and not suffix:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+    write(tmp_path / "run", "a file where the run folder should be")
+    fails(train_textual_inversion.main, train_args(tmp_path), capsys, "run: is a file, not a folder")
+
+
+def test_output_folder_inside_a_file(tmp_path, capsys):
+    write(tmp_path / "file", "a file")
+    argv = train_args(tmp_path, f"save.output_dir={tmp_path / 'file' / 'run'}")
+    fails(train_textual_inversion.main, argv, capsys, "file/run: cannot create the folder")
+
+
+def test_read_only_output_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").mkdir()
+    argv = train_args(tmp_path)
+    refuse_writes(monkeypatch, tmp_path / "run", full=False)
+    fails(train_textual_inversion.main, argv, capsys, f"{tmp_path / 'run'}: cannot write")
+    assert_no_embedding_written(tmp_path)
+
+
+def test_read_only_parent_of_the_output_folder(tmp_path, monkeypatch, capsys):
+    argv = train_args(tmp_path, f"save.output_dir={tmp_path / 'locked' / 'run'}")
+    (tmp_path / "locked").mkdir()
+    refuse_writes(monkeypatch, tmp_path / "locked", full=False)
+    fails(train_textual_inversion.main, argv, capsys, "locked/run: cannot create the folder (Permission denied)")
+
+
+def test_full_disk_at_the_first_write(tmp_path, monkeypatch, capsys):
+    argv = train_args(tmp_path)
+    refuse_writes(monkeypatch, tmp_path / "run", full=True)
+    fails(train_textual_inversion.main, argv, capsys, "No space left on device")
+    assert_no_embedding_written(tmp_path)
+
+
+def test_disk_fills_while_saving_embeddings(tmp_path, monkeypatch, capsys):
+    argv = train_args(tmp_path, "save.save_every_steps=1", "train.max_steps=2")
+    refuse_writes(monkeypatch, tmp_path / "run", full=True, suffix=".safetensors")
+    line = fails(train_textual_inversion.main, argv, capsys, "d3mo-0.safetensors: cannot write")
+    assert "No space left on device" in line
+    assert_no_embedding_written(tmp_path)
+
+
+def test_a_run_folder_that_holds_a_run(tmp_path, capsys):
+    embedding_file(tmp_path / "run" / "embeddings" / f"{NAME}-5.pt", torch.ones(1, WIDTH), step=5)
+    fails(train_textual_inversion.main, train_args(tmp_path), capsys, "run: already holds a training run")
+
+
+# --------------------------------------------------------------------------------------------------
+# Valid but unusual datasets: they train
+
+
+def _image(folder: Path, name: str, mode: str, size: tuple[int, int], colour, **save) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(folder / name, **save)
+
+
+def _palette_with_transparency(folder: Path, name: str) -> None:
+    image = Image.new("P", (24, 24), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.paste(1, (12, 0, 24, 24))
+    image.save(folder / name, transparency=0)
+
+
+def _transparent_corner(folder: Path, name: str) -> None:
+    image = Image.new("RGBA", (24, 24), (200, 60, 60, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 12, 12))
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / name)
+
+
+def _odd_dataset(build: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        folder = tmp / "odd"
+        folder.mkdir()
+        build(folder)
+        return [f"dataset.image_dir={folder}"]
+
+    return make
+
+
+VALID_DATASETS = {
+    "opaque RGBA with alpha_loss_weight": (
+        lambda f: [_image(f, f"{i}.png", "RGBA", (16, 16), (200, 0, 0, 255)) for i in range(2)],
+        ["dataset.alpha_loss_weight=true"],
+    ),
+    "RGBA and RGB mixed with alpha_loss_weight": (
+        lambda f: [_transparent_corner(f, "a.png"), _image(f, "b.jpg", "RGB", (16, 16), (0, 0, 200))],
+        ["dataset.alpha_loss_weight=true", "train.batch_size=2"],
+    ),
+    "opaque and transparent RGBA mixed with alpha_loss_weight": (
+        lambda f: [_transparent_corner(f, "a.png"), _image(f, "b.png", "RGBA", (16, 16), (0, 0, 200, 255))],
+        ["dataset.alpha_loss_weight=true", "train.batch_size=2"],
+    ),
+    "fully transparent RGBA with alpha_loss_weight": (
+        lambda f: [_image(f, f"{i}.png", "RGBA", (16, 16), (9, 9, 9, 0)) for i in range(2)],
+        ["dataset.alpha_loss_weight=true"],
+    ),
+    "grayscale with alpha": (
+        lambda f: [_image(f, f"{i}.png", "LA", (16, 16), (100, 128)) for i in range(2)],
+        ["dataset.alpha_loss_weight=true"],
+    ),
+    "palette with transparency": (
+        lambda f: [_palette_with_transparency(f, f"{i}.png") for i in range(2)],
+        ["dataset.alpha_loss_weight=true"],
+    ),
+    "very different sizes and aspect ratios": (
+        lambda f: [
+            _image(f, name, "RGB", size, (i * 40, 90, 90))
+            for i, (name, size) in enumerate(
+                [("a.png", (16, 16)), ("b.png", (300, 9)), ("c.png", (9, 300)), ("d.png", (1, 1))]
+            )
+        ],
+        ["train.batch_size=4", "dataset.alpha_loss_weight=true"],
+    ),
+    "a 1x1 image": (lambda f: _image(f, "dot.png", "RGB", (1, 1), (255, 0, 0)), []),
+    "a huge image": (lambda f: _image(f, "huge.png", "RGB", (6000, 4000), (30, 60, 90)), []),
+    "a wide 1-pixel strip": (lambda f: _image(f, "strip.png", "RGB", (2000, 1), (30, 60, 90)), []),
+    "16-bit grayscale and CMYK": (
+        lambda f: [
+            _image(f, "grey.png", "I;16", (16, 16), 30000),
+            _image(f, "print.jpg", "CMYK", (16, 16), (0, 255, 255, 0)),
+        ],
+        ["train.batch_size=2"],
+    ),
+    "black-and-white (1-bit) image": (lambda f: _image(f, "bw.png", "1", (16, 16), 1), []),
+    "upper-case extension": (lambda f: _image(f, "A.PNG", "RGB", (16, 16), (1, 2, 3)), []),
+    "empty caption file and a caption of blank lines": (
+        lambda f: [
+            _image(f, "a.png", "RGB", (16, 16), (1, 2, 3)),
+            write(f / "a.txt", ""),
+            _image(f, "b.png", "RGB", (16, 16), (3, 2, 1)),
+            write(f / "b.txt", "\n\n  \n"),
+        ],
+        ["train.batch_size=2"],
+    ),
+    "captions with unbalanced brackets, odd weights and 1000 tokens": (
+        lambda f: [
+            _image(f, "a.png", "RGB", (16, 16), (1, 2, 3)),
+            write(f / "a.txt", "a (photo of [a woman, ((smile)"),
+            _image(f, "b.png", "RGB", (16, 16), (3, 2, 1)),
+            write(f / "b.txt", "a photo, " * 300),
+            _image(f, "c.png", "RGB", (16, 16), (3, 2, 1)),
+            write(f / "c.txt", "closeup ] ) of \\ (woman:1.5 BREAK BREAK :) (:1)"),
+        ],
+        ["train.batch_size=3", "train.max_steps=2"],
+    ),
+    "caption with a BOM and Windows line ends": (
+        lambda f: [
+            _image(f, "a.png", "RGB", (16, 16), (1, 2, 3)),
+            write(f / "a.txt", "\ufeffa photo\r\nsecond line\r\n".encode()),
+        ],
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(VALID_DATASETS))
+def test_valid_but_unusual_datasets_train(case, tmp_path, capsys):
+    build, overrides = VALID_DATASETS[case]
+    argv = train_args(tmp_path, *_odd_dataset(build)(tmp_path), *overrides)
+    code = train_textual_inversion.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "run" / f"{NAME}.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Images, captions, templates
+
+
+def _images_with(tmp: Path, **files: bytes | str) -> Path:
+    """Two good images plus `files` (name -> content) in one folder."""
+    folder = make_images(tmp / "data", count=2, size=16)
+    for name, content in files.items():
+        write(folder / name, content)
+    return folder
+
+
+def _png_bytes(size=(16, 16)) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims to be width x height (far beyond PIL's decompression-bomb limit), with no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _template(tmp: Path, content: bytes | str) -> str:
+    return f"dataset.template={write(tmp / 'mine.txt', content)}"
+
+
+LATIN1 = "un caf\xe9".encode("latin-1")  # what an old Windows editor saves: not UTF-8
+
+DATA_CASES = {
+    "image_dir missing": (lambda t: [f"dataset.image_dir={t / 'absent'}"], "absent does not exist"),
+    "image_dir is a file": (
+        lambda t: [f"dataset.image_dir={write(t / 'pic.png', _png_bytes())}"],
+        "pic.png does not exist or is not a folder",
+    ),
+    "image_dir empty": (
+        lambda t: [f"dataset.image_dir={(t / 'empty').mkdir() or t / 'empty'}"],
+        "empty has no images",
+    ),
+    "image_dir of text files only": (
+        lambda t: [f"dataset.image_dir={write(t / 'texts' / 'a.txt', 'hello').parent}"],
+        "texts has no images",
+    ),
+    "Kohya folders that are empty or have 0 repeats": (
+        lambda t: [
+            f"dataset.image_dir={(t / 'k' / '10_a').mkdir(parents=True) or make_images(t / 'k' / '0_b', 1).parent}"
+        ],
+        "none of its <repeats>_<class> subfolders holds any images",
+    ),
+    "a text file named .png": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'bad.png': 'not a picture'})}"],
+        "bad.png",
+    ),
+    "a zero-byte image": (lambda t: [f"dataset.image_dir={_images_with(t, **{'zero.jpg': b''})}"], "zero.jpg"),
+    "a truncated image": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'cut.png': _png_bytes((64, 64))[:120]})}"],
+        "cut.png",
+    ),
+    "an image beyond the decompression-bomb limit": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'giant.png': _png_header_only(30000, 30000)})}"],
+        "giant.png: too large to open safely",
+    ),
+    "a caption that is not UTF-8": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'00.txt': LATIN1})}"],
+        "00.txt is not valid UTF-8",
+    ),
+    "a binary caption": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'01.txt': bytes(range(256))})}"],
+        "01.txt is not valid UTF-8",
+    ),
+    "a caption with a weight that is not a number": (
+        lambda t: [f"dataset.image_dir={_images_with(t, **{'00.txt': 'a (woman:1.2.3) smiling'})}"],
+        "00.txt: '1.2.3' is not a number",
+    ),
+    "caption_extension without a dot": (
+        lambda t: ["dataset.caption_extension=txt"],
+        "dataset.caption_extension 'txt' must start with a dot",
+    ),
+    "filename_word_regex that is not a regex": (
+        lambda t: ["dataset.filename_word_regex=([a-z", "dataset.caption_extension=.none"],
+        "filename_word_regex '([a-z' is not a valid regular expression",
+    ),
+    "template file missing": (lambda t: [f"dataset.template={t / 'absent.txt'}"], "absent.txt not found"),
+    "template file empty": (lambda t: [_template(t, "")], "mine.txt has no prompt lines"),
+    "template file not UTF-8": (lambda t: [_template(t, b"a photo of [name] \xff\xfe")], "mine.txt is not valid UTF-8"),
+    "template file binary": (lambda t: [_template(t, bytes(range(256)) * 4)], "mine.txt is not valid UTF-8"),
+    "template that is a folder": (
+        lambda t: [f"dataset.template={(t / 'tpl').mkdir() or t / 'tpl'}"],
+        "is not a stock template",
+    ),
+    "inline template without [name] or [filewords]": (
+        lambda t: ["dataset.template=a photo of a thing"],
+        "template 'a photo of a thing' is not a stock template",
+    ),
+    "template line with a weight that is not a number": (
+        lambda t: [_template(t, "a photo of [name]\n(a closeup:1..5) of [name]\n")],
+        "mine.txt: '1..5' is not a number",
+    ),
+    "batch larger than the dataset": (lambda t: ["train.batch_size=3"], "batch of 3 is larger than its 2 images"),
+    "resolution not a multiple of 8": (lambda t: ["dataset.resolution=20"], "resolution [20, 20] must be"),
+    "resolution of the wrong type": (lambda t: ["dataset.resolution='big'"], "'dataset.resolution' = 'big'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_images_captions_and_templates(case, tmp_path, capsys):
+    build, expected = DATA_CASES[case]
+    fails(train_textual_inversion.main, train_args(tmp_path, *build(tmp_path)), capsys, expected)
+    assert_no_embedding_written(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kohya dataset TOMLs
+
+
+def _dataset_toml(tmp: Path, text: str | bytes, images: bool = True) -> list[str]:
+    if images:
+        make_images(tmp / "dataset" / "pics", count=2, size=16)
+    return [f"dataset.dataset_config={write(tmp / 'dataset' / 'ds.toml', text)}"]
+
+
+SUBSET = '[[datasets.subsets]]\nimage_dir = "pics"\n'
+GOOD_SUBSET = "[[datasets]]\n" + SUBSET
+TOML_CASES = {
+    "missing": (lambda t: [f"dataset.dataset_config={t / 'absent.toml'}"], "absent.toml not found"),
+    "a folder": (lambda t: [f"dataset.dataset_config={(t / 'd.toml').mkdir() or t / 'd.toml'}"], "d.toml"),
+    "empty": (lambda t: _dataset_toml(t, ""), "ds.toml needs a [[datasets]] table"),
+    "not TOML": (lambda t: _dataset_toml(t, "[[datasets]\nimage_dir = "), "ds.toml is not valid TOML"),
+    "not UTF-8": (lambda t: _dataset_toml(t, b"# caf\xe9\n" + GOOD_SUBSET.encode()), "ds.toml is not valid UTF-8"),
+    "binary": (lambda t: _dataset_toml(t, bytes(range(256))), "ds.toml"),
+    "num_repeats a string": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + 'num_repeats = "10"\n'),
+        "num_repeats in [[datasets.subsets]] must be int",
+    ),
+    "num_repeats 0": (lambda t: _dataset_toml(t, GOOD_SUBSET + "num_repeats = 0\n"), "needs num_repeats >= 1"),
+    "dropout 2": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + "caption_tag_dropout_rate = 2\n"),
+        "0 <= caption_tag_dropout_rate < 1",
+    ),
+    "resolution a word": (
+        lambda t: _dataset_toml(t, '[general]\nresolution = "big"\n' + GOOD_SUBSET),
+        "resolution must be a number or [width, height], not 'big'",
+    ),
+    "resolutions that differ": (
+        lambda t: _dataset_toml(t, "[[datasets]]\nresolution = 16\n" + SUBSET + "[[datasets]]\nresolution = 24\n" + SUBSET),
+        "different resolutions",
+    ),
+    "image_dir a number": (
+        lambda t: _dataset_toml(t, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 5\n"),
+        "image_dir in [[datasets.subsets]] must be str",
+    ),
+    "image_dir empty": (
+        lambda t: _dataset_toml(t, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = ""\n'),
+        "a [[datasets.subsets]] has an empty image_dir",
+    ),
+    "image_dir missing folder": (
+        lambda t: _dataset_toml(t, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "nowhere"\n'),
+        "image_dir nowhere does not exist",
+    ),
+    "image_dir a file": (
+        lambda t: _dataset_toml(t, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "ds.toml"\n'),
+        "does not exist or is not a folder",
+    ),
+    "no image_dir": (
+        lambda t: _dataset_toml(t, "[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n"),
+        "a [[datasets.subsets]] has no image_dir",
+    ),
+    "datasets a table, not an array": (
+        lambda t: _dataset_toml(t, '[datasets]\nresolution = 16\n'),
+        "needs a [[datasets]] table",
+    ),
+    "subsets a table, not an array": (
+        lambda t: _dataset_toml(t, '[[datasets]]\n[datasets.subsets]\nimage_dir = "pics"\n'),
+        "every [[datasets]] needs at least one [[datasets.subsets]]",
+    ),
+    "subsets under general": (
+        lambda t: _dataset_toml(t, '[[general.subsets]]\nimage_dir = "pics"\n' + GOOD_SUBSET),
+        "key 'subsets' is not allowed in [general]",
+    ),
+    "datasets a list of numbers": (lambda t: _dataset_toml(t, "datasets = [1, 2]\n"), "[[datasets]] must be a table"),
+    "general a number": (lambda t: _dataset_toml(t, "general = 5\n" + GOOD_SUBSET), "needs a [[datasets]] table"),
+    "unknown key": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + "num_repeat = 3\n"),
+        "unknown key 'num_repeat' in [[datasets.subsets]]; did you mean 'num_repeats'?",
+    ),
+    "caption_extension without a dot": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + 'caption_extension = "txt"\n'),
+        "ds.toml: caption_extension 'txt' must start with a dot",
+    ),
+    "metadata_file (fine-tuning)": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + 'metadata_file = "meta.json"\n'),
+        "metadata_file: fine-tuning datasets",
+    ),
+    "only regularization images": (
+        lambda t: _dataset_toml(t, GOOD_SUBSET + "is_reg = true\n"),
+        "its subsets hold no training images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOML_CASES))
+def test_bad_kohya_dataset_tomls(case, tmp_path, capsys):
+    build, expected = TOML_CASES[case]
+    fails(train_textual_inversion.main, train_args(tmp_path, *build(tmp_path)), capsys, expected)
+    assert_no_embedding_written(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings to start from (embedding.init_from)
+
+
+def _pt_with(tmp: Path, name: str, data) -> Path:
+    path = tmp / name
+    torch.save(data, path)
+    return path
+
+
+def _half(path: Path) -> Path:
+    data = path.read_bytes()
+    return write(path.with_name("half-" + path.name), data[: len(data) // 2])
+
+
+def _init(path: Path) -> list[str]:
+    return [f"embedding.init_from={path}"]
+
+
+INIT_CASES = {
+    "missing": (lambda t: _init(t / "absent.pt"), "absent.pt: embedding file not found"),
+    "empty": (lambda t: _init(write(t / "empty.pt", b"")), "empty.pt: the file is empty"),
+    "random bytes": (lambda t: _init(write(t / "noise.pt", os.urandom(512))), "noise.pt: not a readable torch file"),
+    "text named .pt": (lambda t: _init(write(t / "note.pt", "hello")), "note.pt: not a readable torch file"),
+    "truncated .pt": (
+        lambda t: _init(_half(embedding_file(t / "e.pt", torch.ones(2, WIDTH)))),
+        "half-e.pt: not a readable torch file",
+    ),
+    "truncated .safetensors": (
+        lambda t: _init(_half(embedding_file(t / "e.safetensors", torch.ones(2, WIDTH)))),
+        "half-e.safetensors: corrupt or truncated safetensors file",
+    ),
+    "zeros named .safetensors": (
+        lambda t: _init(write(t / "z.safetensors", bytes(64))),
+        "z.safetensors: corrupt or truncated safetensors file",
+    ),
+    "a .png holding no embedding": (lambda t: _init(write(t / "p.png", _png_bytes())), "p.png: this image holds no"),
+    "a broken .png": (lambda t: _init(write(t / "p.png", b"\x89PNG\r\n\x1a\nrest")), "p.png: not a readable image"),
+    "unknown suffix": (lambda t: _init(write(t / "e.txt", "0.1 0.2")), "e.txt: unknown embedding file type"),
+    "a folder without learned_embeds": (
+        lambda t: _init((t / "emb").mkdir() or t / "emb"),
+        "emb: folder without learned_embeds",
+    ),
+    "wrong width (SD1 768 for a 32-wide model)": (
+        lambda t: _init(embedding_file(t / "wide.pt", torch.ones(2, 768))),
+        "wide.pt: embedding of shape (2, 768) does not fit this model's text encoder (width 32)",
+    ),
+    "SDXL pair for an SD1 model": (
+        lambda t: _init(embedding_file(t / "xl.safetensors", {"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)})),
+        "xl.safetensors: embedding of shape",
+    ),
+    "NaN vectors": (
+        lambda t: _init(embedding_file(t / "nan.pt", torch.full((1, WIDTH), float("nan")))),
+        "nan.pt: the embedding holds NaN or infinite numbers",
+    ),
+    "infinite vectors": (
+        lambda t: _init(embedding_file(t / "inf.safetensors", torch.full((1, WIDTH), float("inf")))),
+        "inf.safetensors: the embedding holds NaN or infinite numbers",
+    ),
+    "more vectors than a prompt chunk holds": (
+        lambda t: _init(embedding_file(t / "long.pt", torch.ones(80, WIDTH))),
+        "long.pt: 80 vectors",
+    ),
+    "integer tensor": (
+        lambda t: _init(_pt_with(t, "int.pt", {"emb_params": torch.ones(1, WIDTH, dtype=torch.int64)})),
+        "int.pt: 'emb_params' is not a floating-point tensor",
+    ),
+    "3-D tensor": (
+        lambda t: _init(_pt_with(t, "cube.pt", {"emb_params": torch.ones(1, 2, WIDTH)})),
+        "cube.pt: 'emb_params' has shape [1, 2, 32]",
+    ),
+    "a list, not a dict": (lambda t: _init(_pt_with(t, "list.pt", [1, 2])), "list.pt: holds a list"),
+    "two tensors": (
+        lambda t: _init(_pt_with(t, "two.pt", {"a": torch.ones(1, WIDTH), "b": torch.ones(1, WIDTH)})),
+        "two.pt: holds 2 tensors",
+    ),
+    "a step that is not a number": (
+        lambda t: _init(_pt_with(t, "step.pt", {"emb_params": torch.ones(1, WIDTH), "step": "ten"})),
+        "step.pt: 'step' is 'ten', not a whole number",
+    ),
+    "a pickle that would run code": (
+        lambda t: _init(_pt_with(t, "evil.pt", {"emb_params": torch.ones(1, WIDTH), "x": Path("/")})),
+        "evil.pt: refused to load",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INIT_CASES))
+def test_bad_embeddings_to_start_from(case, tmp_path, capsys):
+    build, expected = INIT_CASES[case]
+    fails(train_textual_inversion.main, train_args(tmp_path, *build(tmp_path)), capsys, expected)
+    assert_no_embedding_written(tmp_path)
+
+
+def test_zero_vectors_are_a_valid_start(tmp_path, capsys):
+    argv = train_args(tmp_path, *_init(embedding_file(tmp_path / "zero.pt", torch.zeros(2, WIDTH))))
+    assert train_textual_inversion.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# --resume
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run of 2 steps saved at every step (embeddings, optimizer states, loss.csv, config.toml)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    argv = train_args(tmp, "save.save_every_steps=1", "train.max_steps=2")
+    assert train_textual_inversion.main([str(a) for a in argv]) == 0
+    return tmp
+
+
+def _run_copy(finished: Path, tmp: Path, damage: Callable[[Path], object] = lambda run: None) -> Path:
+    import shutil
+
+    run = shutil.copytree(finished / "run", tmp / "run")
+    shutil.copytree(finished / "img", tmp / "img", dirs_exist_ok=True)
+    (run / ".lock").unlink(missing_ok=True)
+    damage(run)
+    return run
+
+
+def _resume(argv_of_run: Callable[[Path], list[str]]):
+    return argv_of_run
+
+
+def _optimizer_state_of_other_shape(run: Path) -> None:
+    vectors = torch.nn.Parameter(torch.zeros(3, WIDTH))
+    optimizer = torch.optim.AdamW([vectors])
+    vectors.grad = torch.ones_like(vectors)
+    optimizer.step()
+    torch.save({"step": 2, "optimizer": optimizer.state_dict(), "scaler": {}}, run / "embeddings" / f"{NAME}-2.optim")
+
+
+RESUME_CASES = {
+    # name: (damage(run folder), --resume target relative to the run, with --config?, expected)
+    "a path that does not exist": (None, "nowhere", True, "nowhere: not found; give a run folder"),
+    "a text file": (lambda r: write(r / "notes.txt", "hi"), "notes.txt", True, "notes.txt: unknown embedding file type"),
+    "random bytes as NAME-N.pt": (
+        lambda r: write(r / "embeddings" / f"{NAME}-2.pt", os.urandom(300)),
+        f"embeddings/{NAME}-2.pt",
+        True,
+        f"{NAME}-2.pt: not a readable torch file",
+    ),
+    "an embedding that records no step": (
+        lambda r: embedding_file(r / "nostep.pt", torch.ones(1, WIDTH)),
+        "nostep.pt",
+        True,
+        "nostep.pt: this embedding does not record its step",
+    ),
+    "a run folder without config.toml (no --config)": (
+        lambda r: (r / "config.toml").unlink(),
+        ".",
+        False,
+        "no config.toml in its run folder; give the preset with --config",
+    ),
+    "garbage config.toml": (
+        lambda r: write(r / "config.toml", "[train\nlr = ="),
+        ".",
+        False,
+        "config.toml: not valid TOML",
+    ),
+    "binary config.toml": (lambda r: write(r / "config.toml", bytes(range(256))), ".", False, "config.toml: not valid TOML"),
+    "config.toml from a newer toolkit": (
+        lambda r: write(r / "config.toml", "format_version = 99\n" + (r / "config.toml").read_text()),
+        ".",
+        False,
+        "config.toml: written by a newer version of the toolkit (format_version 99)",
+    ),
+    "config.toml with an unknown key": (
+        lambda r: write(r / "config.toml", (r / "config.toml").read_text() + "\n[extra]\nx = 1\n"),
+        ".",
+        False,
+        "config.toml: unknown key 'extra'",
+    ),
+    "config.toml that is a folder": (
+        lambda r: [(r / "config.toml").unlink(), (r / "config.toml").mkdir()],
+        ".",
+        False,
+        "config.toml",
+    ),
+    "garbage optimizer state": (
+        lambda r: write(r / "embeddings" / f"{NAME}-2.optim", b"PK\x03\x04 nonsense"),
+        ".",
+        True,
+        f"{NAME}-2.optim: cannot read optimizer state",
+    ),
+    "optimizer state without its optimizer": (
+        lambda r: torch.save({"step": 2, "nothing": 1}, r / "embeddings" / f"{NAME}-2.optim"),
+        ".",
+        True,
+        f"{NAME}-2.optim: not an optimizer state",
+    ),
+    "optimizer state of other vectors": (
+        _optimizer_state_of_other_shape,
+        ".",
+        True,
+        f"{NAME}-2.optim: its optimizer state does not fit",
+    ),
+    "optimizer state that is a list": (
+        lambda r: torch.save([1, 2], r / "embeddings" / f"{NAME}-2.optim"),
+        ".",
+        True,
+        f"{NAME}-2.optim: not an optimizer state",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_bad_resume_targets(case, tmp_path, finished_run, capsys):
+    damage, target, with_config, expected = RESUME_CASES[case]
+    run = _run_copy(finished_run, tmp_path, damage or (lambda r: None))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    argv = ["--resume", run / target, "train.max_steps=3", "save.save_every_steps=1"]
+    if with_config:
+        argv = train_args(tmp_path, "train.max_steps=3", "save.save_every_steps=1") + ["--resume", run / target]
+    fails(train_textual_inversion.main, argv, capsys, expected)
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # the run folder is left as it was
+    no_leftovers(tmp_path)
+
+
+def test_resume_over_a_loss_log_with_garbage_rows(tmp_path, finished_run, capsys):
+    """A kill while appending leaves half a row (or a user's edit, garbage): resuming skips such rows."""
+    run = _run_copy(finished_run, tmp_path)
+    with (run / "loss.csv").open("a") as log:
+        log.write("3,0,1,0.12\nnot,a,row\n4,0,2,0.1")
+    argv = ["--resume", run, "train.max_steps=3", "save.save_every_steps=1"]
+    assert train_textual_inversion.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    rows = (run / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Previews and sample-prompt files
+
+
+def _prompts_file(tmp: Path, content: bytes | str) -> list[str]:
+    return ["preview.every_steps=1", "preview.steps=1", f"preview.prompts_file={write(tmp / 'prompts.txt', content)}"]
+
+
+PREVIEW_CASES = {
+    "prompts file missing": (
+        lambda t: ["preview.every_steps=1", f"preview.prompts_file={t / 'absent.txt'}"],
+        "absent.txt not found",
+    ),
+    "prompts file that is a folder": (
+        lambda t: ["preview.every_steps=1", f"preview.prompts_file={(t / 'p').mkdir() or t / 'p'}"],
+        "p not found",
+    ),
+    "prompts file empty": (lambda t: _prompts_file(t, "# only a note\n\n"), "prompts.txt: no prompt lines"),
+    "prompts file not UTF-8": (lambda t: _prompts_file(t, LATIN1), "prompts.txt is not valid UTF-8"),
+    "prompts file binary": (lambda t: _prompts_file(t, bytes(range(256))), "prompts.txt is not valid UTF-8"),
+    "unknown option": (lambda t: _prompts_file(t, "a [name] --x 5\n"), "prompts.txt:1: unknown option '--x 5'"),
+    "option that is not a number": (lambda t: _prompts_file(t, "a\na [name] --w wide\n"), "prompts.txt:2: --w 'wide'"),
+    "size not a multiple of 8": (lambda t: _prompts_file(t, "a [name] --w 20\n"), "prompts.txt:1: size 20x16"),
+    "unknown sampler": (lambda t: _prompts_file(t, "a [name] --ss magic\n"), "prompts.txt:1: unknown sampler 'magic'"),
+    "weight that is not a number": (lambda t: _prompts_file(t, "a (b:1..2)\n"), "prompts.txt:1: '1..2' is not a number"),
+    "preview.prompt with a weight that is not a number": (
+        lambda t: ["preview.every_steps=1", "preview.prompt=a (photo:..) of [name]"],
+        "preview.prompt: '..' is not a number",
+    ),
+    "preview.negative_prompt with a weight that is not a number": (
+        lambda t: ["preview.every_steps=1", "preview.negative_prompt=(ugly:1.2.)"],
+        "preview.negative_prompt: '1.2.' is not a number",
+    ),
+    "preview.sampler unknown": (lambda t: ["preview.every_steps=1", "preview.sampler=Magic"], "unknown sampler 'Magic'"),
+    "preview.width not a multiple of 8": (lambda t: ["preview.every_steps=1", "preview.width=20"], "preview.width"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREVIEW_CASES))
+def test_bad_previews_fail_before_training(case, tmp_path, capsys):
+    build, expected = PREVIEW_CASES[case]
+    fails(train_textual_inversion.main, train_args(tmp_path, *build(tmp_path)), capsys, expected)
+    assert_no_embedding_written(tmp_path)
+
+
+def test_odd_but_valid_preview_prompts_render(tmp_path, capsys):
+    prompts = _prompts_file(tmp_path, "a ((photo of [name] [unclosed\n" + "a photo, " * 300 + "\n")
+    argv = train_args(tmp_path, *prompts, "preview.prompt=(([[x")
+    assert train_textual_inversion.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "previews" / f"{NAME}-1-1.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The preset and the command line
+
+
+def _preset(tmp: Path, content: bytes | str) -> list[str]:
+    return ["--config", write(tmp / "preset.toml", content)]
+
+
+def _train_cli(tmp: Path, *argv) -> list[str]:
+    """Training arguments with the preset replaced."""
+    return train_args(tmp)[2:] + list(argv)
+
+
+CONFIG_CASES = {
+    "preset missing": (lambda t: ["--config", t / "absent.toml"], "absent.toml: config file not found"),
+    "preset a folder": (lambda t: ["--config", (t / "p").mkdir() or t / "p"], "p: cannot read the config file"),
+    "preset not TOML": (lambda t: _preset(t, "[train\nlr=1"), "preset.toml: not valid TOML"),
+    "preset not UTF-8": (lambda t: _preset(t, b"# caf\xe9\n"), "preset.toml: not valid TOML"),
+    "preset binary": (lambda t: _preset(t, os.urandom(200) + b"\xff"), "preset.toml: not valid TOML"),
+    "preset from a newer toolkit": (lambda t: _preset(t, "format_version = 7\n"), "format_version 7"),
+    "preset with a format_version that is a word": (
+        lambda t: _preset(t, 'format_version = "one"\n'),
+        "format_version = 'one' is not a format number",
+    ),
+    "preset with a table as a value": (lambda t: _preset(t, "train = 5\n"), "'train' must be a table [train]"),
+    "unknown key": (lambda t: ["train.lrr=0.1"], "unknown key 'train.lrr'; did you mean 'lr'?"),
+    "wrong type": (lambda t: ["train.max_steps=many"], "'train.max_steps' = 'many' has the wrong type"),
+    "out of range": (lambda t: ["train.max_steps=0"], "'train.max_steps' = 0 must be at least 1"),
+    "NaN": (lambda t: ["train.noise_offset=nan"], "'train.noise_offset' = nan must be a finite number"),
+    "schedule with a fractional step": (lambda t: ["train.lr=0.05:10.5"], "train.lr"),
+    "a name that is a path": (lambda t: ["embedding.name=a/b"], "embedding.name = 'a/b' holds '/'"),
+    "an override that is a table": (lambda t: ["train.lr.x=1"], "'train.lr'"),
+    "no model": (lambda t: ["model.checkpoint="], "model.checkpoint is not set"),
+    "an unknown option": (lambda t: ["--resum", "x"], "unrecognized arguments: --resum x"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_presets_and_values(case, tmp_path, capsys):
+    build, expected = CONFIG_CASES[case]
+    argv = _train_cli(tmp_path, *build(tmp_path))
+    fails(train_textual_inversion.main, argv, capsys, expected)
+    assert not (tmp_path / "run").exists()
