@@ -47,6 +47,13 @@ def read_caption(image_path: Path, caption_extension: str) -> str | None:
     return lines[0].strip() if lines else ""
 
 
+def _check_attention(text: str, where: str) -> None:
+    # Imported here: prompts.py loads torch, and config.py (read before any model) imports this module.
+    from library.prompts import check_attention
+
+    check_attention(text, where)
+
+
 def caption_from_stem(stem: str, word_regex: str = "", join_string: str = " ") -> str:
     """A1111's fallback caption: the stem without leading `^[-\\d]+\\s*`, optionally re-joined words.
 
@@ -85,7 +92,7 @@ def load_template(spec: str) -> list[str]:
             raise UserError(f"template file {path} not found; stock templates: {', '.join(STOCK_TEMPLATES)}")
         return _template_lines(read_text_file(path), str(path))
     if "[name]" in spec or "[filewords]" in spec:
-        return _template_lines(spec, "inline template")
+        return _template_lines(spec, "dataset.template")
     raise UserError(
         f"template {spec!r} is not a stock template ({', '.join(STOCK_TEMPLATES)}), an existing file, "
         "or an inline template containing [name] or [filewords]"
@@ -96,6 +103,8 @@ def _template_lines(text: str, where: str) -> list[str]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{where} has no prompt lines; write one prompt per line")
+    for line in lines:
+        _check_attention(line, where)
     return lines
 
 

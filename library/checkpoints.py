@@ -101,7 +101,13 @@ class RunFolder:
         """Hold the folder for one run (until the returned file is closed): a second run into the same
         folder is refused while this one lives. The lock goes with the process, so a killed run leaves none."""
         ensure_folder(self.root)
-        handle = open(self.lock_file, "a")  # noqa: SIM115 - kept open for the whole run
+        try:
+            handle = open(self.lock_file, "a")  # noqa: SIM115 - kept open for the whole run
+        except OSError as error:  # the first file a run creates: a read-only or full folder shows here
+            raise UserError(
+                f"{self.root}: cannot write in this folder ({error.strerror}); set save.output_dir to a "
+                "folder you can write to"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

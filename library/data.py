@@ -40,6 +40,7 @@ from library.config import DatasetConfig as DataSettings  # the [dataset] table 
 from library.config import as_size
 from library.errors import UserError
 from library.images import alpha_loss_weight, encode_images, list_images
+from library.prompts import check_attention
 
 # Kohya folder names: "<repeats>_<class tokens>"; Kohya also accepts a bare "<repeats>".
 _KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)
@@ -143,12 +144,14 @@ def make_record(
     )
     values.update(options)
     extension = values.pop("caption_extension")
-    caption = read_caption(path, extension)
+    caption, source = read_caption(path, extension), path.with_name(path.stem + extension)
     if caption is None:
         _warn_other_caption_extension(path, extension)
         caption = class_tokens or caption_from_stem(
             path.stem, settings.filename_word_regex, settings.filename_join_string
         )
+        source = path.parent if class_tokens else path  # the folder's name or the image's
+    check_attention(caption, str(source))
     return ImageRecord(path=path, caption=caption, repeats=repeats, class_tokens=class_tokens, **values)
 
 
@@ -245,6 +248,8 @@ def read_dataset_config(path: Path) -> dict:
             _check_table(path, "[[datasets.subsets]]", subset)
             if "image_dir" not in subset:
                 raise UserError(f"dataset_config {path}: a [[datasets.subsets]] has no image_dir")
+            if not subset["image_dir"].strip():  # "" would silently mean the TOML's own folder
+                raise UserError(f"dataset_config {path}: a [[datasets.subsets]] has an empty image_dir")
     return config
 
 
@@ -321,7 +326,9 @@ def _subset_records(path: Path, settings: DataSettings, tables: tuple[dict, ...]
             "and 0 <= caption_tag_dropout_rate < 1"
         )
     options = dict(
-        caption_extension=check_caption_extension(value("caption_extension", settings.caption_extension)),
+        caption_extension=check_caption_extension(
+            value("caption_extension", settings.caption_extension), f"dataset_config {path}: caption_extension"
+        ),
         flip_aug=value("flip_aug", settings.flip_aug),
         shuffle_tags=value("shuffle_caption", settings.shuffle_tags),
         keep_tokens=keep_tokens,
@@ -459,10 +466,9 @@ class TrainingData:
             progress=progress,
         )
         self._slots, self._mean, self._std = cache.slots, cache.mean, cache.std
-        self._weights = [
-            None if alpha is None else alpha_loss_weight(alpha, cache.latent_size).to(device)
-            for alpha in cache.alphas
-        ]
+        # A uniform alpha (a fully opaque RGBA file) gives no weight (None): the image weighs 1 everywhere.
+        weights = [None if alpha is None else alpha_loss_weight(alpha, cache.latent_size) for alpha in cache.alphas]
+        self._weights = [None if weight is None else weight.to(device) for weight in weights]
 
     def batch(self, step: int, start: int, size: int) -> Batch:
         """Samples at positions [start, start + size) of the global batch of `step` (0-based)."""

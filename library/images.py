@@ -46,7 +46,11 @@ def open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL's guard against files that decode to gigabytes
+        raise UserError(
+            f"{path}: too large to open safely ({error}); downscale it (training needs far less) or remove it"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(
             f"cannot read image {path}: {error}; re-save it as PNG or JPEG or remove it"
         ) from error

@@ -48,12 +48,13 @@ _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 BREAK = ["BREAK", -1]  # how parse_prompt_attention marks a chunk break, as A1111 does
 
 
-def parse_prompt_attention(text: str) -> list[list]:
+def parse_prompt_attention(text: str, where: str = "") -> list[list]:
     """Split a prompt into `[[text, weight], ...]` exactly as A1111 does.
 
     `(x)` multiplies by 1.1, `[x]` divides by 1.1, `(x:1.3)` multiplies by 1.3, nesting multiplies,
     `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are literal characters, unclosed brackets close at the end, runs of
     equal weight merge, `BREAK` becomes `["BREAK", -1]`, and an empty prompt gives `[["", 1.0]]`.
+    A weight that is not a number is a UserError naming `where` (a file or key), else the prompt.
     """
     result: list[list] = []
     open_round: list[int] = []
@@ -72,7 +73,7 @@ def parse_prompt_attention(text: str) -> list[list]:
         elif piece == "[":
             open_square.append(len(result))
         elif weight is not None and open_round:
-            multiply_from(open_round.pop(), _parse_weight(weight, text))
+            multiply_from(open_round.pop(), _parse_weight(weight, where or f"prompt {text!r}"))
         elif piece == ")" and open_round:
             multiply_from(open_round.pop(), ROUND_MULTIPLIER)
         elif piece == "]" and open_square:
@@ -94,13 +95,20 @@ def parse_prompt_attention(text: str) -> list[list]:
     return _merge_equal_weights(result)
 
 
-def _parse_weight(weight: str, prompt: str) -> float:
+def _parse_weight(weight: str, where: str) -> float:
     try:
         return float(weight)
     except ValueError:
         raise UserError(
-            f"prompt {prompt!r}: {weight!r} is not a number; write an attention weight like (word:1.2)"
+            f"{where}: {weight!r} is not a number; write an attention weight like (word:1.2), or \\( \\) "
+            "for literal brackets"
         ) from None
+
+
+def check_attention(text: str, where: str) -> None:
+    """Fail now, naming `where`, on an attention weight that is not a number: a caption, template or
+    preview prompt is otherwise parsed first at the step (maybe hours later) that draws it."""
+    parse_prompt_attention(text, where)
 
 
 def _merge_equal_weights(items: list[list]) -> list[list]:
