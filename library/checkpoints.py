@@ -26,7 +26,7 @@ import torch
 
 from library.embeddings import Embedding, load_embedding
 from library.errors import UserError
-from library.files import atomic_write, ensure_folder
+from library.files import TORCH_LOAD_ERRORS, atomic_write, ensure_folder
 
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 
@@ -127,12 +127,18 @@ def save_training_state(path: Path, step: int, optimizer_state: dict, scaler_sta
 
 
 def load_training_state(path: Path) -> dict:
+    """The state `save_training_state` wrote; a damaged or foreign file is a UserError."""
+    restart = "delete it to restart the optimizer"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as exc:
         raise UserError(
-            f"{path}: cannot read optimizer state ({exc.__class__.__name__}); delete it to restart the optimizer"
+            f"{path}: cannot read optimizer state ({exc.__class__.__name__}); {restart}"
         ) from None
+    optimizer = state.get("optimizer") if isinstance(state, dict) else None
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)):
+        raise UserError(f"{path}: not an optimizer state of this toolkit; {restart}")
+    return state
 
 
 @dataclass
@@ -188,14 +194,38 @@ def check_no_later_saves(run: RunFolder, step: int) -> None:
         )
 
 
+def read_loss_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of loss.csv whose step and loss are numbers. A run killed while appending leaves half a
+    row, and a hand edit may leave anything: such rows are skipped, the log is only a record."""
+
+    def numbers(row: dict) -> bool:
+        try:
+            int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):  # a missing column, a short row, a word
+            return False
+        return True
+
+    rows = []
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return rows
+            except csv.Error:  # binary junk: a "field" longer than csv's limit
+                continue
+            if numbers(row):
+                rows.append(row)
+
+
 def trim_loss_log(run: RunFolder, step: int) -> None:
-    """Drop loss rows past `step` so a resumed run's log has each step once."""
+    """Drop loss rows past `step` (and unreadable ones) so a resumed run's log has each step once."""
     if not run.loss_csv.exists():
         return
-    with run.loss_csv.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    rows = [r for r in read_loss_rows(run.loss_csv) if int(r["step"]) <= step]
     out = io.StringIO()
-    writer = csv.DictWriter(out, LOSS_COLUMNS)
+    writer = csv.DictWriter(out, LOSS_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(run.loss_csv, out.getvalue())

@@ -327,7 +327,8 @@ def _subset_records(path: Path, settings: DataSettings, tables: tuple[dict, ...]
         )
     options = dict(
         caption_extension=check_caption_extension(
-            value("caption_extension", settings.caption_extension), f"dataset_config {path}: caption_extension"
+            value("caption_extension", settings.caption_extension),
+            f"dataset_config {path}: caption_extension",
         ),
         flip_aug=value("flip_aug", settings.flip_aug),
         shuffle_tags=value("shuffle_caption", settings.shuffle_tags),
@@ -467,7 +468,9 @@ class TrainingData:
         )
         self._slots, self._mean, self._std = cache.slots, cache.mean, cache.std
         # A uniform alpha (a fully opaque RGBA file) gives no weight (None): the image weighs 1 everywhere.
-        weights = [None if alpha is None else alpha_loss_weight(alpha, cache.latent_size) for alpha in cache.alphas]
+        weights = [
+            None if alpha is None else alpha_loss_weight(alpha, cache.latent_size) for alpha in cache.alphas
+        ]
         self._weights = [None if weight is None else weight.to(device) for weight in weights]
 
     def batch(self, step: int, start: int, size: int) -> Batch:

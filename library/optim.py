@@ -32,6 +32,39 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
     raise UserError(f"unknown optimizer {name!r}; choose adamw, adamw8bit, lion or prodigy")
 
 
+def state_fits(name: str, state: dict, vectors: torch.Tensor) -> bool:
+    """Whether a saved optimizer state has the layout optimizer `name` gives `vectors`: the same kind of
+    state (keys) and tensor shapes. The state of other vectors or of another optimizer loads without a
+    complaint and fails (or quietly misleads) at the first step; each optimizer lays its state out its own
+    way (Prodigy keeps flat copies, bitsandbytes a nested dict), so it is compared with a fresh one."""
+    probe = torch.nn.Parameter(torch.zeros_like(vectors))
+    fresh = build_optimizer(name, [probe], lr=1e-3, weight_decay=0.0)
+    probe.grad = torch.zeros_like(probe)
+    fresh.step()
+    expected = fresh.state_dict()
+    groups = [g.get("params") for g in state.get("param_groups", ()) if isinstance(g, dict)]
+    if [len(g) if isinstance(g, list) else None for g in groups] != [
+        len(g["params"]) for g in expected["param_groups"]
+    ]:
+        return False
+    return _same_layout(state.get("state"), expected["state"])
+
+
+def _same_layout(saved, fresh) -> bool:
+    if isinstance(fresh, dict):
+        return (
+            isinstance(saved, dict)
+            and set(saved) == set(fresh)
+            and all(_same_layout(saved[key], fresh[key]) for key in fresh)
+        )
+    if isinstance(fresh, torch.Tensor):
+        # A 0-dim tensor may stand for a whole one: Prodigy keeps a scalar while the start vectors are zero.
+        return isinstance(saved, torch.Tensor) and (
+            saved.dim() == 0 or fresh.dim() == 0 or saved.shape == fresh.shape
+        )
+    return not isinstance(saved, dict | torch.Tensor)  # numbers: their values change with every step
+
+
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], mode: str, value: float) -> None:
     """Clip by element value or global L2 norm, after accelerate has unscaled fp16 gradients."""
     if mode == "value":

@@ -22,6 +22,8 @@ from library.captions import read_text_file
 from library.config import PreviewConfig
 from library.errors import UserError
 from library.files import atomic_write
+from library.prompts import check_attention
+from library.sampling import check_sampler
 
 # Kohya's sampler names (library/train_util.py) -> ours (library/sampling.SAMPLERS).
 KOHYA_SAMPLERS = {
@@ -66,9 +68,26 @@ def preview_images(cfg: PreviewConfig, name: str, size: tuple[int, int], seed: i
         cfg.height or size[1],
         cfg.sampler,
     )
+    _check(base, "preview.prompt", "preview.negative_prompt", "preview.width/height", "preview.sampler")
     if not cfg.prompts_file:
         return [_replace(base, seed=seed + i) for i in range(cfg.batch_size)]
     return read_prompts_file(Path(cfg.prompts_file).expanduser(), base, name)
+
+
+def _check(
+    image: PreviewImage, prompt_key: str, negative_key: str, size_key: str, sampler_key: str
+) -> PreviewImage:
+    """What would otherwise fail at the first preview, after the model has loaded (or hours into a
+    resumed run): the prompts' attention weights, the size, the sampler."""
+    check_attention(image.prompt, prompt_key)
+    check_attention(image.negative, negative_key)
+    if image.width % 8 or image.height % 8 or image.width < 8 or image.height < 8:
+        raise UserError(f"{size_key}: size {image.width}x{image.height} must be multiples of 8")
+    try:
+        check_sampler(image.sampler)
+    except UserError as error:
+        raise UserError(f"{sampler_key}: {error}") from None
+    return image
 
 
 def read_prompts_file(path: Path, base: PreviewImage, name: str) -> list[PreviewImage]:
@@ -109,9 +128,7 @@ def _parse_line(line: str, base: PreviewImage, name: str, where: str) -> Preview
                 values[field] = int(value)
         except ValueError:
             raise UserError(f"{where}: --{key} {value!r} is not a number") from None
-    image = _replace(base, **values)
-    if image.width % 8 or image.height % 8 or image.width < 8 or image.height < 8:
-        raise UserError(f"{where}: size {image.width}x{image.height} must be multiples of 8")
+    image = _check(_replace(base, **values), where, f"{where} (--n)", where, f"{where} (--ss)")
     if image.steps < 1 or image.seed < 0 or image.cfg_scale < 0:
         raise UserError(f"{where}: --s must be at least 1, --d and --l at least 0")
     return image

@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.checkpoints import RunFolder
+from library.checkpoints import RunFolder, read_loss_rows
 from library.config import TrainConfig, load_config
 from library.embeddings import Embedding, load_embedding, save_embedding
 from library.errors import UserError
@@ -74,8 +73,7 @@ class Run:
         """(step, loss) rows of loss.csv; empty when the run has none."""
         if not self.folder.loss_csv.is_file():
             return []
-        with self.folder.loss_csv.open(newline="") as handle:
-            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle) if r.get("loss")]
+        return [(int(r["step"]), float(r["loss"])) for r in read_loss_rows(self.folder.loss_csv)]
 
 
 def describe_steps(steps: list[int]) -> str:

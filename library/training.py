@@ -7,6 +7,7 @@ Every random draw of a step (which images, captions, noise, timesteps) is a pure
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import shutil
@@ -39,9 +40,9 @@ from library.errors import UserError
 from library.files import atomic_write
 from library.infotext import format_infotext, infotext_params, save_png
 from library.models import SDParts, load_parts
-from library.optim import build_optimizer, clip_gradients
+from library.optim import build_optimizer, clip_gradients, state_fits
 from library.previews import PreviewImage, image_paths, preview_images, write_sheet
-from library.prompts import PromptEncoder
+from library.prompts import CHUNK_LENGTH, PromptEncoder
 from library.sampling import SampleSettings, generate, resolve_seed
 from library.schedules import Schedule, build_schedule
 
@@ -429,10 +430,15 @@ def load_training_config(path: str | None, resume: str | None, overrides: list[s
     if path or not resume:
         return load_config(TrainConfig, path, overrides)
     target = Path(resume).expanduser()
-    record = (target if target.is_dir() else target.parent.parent) / "config.toml"
+    root = target if target.is_dir() else target.parent.parent
+    record = root / "config.toml"
     if not record.is_file():
         raise UserError(f"--resume {resume}: no config.toml in its run folder; give the preset with --config")
-    return load_config(TrainConfig, record, overrides)
+    # The run continues where it is now: a folder that was moved or copied must not write to the old place.
+    # (A TOML string, so any path survives; a later save.output_dir override still wins.)
+    return load_config(
+        TrainConfig, record, [f"save.output_dir={json.dumps(str(root), ensure_ascii=False)}", *overrides]
+    )
 
 
 def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
@@ -538,6 +544,12 @@ def _build(
     if point is not None:
         start_step = point.step
         if point.state is not None:
+            if not state_fits(t.optimizer, point.state["optimizer"], vectors):
+                raise UserError(
+                    f"{point.source.with_suffix('.optim')}: this optimizer state does not fit train.optimizer = "
+                    f"{t.optimizer!r} on {vectors.shape[0]} x {vectors.shape[1]} vectors; use the run's optimizer, "
+                    "or delete the file to restart the optimizer"
+                )
             optimizer.load_state_dict(point.state["optimizer"])
         else:
             log(f"warning: no optimizer state beside {point.source}; the optimizer restarts from zero")
@@ -595,6 +607,11 @@ def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
         )
     if not torch.isfinite(vectors).all():
         raise UserError(f"{source}: the embedding holds NaN or infinite numbers; start from another file")
+    if vectors.shape[0] > CHUNK_LENGTH:
+        raise UserError(
+            f"{source}: {vectors.shape[0]} vectors, more than the {CHUNK_LENGTH} tokens of a prompt chunk; "
+            "start from an embedding of fewer vectors"
+        )
     return vectors.float()
 
 
