@@ -231,6 +231,10 @@ def sweep(argv: list[str] | None) -> None:
         raise UserError(f"--export {args.export!r}: give a saved step number, or 'recommended'")
     if export and not cfg.export.folder:
         raise UserError("--export needs a folder: add --export-to DIR (e.g. your A1111 embeddings/ folder)")
+    if export == "recommended" and not cfg.scoring.model:
+        raise UserError(
+            "--export recommended needs scores: set scoring.model (a local CLIP), or export a step with --export STEP"
+        )
     run = open_run(cfg.run.folder, cfg.run.name)
     if export.isdigit():
         export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=args.overwrite)

@@ -26,7 +26,7 @@ import torch
 
 from library.embeddings import Embedding, load_embedding
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, atomic_write, ensure_folder
+from library.files import TORCH_LOAD_ERRORS, atomic_write, ensure_folder, torch_load_problem
 
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 
@@ -133,7 +133,7 @@ def load_training_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except TORCH_LOAD_ERRORS as exc:
         raise UserError(
-            f"{path}: cannot read optimizer state ({exc.__class__.__name__}); {restart}"
+            f"{path}: cannot read optimizer state ({torch_load_problem(exc)}); {restart}"
         ) from None
     optimizer = state.get("optimizer") if isinstance(state, dict) else None
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)):

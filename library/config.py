@@ -353,7 +353,7 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         allowed = typing.get_args(kind)
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise UserError(
                 f"{source}: '{key}' = {value!r} is not allowed{hint} Choose one of: {', '.join(allowed)}"
             )
@@ -491,7 +491,13 @@ class ExportConfig:
     """[export]: where --export STEP writes NAME.pt / NAME.safetensors (e.g. A1111's embeddings/ folder)."""
 
     folder: str = ""
-    formats: tuple[str, ...] = ("pt", "safetensors")
+    formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise UserError(
+                "export.formats is empty: list at least one, e.g. export.formats=['pt', 'safetensors']"
+            )
 
 
 @dataclass(frozen=True)

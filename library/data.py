@@ -263,7 +263,10 @@ def _check_table(path: Path, where: str, table: dict) -> None:
             _unknown_key(path, key, where, _TABLE_KEYS[where])
         expected = {**_SUBSET_KEYS, **_DATASET_KEYS, **_SUBSET_ONLY_KEYS}.get(key)
         if expected is list:
-            as_size(value)  # resolution: int or [width, height]
+            try:
+                as_size(value)  # resolution: int or [width, height]
+            except UserError as error:
+                raise UserError(f"dataset_config {path}: {error}") from None
         elif expected is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"dataset_config {path}: {key} in {where} must be a number, not {value!r}")
@@ -297,6 +300,9 @@ def records_from_dataset_config(path: Path, settings: DataSettings) -> list[Imag
             records += _subset_records(path, settings, (subset, dataset, general))
     if not records:
         raise UserError(f"dataset_config {path}: its subsets hold no training images")
+    sizes = sorted({record.resolution for record in records})
+    if len(sizes) > 1:  # Kohya would bucket them; here every image is cropped to one size
+        raise UserError(f"dataset_config {path}: datasets use different resolutions {sizes}; set one for all")
     return records
 
 

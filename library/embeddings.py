@@ -26,7 +26,7 @@ from PIL import Image
 
 from library import png_embedding
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, atomic_write, pt_bytes, refused_global
+from library.files import TORCH_LOAD_ERRORS, atomic_write, pt_bytes, refused_global, torch_load_problem
 
 # Our safetensors metadata keys; everything else in the header lands in `Embedding.metadata`.
 META_NAME = "ti.name"
@@ -153,7 +153,9 @@ def _read_pickle(file: Path) -> Any:
                 f"{file}: refused to load, it calls {refused} and a pickle like this could run any code; "
                 "ask its author for a .safetensors file"
             ) from None
-        raise UserError(f"{file}: not a readable torch file ({_first_line(error)}); replace it") from None
+        raise UserError(
+            f"{file}: not a readable torch file ({torch_load_problem(error)}); replace it"
+        ) from None
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -223,6 +225,11 @@ def _as_matrix(value: Any, file: Path, key: str) -> torch.Tensor:
         matrix = matrix.unsqueeze(0)
     if matrix.dim() != 2 or matrix.numel() == 0:
         raise UserError(f"{file}: '{key}' has shape {list(value.shape)}; an embedding is [vectors, width]")
+    if not torch.isfinite(matrix).all():  # it would render black pictures or poison a run, silently
+        raise UserError(
+            f"{file}: the embedding holds NaN or infinite numbers ('{key}'); use another file "
+            "(from a run that diverged: an earlier step)"
+        )
     return matrix.contiguous().clone()
 
 

@@ -178,6 +178,16 @@ TORCH_LOAD_ERRORS = (
 )
 
 
+def torch_load_problem(error: BaseException) -> str:
+    """What was wrong with the bytes, in a few words (torch's messages run to paragraphs of advice, some of
+    it, "re-run with weights_only=False", wrong for a file from the internet)."""
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {first}"[:200] if len(first) < 20 else first[:200]
+
+
 def refused_global(error: BaseException) -> str | None:
     """The Python global a weights-only `torch.load` refused to call (e.g. "pathlib.PosixPath"): such a
     file would run code. None when the bytes were simply not a pickle torch can read (damaged, foreign)."""

@@ -21,7 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import convert
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, refused_global
+from library.files import TORCH_LOAD_ERRORS, refused_global, torch_load_problem
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -113,6 +113,20 @@ def load_tokenizer(family: str) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(FAMILIES[family].tokenizer_dir, local_files_only=True)
 
 
+def tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
+    """The CLIP tokenizer of a user's model folder; broken files (vocab.json, merges.txt, ...) are a UserError."""
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        # transformers raises OSError/ValueError/... for missing or broken files, the `tokenizers` library a
+        # bare Exception for a vocabulary it cannot read; anything else is a bug and keeps its traceback.
+        if not (type(e) is Exception or isinstance(e, OSError | ValueError | KeyError | TypeError)):
+            raise
+        raise UserError(
+            f"{folder}: cannot load the tokenizer ({_first_line(e)}); restore its files"
+        ) from None
+
+
 def a1111_short_hash(path) -> str:
     """A1111's short checkpoint hash: the first 10 hex digits of the whole file's SHA-256."""
     digest = hashlib.sha256()
@@ -164,10 +178,16 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         head = f.read(16)
     if not head:
         raise UserError(f"{path}: the file is empty; download it again")
-    # safetensors: an 8-byte header length, then the JSON header; torch: a zip archive or a bare pickle.
-    if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    # safetensors: an 8-byte header length, then the JSON header, which must start with "{" (the format's
+    # rule); torch: a zip archive or a bare pickle. Anything else is a broken download or another file.
+    if head[8:9] == b"{":
+        return _read_safetensors(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _read_pickle(path)
-    return _read_safetensors(path)
+    raise UserError(
+        f"{path}: neither a .safetensors nor a .ckpt checkpoint (it starts with {head[:8]!r}); the download "
+        "may be broken or the file another kind: download it again"
+    )
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,7 +225,9 @@ def _read_pickle(path: Path) -> tuple[dict, dict]:
             raise UserError(
                 f"{path}: refused: the pickle would run {name}; use a .safetensors copy of this model"
             ) from None
-        raise UserError(f"{path}: not a readable checkpoint ({_first_line(e)}); download it again") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({torch_load_problem(e)}); download it again"
+        ) from None
     metadata = {}
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         if isinstance(data.get("metadata"), dict):
@@ -501,10 +523,7 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
     chosen = _folder_family(folder, family, _read_json(folder / "text_encoder" / "config.json"))
     tokenizer_dir = folder / "tokenizer"
     if (tokenizer_dir / "tokenizer_config.json").is_file():
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers raises for broken files
-            raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({_first_line(e)})") from None
+        tokenizer = tokenizer_from_folder(tokenizer_dir)
     else:
         tokenizer = load_tokenizer(chosen)
     if vae is not None:

@@ -24,8 +24,10 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from library.errors import UserError
+from library.files import TORCH_LOAD_ERRORS, torch_load_problem
 from library.prompts import BREAK, parse_prompt_attention
 
 # OpenAI CLIP's preprocessing constants, used when the model folder has no preprocessor_config.json.
@@ -143,7 +145,7 @@ def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
     shapes as an OpenAI-style CLIP (quick_gelu, 64-wide attention heads). A folder without tokenizer files
     uses the CLIP tokenizer that ships with the project (the same vocabulary).
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -155,19 +157,19 @@ def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
             )
         try:
             model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, damaged or cut files
             raise UserError(
                 f"{path}: cannot load a CLIP model ({str(error).splitlines()[0][:200]})"
             ) from None
     elif path.is_file():
         state = _read_weights(path)
-        config = (
-            CLIPConfig.from_pretrained(folder)
-            if (folder / "config.json").is_file()
-            else _infer_config(state, path)
-        )
+        config = _clip_config(folder) if (folder / "config.json").is_file() else _infer_config(state, path)
         model = CLIPModel(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensors of other shapes than the config's; line 2 names the first
+            detail = " ".join(str(error).splitlines()[1:2]).strip()[:200]
+            raise UserError(f"{path}: not a transformers CLIP checkpoint ({detail})") from None
         missing = [key for key in missing if not key.endswith("position_ids")]
         if missing or [key for key in unexpected if not key.endswith("position_ids")]:
             raise UserError(
@@ -176,28 +178,47 @@ def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
         model.to(dtype)
     else:
         raise UserError(f"{path}: scoring model not found; give a local CLIP folder or file (scoring.model)")
-    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    else:
-        from library.models import load_tokenizer
+    from library.models import load_tokenizer, tokenizer_from_folder
 
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        tokenizer = tokenizer_from_folder(folder)
+    else:
         tokenizer = load_tokenizer("sd1")
     image_size, mean, std = _preprocessing(folder, model.config.vision_config.image_size)
     return CLIPScorer(model, tokenizer, image_size=image_size, mean=mean, std=std, device=device)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read the file is the file's fault
+    except TORCH_LOAD_ERRORS as error:
         raise UserError(
-            f"{path}: not a readable weights file ({type(error).__name__}); use .safetensors"
+            f"{path}: not a readable weights file ({torch_load_problem(error)}); use .safetensors"
         ) from None
     return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def _clip_config(folder: Path):
+    from transformers import CLIPConfig
+
+    try:
+        return CLIPConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:  # transformers wraps broken JSON in an OSError
+        raise UserError(
+            f"{folder / 'config.json'}: cannot read the CLIP config ({_first_line(error)})"
+        ) from None
 
 
 def _heads(width: int) -> int:
@@ -248,10 +269,15 @@ def _preprocessing(folder: Path, image_size: int) -> tuple[int, tuple, tuple]:
     file = folder / "preprocessor_config.json"
     if not file.is_file():
         return image_size, CLIP_MEAN, CLIP_STD
-    settings = json.loads(file.read_text(encoding="utf-8"))
-    crop = settings.get("crop_size", image_size)
-    crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-    return crop, tuple(settings.get("image_mean", CLIP_MEAN)), tuple(settings.get("image_std", CLIP_STD))
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+        crop = settings.get("crop_size", image_size)
+        crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+        return crop, tuple(settings.get("image_mean", CLIP_MEAN)), tuple(settings.get("image_std", CLIP_STD))
+    except (ValueError, TypeError, AttributeError) as error:  # broken JSON, or values of the wrong kind
+        raise UserError(
+            f"{file}: not valid JSON CLIP preprocessing settings ({_first_line(error)})"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +319,10 @@ def load_references(reference_dir: str, dataset=None) -> list[Image.Image]:
     from library.images import open_image, split_rgb_alpha
 
     if reference_dir:
+        if not Path(reference_dir).expanduser().is_dir():
+            raise UserError(
+                f"scoring.reference_dir {reference_dir}: not a folder; give the training images' folder"
+            )
         settings = DatasetConfig(image_dir=reference_dir)
     elif dataset is not None:
         settings = dataset

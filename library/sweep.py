@@ -30,6 +30,7 @@ from library.config import ModelConfig, SweepAxis, SweepConfig, as_size
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
+from library.prompts import check_attention
 from library.runs import Run, describe_steps
 from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
 
@@ -197,7 +198,14 @@ def _size(text: str, what: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text)
     if not match:
         raise UserError(f"{what}: size {text!r} must be WIDTHxHEIGHT, e.g. 512x512")
-    return int(match.group(1)), int(match.group(2))
+    return _multiples_of_8((int(match.group(1)), int(match.group(2))), what)
+
+
+def _multiples_of_8(size: tuple[int, int], what: str) -> tuple[int, int]:
+    # SD's VAE works on 8x8-pixel cells; checked here, before a checkpoint loads, not when rendering.
+    if size[0] % 8 or size[1] % 8 or min(size) < 8:
+        raise UserError(f"{what}: size {size[0]}x{size[1]} must be multiples of 8, e.g. 512x512")
+    return size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +263,10 @@ def plan(
             'model.checkpoints lists several checkpoints: make one axis type = "checkpoint" to compare them'
         )
     prompt = base_prompt(cfg, run)
+    try:
+        check_sampler(cfg.render.sampler)
+    except UserError as error:
+        raise UserError(f"render.sampler: {error}") from None
     seed = resolve_seed(cfg.render.seed)
     width, height = _default_size(cfg, run)
     first_checkpoint = _checkpoint_path(cfg.model.checkpoints[0], run)
@@ -274,6 +286,8 @@ def plan(
         for axis, i in zip(axes, (x, y, z), strict=True):
             if axis:
                 _apply(state, axis, i, run)
+        check_attention(state["prompt"], "render.prompt")  # now, not after a checkpoint has loaded
+        check_attention(state["negative"], "render.negative_prompt")
         settings = SampleSettings(
             steps=state["steps"],
             cfg_scale=state["cfg_scale"],
@@ -331,7 +345,9 @@ def _step_of(names: set[str], run: Run) -> int | None:
 
 def _default_size(cfg: SweepConfig, run: Run) -> tuple[int, int]:
     trained = as_size(run.config.dataset.resolution) if run.config else (512, 512)
-    return cfg.render.width or trained[0], cfg.render.height or trained[1]
+    return _multiples_of_8(
+        (cfg.render.width or trained[0], cfg.render.height or trained[1]), "render.width/height"
+    )
 
 
 def step_axis_index(axes) -> int | None:
@@ -420,6 +436,12 @@ def render(
                 vectors = load_embedding(file).vectors
                 if not isinstance(vectors, torch.Tensor):
                     raise UserError(f"{file}: an SDXL embedding; sweeps render SD 1.x / 2.x checkpoints")
+                width = parts.text_encoder.get_input_embeddings().embedding_dim
+                if vectors.shape[1] != width:
+                    raise UserError(
+                        f"{file}: {vectors.shape[1]}-wide vectors, but {label} needs {width}; render on "
+                        "checkpoints of the family the run was trained on"
+                    )
                 encoder.set_embedding(name, vectors.to(device))
         loaded = time.perf_counter() - started
         images: dict[tuple[str, int], list[Image.Image]] = {}

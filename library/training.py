@@ -605,8 +605,6 @@ def _initial_vectors(cfg: TrainConfig, parts: SDParts, point) -> torch.Tensor:
         raise UserError(
             f"{source}: embedding of shape {shape} does not fit this model's text encoder (width {width}); use an embedding made for this model family"
         )
-    if not torch.isfinite(vectors).all():
-        raise UserError(f"{source}: the embedding holds NaN or infinite numbers; start from another file")
     if vectors.shape[0] > CHUNK_LENGTH:
         raise UserError(
             f"{source}: {vectors.shape[0]} vectors, more than the {CHUNK_LENGTH} tokens of a prompt chunk; "

@@ -193,11 +193,11 @@ MODEL_CASES = {
     ),
     "file of zeros": (
         lambda c, t: [f"model.checkpoint={write(t / 'zeros.safetensors', bytes(4096))}"],
-        "zeros.safetensors: not a readable .safetensors file",
+        "zeros.safetensors: neither a .safetensors nor a .ckpt checkpoint",
     ),
     "ckpt of zeros": (
         lambda c, t: [f"model.checkpoint={write(t / 'zeros.ckpt', bytes(4096))}"],
-        "zeros.ckpt: not a readable",
+        "zeros.ckpt: neither a .safetensors nor a .ckpt checkpoint",
     ),
     "random bytes behind a pickle header": (
         lambda c, t: [f"model.checkpoint={write(t / 'noise.ckpt', bytes([0x80, 2]) + os.urandom(300))}"],
@@ -209,7 +209,7 @@ MODEL_CASES = {
     ),
     "text file as ckpt": (
         lambda c, t: [f"model.checkpoint={write(t / 'notes.ckpt', 'this is a web page, not a model')}"],
-        "notes.ckpt: not a readable",
+        "notes.ckpt: neither a .safetensors nor a .ckpt checkpoint",
     ),
     "empty file": (
         lambda c, t: [f"model.checkpoint={write(t / 'empty.safetensors', b'')}"],
@@ -285,6 +285,17 @@ MODEL_CASES = {
             "model.checkpoint="
             + str(
                 _diffusers_folder(c, t, lambda f: write(f / "tokenizer" / "tokenizer_config.json", "{oops"))
+            )
+        ],
+        "tokenizer: cannot load the tokenizer",
+    ),
+    "diffusers folder with a broken vocabulary": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(
+                _diffusers_folder(
+                    c, t, lambda f: [write(f / "tokenizer" / n, "{x") for n in ("vocab.json", "tokenizer.json")]
+                )
             )
         ],
         "tokenizer: cannot load the tokenizer",
@@ -742,14 +753,14 @@ SUBSET = '[[datasets.subsets]]\nimage_dir = "pics"\n'
 GOOD_SUBSET = "[[datasets]]\n" + SUBSET
 TOML_CASES = {
     "missing": (lambda t: [f"dataset.dataset_config={t / 'absent.toml'}"], "absent.toml not found"),
-    "a folder": (lambda t: [f"dataset.dataset_config={(t / 'd.toml').mkdir() or t / 'd.toml'}"], "d.toml"),
+    "a folder": (lambda t: [f"dataset.dataset_config={(t / 'd.toml').mkdir() or t / 'd.toml'}"], "d.toml not found"),
     "empty": (lambda t: _dataset_toml(t, ""), "ds.toml needs a [[datasets]] table"),
     "not TOML": (lambda t: _dataset_toml(t, "[[datasets]\nimage_dir = "), "ds.toml is not valid TOML"),
     "not UTF-8": (
         lambda t: _dataset_toml(t, b"# caf\xe9\n" + GOOD_SUBSET.encode()),
         "ds.toml is not valid UTF-8",
     ),
-    "binary": (lambda t: _dataset_toml(t, bytes(range(256))), "ds.toml"),
+    "binary": (lambda t: _dataset_toml(t, bytes(range(256))), "ds.toml is not valid UTF-8"),
     "num_repeats a string": (
         lambda t: _dataset_toml(t, GOOD_SUBSET + 'num_repeats = "10"\n'),
         "num_repeats in [[datasets.subsets]] must be int",
@@ -764,13 +775,13 @@ TOML_CASES = {
     ),
     "resolution a word": (
         lambda t: _dataset_toml(t, '[general]\nresolution = "big"\n' + GOOD_SUBSET),
-        "resolution must be a number or [width, height], not 'big'",
+        "ds.toml: resolution must be a number or [width, height], not 'big'",
     ),
     "resolutions that differ": (
         lambda t: _dataset_toml(
             t, "[[datasets]]\nresolution = 16\n" + SUBSET + "[[datasets]]\nresolution = 24\n" + SUBSET
         ),
-        "different resolutions",
+        "ds.toml: datasets use different resolutions [(16, 16), (24, 24)]",
     ),
     "image_dir a number": (
         lambda t: _dataset_toml(t, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 5\n"),
@@ -1049,7 +1060,7 @@ RESUME_CASES = {
         lambda r: [(r / "config.toml").unlink(), (r / "config.toml").mkdir()],
         ".",
         False,
-        "config.toml",
+        "no config.toml in its run folder",
     ),
     "garbage optimizer state": (
         lambda r: write(r / "embeddings" / f"{NAME}-2.optim", b"PK\x03\x04 nonsense"),
@@ -1242,3 +1253,286 @@ def test_bad_presets_and_values(case, tmp_path, capsys):
     argv = _train_cli(tmp_path, *build(tmp_path))
     fails(train_textual_inversion.main, argv, capsys, expected)
     assert not (tmp_path / "run").exists()
+
+
+# ==================================================================================================
+# sweep_validate.py
+
+
+def make_sweep_run(tmp: Path) -> Path:
+    """A run folder as training writes it (config.toml on builtin:tiny, NAME-1 and NAME-2, loss.csv)."""
+    run = tmp / "run"
+    images = make_images(tmp / "img", count=2, size=16)
+    config = load_config(
+        TrainConfig,
+        None,
+        ["model.checkpoint=builtin:tiny", f"embedding.name={NAME}", f"dataset.image_dir={images}", "dataset.resolution=16"],
+    )
+    write(run / "config.toml", dump_config(config))
+    for step in (1, 2):
+        embedding_file(run / "embeddings" / f"{NAME}-{step}.pt", torch.randn(1, WIDTH), step=step)
+    write(run / "loss.csv", "step,epoch,epoch_step,loss,learn_rate\n1,0,1,0.3,0.005\n2,0,2,0.2,0.005\n")
+    return run
+
+
+def sweep_args(tmp: Path, run: Path, *overrides: str) -> list[str]:
+    return [
+        "--config",
+        ROOT / "presets/validate.toml",
+        f"run.folder={run}",
+        'model.checkpoints=["run:checkpoint"]',
+        "render.prompt=a photo of [name]-2",
+        "x.type=none",
+        "y.type=none",
+        "render.steps=1",
+        "render.width=16",
+        "render.height=16",
+        "render.batch_size=1",
+        f"sweep.output_dir={tmp / 'out'}",
+        *overrides,
+    ]
+
+
+def _embedding_step_2(run: Path, vectors) -> None:
+    (run / "embeddings" / f"{NAME}-2.pt").unlink()
+    embedding_file(run / "embeddings" / f"{NAME}-2.safetensors", vectors, step=2)
+
+
+def _clip_folder(tmp: Path, damage: Callable[[Path], object] = lambda folder: None) -> Path:
+    from tests.test_scoring import tiny_clip_folder
+
+    folder = tiny_clip_folder(tmp)
+    damage(folder)
+    return folder
+
+
+def _clip_file_of_wrong_shapes(tmp: Path) -> Path:
+    from safetensors.torch import load_file
+
+    folder = _clip_folder(tmp)
+    state = load_file(folder / "model.safetensors")
+    state["text_model.final_layer_norm.weight"] = torch.ones(3)
+    return _save(tmp / "bent.safetensors", state)
+
+
+def _scoring(path) -> list[str]:
+    return [f"scoring.model={path}"]
+
+
+SWEEP_CASES = {
+    # name: (builder(run folder, tmp) -> extra arguments, what the line must name)
+    "run folder missing": (lambda r, t: [f"run.folder={t / 'absent'}"], "absent: run folder not found"),
+    "run folder a file": (lambda r, t: [f"run.folder={write(t / 'f', 'x')}"], "f: run folder not found"),
+    "run folder empty": (
+        lambda r, t: [f"run.folder={(t / 'e').mkdir() or t / 'e'}"],
+        "e: no config.toml and embeddings of none; set run.name",
+    ),
+    "run without embeddings": (
+        lambda r, t: __import__("shutil").rmtree(r / "embeddings"),
+        f"no saved '{NAME}-N' embeddings",
+    ),
+    "config.toml from a newer toolkit": (
+        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace("format_version = 1", "format_version = 5")),
+        "config.toml: written by a newer version of the toolkit (format_version 5)",
+    ),
+    "garbage config.toml": (lambda r, t: write(r / "config.toml", "[model\n"), "config.toml: not valid TOML"),
+    "binary config.toml": (lambda r, t: write(r / "config.toml", bytes(range(256))), "config.toml: not valid TOML"),
+    "config.toml with a bad value": (
+        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace("max_steps = 1000", "max_steps = -1")),
+        "config.toml: 'train.max_steps' = -1 must be at least 1",
+    ),
+    "config.toml without a model for run:checkpoint": (
+        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace('checkpoint = "builtin:tiny"', "")),
+        "names no model.checkpoint",
+    ),
+    "run.name that is not in the folder": (lambda r, t: ["run.name=other"], "no saved 'other-N' embeddings"),
+    "a step that was not saved": (lambda r, t: ["render.prompt=a photo of [name]-7"], f"'{NAME}-7' is not a saved step"),
+    "garbage NAME-N.pt": (
+        lambda r, t: write(r / "embeddings" / f"{NAME}-2.pt", os.urandom(100)),
+        f"{NAME}-2.pt: not a readable torch file",
+    ),
+    "NAME-N of the wrong width": (
+        lambda r, t: _embedding_step_2(r, torch.ones(1, 768)),
+        f"{NAME}-2.safetensors: 768-wide vectors",
+    ),
+    "NAME-N of NaN vectors": (
+        lambda r, t: _embedding_step_2(r, torch.full((1, WIDTH), float("nan"))),
+        f"{NAME}-2.safetensors: the embedding holds NaN or infinite numbers",
+    ),
+    "NAME-N an SDXL pair": (
+        lambda r, t: _embedding_step_2(r, {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}),
+        f"{NAME}-2.safetensors: an SDXL embedding",
+    ),
+    "checkpoint missing": (
+        lambda r, t: [f"model.checkpoints=[{json.dumps(str(t / 'absent.safetensors'))}]"],
+        "absent.safetensors: no such file",
+    ),
+    "checkpoint truncated": (
+        lambda r, t: [f"model.checkpoints=[{json.dumps(str(_truncated(tiny_checkpoint(t), t, 'half.safetensors')))}]"],
+        "half.safetensors: not a readable .safetensors file",
+    ),
+    "VAE that is not a VAE": (
+        lambda r, t: [
+            f"model.checkpoints=[{json.dumps(str(tiny_checkpoint(t)))}]",
+            f"model.vae={_save(t / 'vae.safetensors', {'x.weight': torch.ones(2)})}",
+        ],
+        "vae.safetensors: holds no VAE weights",
+    ),
+    "scoring model missing": (lambda r, t: _scoring(t / "absent"), "absent: scoring model not found"),
+    "scoring model an empty folder": (lambda r, t: _scoring((t / "c").mkdir() or t / "c"), "c: no config.json"),
+    "scoring model random bytes (.safetensors)": (
+        lambda r, t: _scoring(write(t / "clip.safetensors", os.urandom(300))),
+        "clip.safetensors: not a readable",
+    ),
+    "scoring model random bytes (.bin)": (
+        lambda r, t: _scoring(write(t / "clip.bin", os.urandom(300))),
+        "clip.bin: not a readable weights file",
+    ),
+    "scoring model a file of other weights": (
+        lambda r, t: _scoring(_save(t / "other.safetensors", {"weight": torch.zeros(2, 2)})),
+        "other.safetensors: no 'vision_model.embeddings.patch_embedding.weight'",
+    ),
+    "scoring model a CLIP file of the wrong shapes": (
+        lambda r, t: _scoring(_clip_file_of_wrong_shapes(t)),
+        "bent.safetensors: not a transformers CLIP checkpoint (size mismatch for text_model.final_layer_norm.weight",
+    ),
+    "scoring model folder with broken config.json": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "config.json", "{oops"))),
+        "clip: cannot load a CLIP model",
+    ),
+    "scoring model folder without weights": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: (f / "model.safetensors").unlink())),
+        "clip: cannot load a CLIP model",
+    ),
+    "scoring model folder with truncated weights": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "model.safetensors", (f / "model.safetensors").read_bytes()[:5000]))),
+        "clip: cannot load a CLIP model",
+    ),
+    "scoring model file with a broken config.json beside it": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "config.json", "[1,")) / "model.safetensors"),
+        "config.json: cannot read the CLIP config",
+    ),
+    "scoring model folder with a broken preprocessor_config.json": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "preprocessor_config.json", "{crop"))),
+        "preprocessor_config.json: not valid JSON",
+    ),
+    "scoring model folder with a broken vocab.json": (
+        lambda r, t: _scoring(_clip_folder(t, lambda f: [write(f / "vocab.json", "{x"), write(f / "merges.txt", "")])),
+        "clip: cannot load the tokenizer",
+    ),
+    "reference_dir missing": (
+        lambda r, t: [*_scoring(_clip_folder(t)), f"scoring.reference_dir={t / 'refs'}"],
+        "scoring.reference_dir",
+    ),
+    "reference_dir with a broken image": (
+        lambda r, t: [*_scoring(_clip_folder(t)), f"scoring.reference_dir={write(t / 'refs' / 'a.png', 'no').parent}"],
+        "cannot read image",
+    ),
+    "render.prompt with a weight that is not a number": (
+        lambda r, t: ["render.prompt=a (photo:1.2.) of [name]-2"],
+        "render.prompt: '1.2.' is not a number",
+    ),
+    "render.negative_prompt with a weight that is not a number": (
+        lambda r, t: ["render.negative_prompt=(ugly:..)"],
+        "render.negative_prompt: '..' is not a number",
+    ),
+    "render.sampler unknown": (lambda r, t: ["render.sampler=Magic"], "render.sampler: unknown sampler 'Magic'"),
+    "render.width not a multiple of 8": (
+        lambda r, t: ["render.width=20"],
+        "render.width/height: size 20x16 must be multiples of 8",
+    ),
+    "a size axis not a multiple of 8": (
+        lambda r, t: ["x.type=size", "x.values=16x16, 30x16"],
+        "x.values: size 30x16 must be multiples of 8",
+    ),
+    "a Prompt S/R value with a weight that is not a number": (
+        lambda r, t: ["x.type=prompt_sr", "x.values=photo, (photo:1.2.3)"],
+        "render.prompt: '1.2.3' is not a number",
+    ),
+    "a step axis of words": (
+        lambda r, t: ["x.type=prompt_sr", "x.values=every x"],
+        "x.values: the first Prompt S/R value 'every x' does not occur in render.prompt",
+    ),
+    "fine.interval that is not an interval": (lambda r, t: ["fine.interval=soon"], "fine.interval = 'soon': write FIRST-LAST"),
+    "output folder that is a file": (lambda r, t: [f"sweep.output_dir={write(t / 'o', 'x')}"], "o: is a file, not a folder"),
+    "output folder that holds a sweep": (
+        lambda r, t: [f"sweep.output_dir={write(t / 'o' / 'report.html', 'x').parent}"],
+        "o: already holds a sweep",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP_CASES))
+def test_bad_sweep_inputs(case, tmp_path, capsys):
+    run = make_sweep_run(tmp_path)
+    build, expected = SWEEP_CASES[case]
+    extra = build(run, tmp_path) or []
+    extra = extra if isinstance(extra, list) and all(isinstance(a, str) for a in extra) else []
+    fails(sweep_validate.main, sweep_args(tmp_path, run, *extra), capsys, expected)
+    out = tmp_path / "out"
+    assert not (out / "report.html").exists() and not (out / "cells").exists()
+    no_leftovers(tmp_path)
+
+
+def test_sweep_into_a_read_only_folder(tmp_path, monkeypatch, capsys):
+    run = make_sweep_run(tmp_path)
+    (tmp_path / "out").mkdir()
+    refuse_writes(monkeypatch, tmp_path / "out", full=False)
+    fails(sweep_validate.main, sweep_args(tmp_path, run), capsys, "out/config.toml: cannot write (Permission denied)")
+
+
+def test_odd_but_valid_sweeps_render(tmp_path, capsys):
+    """Unbalanced brackets, a 1000-token prompt and a loss log with garbage rows still give a report."""
+    run = make_sweep_run(tmp_path)
+    with (run / "loss.csv").open("a") as log:
+        log.write('3,0,3,not a number\nword\n"' + "x" * 200_000 + "\n4,0,4,0.1")
+    prompt = "a ((photo [of [name]-2 " + "in a garden, " * 300
+    argv = sweep_args(tmp_path, run, f"render.prompt={prompt}", "render.negative_prompt=(((ugly")
+    assert sweep_validate.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+EXPORT_CASES = {
+    # name: (builder(run folder, tmp) -> arguments after the preset's, what the line must name)
+    "a step that was not saved": (lambda r, t: ["--export", "7", "--export-to", t / "x"], "'d3mo-7' is not a saved step"),
+    "a step that is a word": (lambda r, t: ["--export", "last", "--export-to", t / "x"], "--export 'last'"),
+    "no folder": (lambda r, t: ["--export", "2"], "--export needs a folder"),
+    "a folder that is a file": (
+        lambda r, t: ["--export", "2", "--export-to", write(t / "x", "file")],
+        "x: is a file, not a folder",
+    ),
+    "a target that exists": (
+        lambda r, t: ["--export", "2", "--export-to", write(t / "x" / f"{NAME}.pt", "old").parent],
+        f"{NAME}.pt: already exists; pass --overwrite",
+    ),
+    "a garbage step file": (
+        lambda r, t: [
+            "--export",
+            "2",
+            "--export-to",
+            t / "x",
+            write(r / "embeddings" / f"{NAME}-2.pt", b"\x80\x02junk").name and "x.type=none",
+        ],
+        f"{NAME}-2.pt: not a readable torch file",
+    ),
+    "an unknown format": (
+        lambda r, t: ["--export", "2", "--export-to", t / "x", 'export.formats=["safetensors", "exe"]'],
+        "'export.formats' = 'exe' is not allowed. Choose one of: pt, safetensors, png, webp",
+    ),
+    "no formats": (lambda r, t: ["--export", "2", "--export-to", t / "x", "export.formats=[]"], "export.formats is empty"),
+    "recommended without scores": (
+        lambda r, t: ["--export", "recommended", "--export-to", t / "x"],
+        "--export recommended needs scores: set scoring.model",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_bad_exports(case, tmp_path, capsys):
+    run = make_sweep_run(tmp_path)
+    build, expected = EXPORT_CASES[case]
+    fails(sweep_validate.main, sweep_args(tmp_path, run, *build(run, tmp_path)), capsys, expected)
+    exported = [p for p in (tmp_path / "x").glob(f"{NAME}.*")] if (tmp_path / "x").is_dir() else []
+    assert [p.read_text() for p in exported] in ([], ["old"])  # nothing new, nothing replaced
+    assert not (tmp_path / "out").exists()  # no sweep was rendered first
+    no_leftovers(tmp_path)
