@@ -204,10 +204,11 @@ def prepare_photos(cfg: PhotosConfig, log: Callable[[str], None] = print) -> Pho
         targets += [
             out / f"{stem}-flipped{s}" for stem in names.values() for s in (".png", cfg.caption_extension)
         ]
+    if not sources:
+        raise UserError(f"photos.input_dir {source_dir}: holds no pictures; give the folder of your photos")
     clash = next((t for t in targets if t.exists()), None)
     if clash is not None:
         raise UserError(f"{clash} already exists; choose a new photos.output_dir (nothing is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
 
     report = PhotosReport()
     for source in sources:
@@ -231,6 +232,11 @@ def prepare_photos(cfg: PhotosConfig, log: Callable[[str], None] = print) -> Pho
             report.written.append(out / f"{stem}.png")
             if caption is not None:
                 atomic_write(out / f"{stem}{cfg.caption_extension}", caption + "\n")
+    if not report.written:  # (atomic_write makes the output folder: it exists only once a picture is in it)
+        raise UserError(
+            f"photos.input_dir {source_dir}: none of its {len(sources)} files could be prepared; the first: "
+            f"{report.unreadable[0]}"
+        )
     _log_report(report, out, log)
     return report
 

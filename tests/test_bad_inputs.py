@@ -294,7 +294,9 @@ MODEL_CASES = {
             "model.checkpoint="
             + str(
                 _diffusers_folder(
-                    c, t, lambda f: [write(f / "tokenizer" / n, "{x") for n in ("vocab.json", "tokenizer.json")]
+                    c,
+                    t,
+                    lambda f: [write(f / "tokenizer" / n, "{x") for n in ("vocab.json", "tokenizer.json")],
                 )
             )
         ],
@@ -753,7 +755,10 @@ SUBSET = '[[datasets.subsets]]\nimage_dir = "pics"\n'
 GOOD_SUBSET = "[[datasets]]\n" + SUBSET
 TOML_CASES = {
     "missing": (lambda t: [f"dataset.dataset_config={t / 'absent.toml'}"], "absent.toml not found"),
-    "a folder": (lambda t: [f"dataset.dataset_config={(t / 'd.toml').mkdir() or t / 'd.toml'}"], "d.toml not found"),
+    "a folder": (
+        lambda t: [f"dataset.dataset_config={(t / 'd.toml').mkdir() or t / 'd.toml'}"],
+        "d.toml not found",
+    ),
     "empty": (lambda t: _dataset_toml(t, ""), "ds.toml needs a [[datasets]] table"),
     "not TOML": (lambda t: _dataset_toml(t, "[[datasets]\nimage_dir = "), "ds.toml is not valid TOML"),
     "not UTF-8": (
@@ -1109,7 +1114,12 @@ def test_bad_resume_targets(case, tmp_path, finished_run, capsys):
 def test_resume_with_another_optimizer(tmp_path, finished_run, capsys):
     run = _run_copy(finished_run, tmp_path)
     argv = ["--resume", run, "train.max_steps=3", "train.optimizer=prodigy"]
-    fails(train_textual_inversion.main, argv, capsys, "this optimizer state does not fit train.optimizer = 'prodigy'")
+    fails(
+        train_textual_inversion.main,
+        argv,
+        capsys,
+        "this optimizer state does not fit train.optimizer = 'prodigy'",
+    )
 
 
 def test_resume_over_a_loss_log_with_garbage_rows(tmp_path, finished_run, capsys):
@@ -1266,7 +1276,12 @@ def make_sweep_run(tmp: Path) -> Path:
     config = load_config(
         TrainConfig,
         None,
-        ["model.checkpoint=builtin:tiny", f"embedding.name={NAME}", f"dataset.image_dir={images}", "dataset.resolution=16"],
+        [
+            "model.checkpoint=builtin:tiny",
+            f"embedding.name={NAME}",
+            f"dataset.image_dir={images}",
+            "dataset.resolution=16",
+        ],
     )
     write(run / "config.toml", dump_config(config))
     for step in (1, 2):
@@ -1332,21 +1347,34 @@ SWEEP_CASES = {
         f"no saved '{NAME}-N' embeddings",
     ),
     "config.toml from a newer toolkit": (
-        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace("format_version = 1", "format_version = 5")),
+        lambda r, t: write(
+            r / "config.toml",
+            (r / "config.toml").read_text().replace("format_version = 1", "format_version = 5"),
+        ),
         "config.toml: written by a newer version of the toolkit (format_version 5)",
     ),
     "garbage config.toml": (lambda r, t: write(r / "config.toml", "[model\n"), "config.toml: not valid TOML"),
-    "binary config.toml": (lambda r, t: write(r / "config.toml", bytes(range(256))), "config.toml: not valid TOML"),
+    "binary config.toml": (
+        lambda r, t: write(r / "config.toml", bytes(range(256))),
+        "config.toml: not valid TOML",
+    ),
     "config.toml with a bad value": (
-        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace("max_steps = 1000", "max_steps = -1")),
+        lambda r, t: write(
+            r / "config.toml", (r / "config.toml").read_text().replace("max_steps = 1000", "max_steps = -1")
+        ),
         "config.toml: 'train.max_steps' = -1 must be at least 1",
     ),
     "config.toml without a model for run:checkpoint": (
-        lambda r, t: write(r / "config.toml", (r / "config.toml").read_text().replace('checkpoint = "builtin:tiny"', "")),
+        lambda r, t: write(
+            r / "config.toml", (r / "config.toml").read_text().replace('checkpoint = "builtin:tiny"', "")
+        ),
         "names no model.checkpoint",
     ),
     "run.name that is not in the folder": (lambda r, t: ["run.name=other"], "no saved 'other-N' embeddings"),
-    "a step that was not saved": (lambda r, t: ["render.prompt=a photo of [name]-7"], f"'{NAME}-7' is not a saved step"),
+    "a step that was not saved": (
+        lambda r, t: ["render.prompt=a photo of [name]-7"],
+        f"'{NAME}-7' is not a saved step",
+    ),
     "garbage NAME-N.pt": (
         lambda r, t: write(r / "embeddings" / f"{NAME}-2.pt", os.urandom(100)),
         f"{NAME}-2.pt: not a readable torch file",
@@ -1368,7 +1396,9 @@ SWEEP_CASES = {
         "absent.safetensors: no such file",
     ),
     "checkpoint truncated": (
-        lambda r, t: [f"model.checkpoints=[{json.dumps(str(_truncated(tiny_checkpoint(t), t, 'half.safetensors')))}]"],
+        lambda r, t: [
+            f"model.checkpoints=[{json.dumps(str(_truncated(tiny_checkpoint(t), t, 'half.safetensors')))}]"
+        ],
         "half.safetensors: not a readable .safetensors file",
     ),
     "VAE that is not a VAE": (
@@ -1379,7 +1409,10 @@ SWEEP_CASES = {
         "vae.safetensors: holds no VAE weights",
     ),
     "scoring model missing": (lambda r, t: _scoring(t / "absent"), "absent: scoring model not found"),
-    "scoring model an empty folder": (lambda r, t: _scoring((t / "c").mkdir() or t / "c"), "c: no config.json"),
+    "scoring model an empty folder": (
+        lambda r, t: _scoring((t / "c").mkdir() or t / "c"),
+        "c: no config.json",
+    ),
     "scoring model random bytes (.safetensors)": (
         lambda r, t: _scoring(write(t / "clip.safetensors", os.urandom(300))),
         "clip.safetensors: not a readable",
@@ -1405,11 +1438,17 @@ SWEEP_CASES = {
         "clip: cannot load a CLIP model",
     ),
     "scoring model folder with truncated weights": (
-        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "model.safetensors", (f / "model.safetensors").read_bytes()[:5000]))),
+        lambda r, t: _scoring(
+            _clip_folder(
+                t, lambda f: write(f / "model.safetensors", (f / "model.safetensors").read_bytes()[:5000])
+            )
+        ),
         "clip: cannot load a CLIP model",
     ),
     "scoring model file with a broken config.json beside it": (
-        lambda r, t: _scoring(_clip_folder(t, lambda f: write(f / "config.json", "[1,")) / "model.safetensors"),
+        lambda r, t: _scoring(
+            _clip_folder(t, lambda f: write(f / "config.json", "[1,")) / "model.safetensors"
+        ),
         "config.json: cannot read the CLIP config",
     ),
     "scoring model folder with a broken preprocessor_config.json": (
@@ -1417,7 +1456,9 @@ SWEEP_CASES = {
         "preprocessor_config.json: not valid JSON",
     ),
     "scoring model folder with a broken vocab.json": (
-        lambda r, t: _scoring(_clip_folder(t, lambda f: [write(f / "vocab.json", "{x"), write(f / "merges.txt", "")])),
+        lambda r, t: _scoring(
+            _clip_folder(t, lambda f: [write(f / "vocab.json", "{x"), write(f / "merges.txt", "")])
+        ),
         "clip: cannot load the tokenizer",
     ),
     "reference_dir missing": (
@@ -1425,7 +1466,10 @@ SWEEP_CASES = {
         "scoring.reference_dir",
     ),
     "reference_dir with a broken image": (
-        lambda r, t: [*_scoring(_clip_folder(t)), f"scoring.reference_dir={write(t / 'refs' / 'a.png', 'no').parent}"],
+        lambda r, t: [
+            *_scoring(_clip_folder(t)),
+            f"scoring.reference_dir={write(t / 'refs' / 'a.png', 'no').parent}",
+        ],
         "cannot read image",
     ),
     "render.prompt with a weight that is not a number": (
@@ -1436,7 +1480,10 @@ SWEEP_CASES = {
         lambda r, t: ["render.negative_prompt=(ugly:..)"],
         "render.negative_prompt: '..' is not a number",
     ),
-    "render.sampler unknown": (lambda r, t: ["render.sampler=Magic"], "render.sampler: unknown sampler 'Magic'"),
+    "render.sampler unknown": (
+        lambda r, t: ["render.sampler=Magic"],
+        "render.sampler: unknown sampler 'Magic'",
+    ),
     "render.width not a multiple of 8": (
         lambda r, t: ["render.width=20"],
         "render.width/height: size 20x16 must be multiples of 8",
@@ -1453,8 +1500,14 @@ SWEEP_CASES = {
         lambda r, t: ["x.type=prompt_sr", "x.values=every x"],
         "x.values: the first Prompt S/R value 'every x' does not occur in render.prompt",
     ),
-    "fine.interval that is not an interval": (lambda r, t: ["fine.interval=soon"], "fine.interval = 'soon': write FIRST-LAST"),
-    "output folder that is a file": (lambda r, t: [f"sweep.output_dir={write(t / 'o', 'x')}"], "o: is a file, not a folder"),
+    "fine.interval that is not an interval": (
+        lambda r, t: ["fine.interval=soon"],
+        "fine.interval = 'soon': write FIRST-LAST",
+    ),
+    "output folder that is a file": (
+        lambda r, t: [f"sweep.output_dir={write(t / 'o', 'x')}"],
+        "o: is a file, not a folder",
+    ),
     "output folder that holds a sweep": (
         lambda r, t: [f"sweep.output_dir={write(t / 'o' / 'report.html', 'x').parent}"],
         "o: already holds a sweep",
@@ -1478,7 +1531,12 @@ def test_sweep_into_a_read_only_folder(tmp_path, monkeypatch, capsys):
     run = make_sweep_run(tmp_path)
     (tmp_path / "out").mkdir()
     refuse_writes(monkeypatch, tmp_path / "out", full=False)
-    fails(sweep_validate.main, sweep_args(tmp_path, run), capsys, "out/config.toml: cannot write (Permission denied)")
+    fails(
+        sweep_validate.main,
+        sweep_args(tmp_path, run),
+        capsys,
+        "out/config.toml: cannot write (Permission denied)",
+    )
 
 
 def test_odd_but_valid_sweeps_render(tmp_path, capsys):
@@ -1494,7 +1552,10 @@ def test_odd_but_valid_sweeps_render(tmp_path, capsys):
 
 EXPORT_CASES = {
     # name: (builder(run folder, tmp) -> arguments after the preset's, what the line must name)
-    "a step that was not saved": (lambda r, t: ["--export", "7", "--export-to", t / "x"], "'d3mo-7' is not a saved step"),
+    "a step that was not saved": (
+        lambda r, t: ["--export", "7", "--export-to", t / "x"],
+        "'d3mo-7' is not a saved step",
+    ),
     "a step that is a word": (lambda r, t: ["--export", "last", "--export-to", t / "x"], "--export 'last'"),
     "no folder": (lambda r, t: ["--export", "2"], "--export needs a folder"),
     "a folder that is a file": (
@@ -1519,7 +1580,10 @@ EXPORT_CASES = {
         lambda r, t: ["--export", "2", "--export-to", t / "x", 'export.formats=["safetensors", "exe"]'],
         "'export.formats' = 'exe' is not allowed. Choose one of: pt, safetensors, png, webp",
     ),
-    "no formats": (lambda r, t: ["--export", "2", "--export-to", t / "x", "export.formats=[]"], "export.formats is empty"),
+    "no formats": (
+        lambda r, t: ["--export", "2", "--export-to", t / "x", "export.formats=[]"],
+        "export.formats is empty",
+    ),
     "recommended without scores": (
         lambda r, t: ["--export", "recommended", "--export-to", t / "x"],
         "--export recommended needs scores: set scoring.model",
@@ -1536,3 +1600,280 @@ def test_bad_exports(case, tmp_path, capsys):
     assert [p.read_text() for p in exported] in ([], ["old"])  # nothing new, nothing replaced
     assert not (tmp_path / "out").exists()  # no sweep was rendered first
     no_leftovers(tmp_path)
+
+
+# ==================================================================================================
+# generate_dataset.py: generate, photos, pick, select
+
+
+def generate_args(tmp: Path, checkpoint: Path, *overrides: str) -> list[str]:
+    return [
+        "generate",
+        f"model.checkpoint={checkpoint}",
+        f"generate.output_dir={tmp / 'gen'}",
+        "generate.prompt=a photo of a woman",
+        "generate.steps=1",
+        "generate.width=16",
+        "generate.height=16",
+        *overrides,
+    ]
+
+
+def _embeddings(*paths: Path) -> str:
+    return f"generate.embeddings={json.dumps([str(p) for p in paths])}"
+
+
+GENERATE_CASES = {
+    # name: (builder(checkpoint, tmp) -> overrides, what the line must name)
+    "model truncated": (
+        lambda c, t: [f"model.checkpoint={_truncated(c, t, 'half.safetensors')}"],
+        "half.safetensors: not a readable .safetensors file",
+    ),
+    "model a diffusers folder with broken JSON": (
+        lambda c, t: [
+            "model.checkpoint="
+            + str(_diffusers_folder(c, t, lambda f: write(f / "text_encoder" / "config.json", "{")))
+        ],
+        "text_encoder/config.json: not valid JSON",
+    ),
+    "embedding missing": (
+        lambda c, t: [_embeddings(t / "absent.pt")],
+        "absent.pt is neither a file nor a folder",
+    ),
+    "embedding of random bytes": (
+        lambda c, t: [_embeddings(write(t / "emb" / "junk.pt", os.urandom(200)))],
+        "junk.pt: not a readable torch file",
+    ),
+    "embedding truncated": (
+        lambda c, t: [_embeddings(_half(embedding_file(t / "e.safetensors", torch.ones(1, WIDTH))))],
+        "half-e.safetensors: corrupt or truncated safetensors file",
+    ),
+    "a folder of embeddings with a corrupt one": (
+        lambda c, t: [
+            _embeddings(
+                embedding_file(t / "emb" / "good.pt", torch.ones(1, WIDTH)).parent,
+                write(t / "emb" / "sub" / "bad.safetensors", bytes(100)).parent.parent,
+            )
+        ],
+        "bad.safetensors: corrupt or truncated safetensors file",
+    ),
+    "embedding of NaN vectors": (
+        lambda c, t: [_embeddings(embedding_file(t / "nan.pt", torch.full((1, WIDTH), float("nan"))))],
+        "nan.pt: the embedding holds NaN or infinite numbers",
+    ),
+    "embedding a PNG without an embedding": (
+        lambda c, t: [_embeddings(write(t / "pic.png", _png_bytes()))],
+        "pic.png: this image holds no embedding",
+    ),
+    "prompt with a weight that is not a number": (
+        lambda c, t: ["generate.prompt=a (photo:1.2.3) of a woman"],
+        "'1.2.3' is not a number",
+    ),
+    "width not a multiple of 8": (
+        lambda c, t: ["generate.width=20"],
+        "generate.width = 20: use a multiple of 8",
+    ),
+    "an axis whose first value is not in the prompt": (
+        lambda c, t: ['generate.axes=["a closeup, a medium shot"]'],
+        "generate.axes[1]",
+    ),
+    "output folder that is a file": (
+        lambda c, t: [f"generate.output_dir={write(t / 'gen', 'x')}"],
+        "gen already exists and is not empty",
+    ),
+    "output folder that is not empty": (
+        lambda c, t: [f"generate.output_dir={write(t / 'gen' / 'old.png', 'x').parent}"],
+        "gen already exists and is not empty",
+    ),
+    "output folder inside a file": (
+        lambda c, t: [f"generate.output_dir={write(t / 'file', 'x') / 'gen'}"],
+        "file/gen",
+    ),
+    "sampler unknown": (lambda c, t: ["generate.sampler=Magic"], "unknown sampler 'Magic'"),
+    "pick.background not a colour": (lambda c, t: ["pick.background=plaid"], "pick.background"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_bad_generate_inputs(case, tmp_path, checkpoint, capsys):
+    build, expected = GENERATE_CASES[case]
+    fails(
+        generate_dataset.main,
+        generate_args(tmp_path, checkpoint, *build(checkpoint, tmp_path)),
+        capsys,
+        expected,
+    )
+    gen = tmp_path / "gen"
+    assert not gen.is_dir() or not list(gen.glob("*.png")) or (gen / "old.png").exists()
+    no_leftovers(tmp_path)
+
+
+def test_odd_but_valid_generate_inputs_render(tmp_path, checkpoint, capsys):
+    """Unbalanced brackets, 1000 tokens, zero vectors, and embeddings for another model (skipped, as A1111)."""
+    folder = tmp_path / "emb"
+    embedding_file(folder / "zero.pt", torch.zeros(2, WIDTH))
+    embedding_file(folder / "sd15.pt", torch.ones(2, 768))
+    embedding_file(folder / "xl.safetensors", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)})
+    prompt = "a ((photo [of zero " + "in a garden, " * 300
+    argv = generate_args(
+        tmp_path, checkpoint, f"generate.prompt={prompt}", _embeddings(folder), "pick.faces=false"
+    )
+    assert generate_dataset.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "gen").glob("*.png"))) >= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# photos, pick, select, --reproduce
+
+
+def _selection(tmp: Path, content) -> Path:
+    return write(tmp / "selection.json", content if isinstance(content, bytes | str) else json.dumps(content))
+
+
+def _select(tmp: Path, selection: Path) -> list:
+    return [
+        "select",
+        selection,
+        f"select.output_dir={tmp / 'kohya'}",
+        f"select.name={NAME}",
+        "select.class_tokens=woman",
+    ]
+
+
+OTHER_COMMAND_CASES = {
+    # name: (builder(tmp) -> arguments, what the line must name)
+    "photos: input folder missing": (
+        lambda t: ["photos", f"photos.input_dir={t / 'raw'}", f"photos.output_dir={t / 'out'}"],
+        "raw' is not a folder",
+    ),
+    "photos: input folder empty": (
+        lambda t: [
+            "photos",
+            f"photos.input_dir={(t / 'raw').mkdir() or t / 'raw'}",
+            f"photos.output_dir={t / 'out'}",
+        ],
+        "raw: holds no pictures",
+    ),
+    "photos: only broken images": (
+        lambda t: [
+            "photos",
+            f"photos.input_dir={write(t / 'raw' / 'a.jpg', 'no').parent}",
+            f"photos.output_dir={t / 'out'}",
+        ],
+        "raw: none of its 1 files could be prepared; the first: a.jpg: cannot read image",
+    ),
+    "photos: caption not UTF-8": (
+        lambda t: [
+            "photos",
+            f"photos.input_dir={make_images(t / 'raw', count=1, size=32, caption=None)}",
+            write(t / "raw" / "00.txt", LATIN1).name and f"photos.output_dir={t / 'out'}",
+        ],
+        "00.txt is not valid UTF-8",
+    ),
+    "photos: output folder is a file": (
+        lambda t: [
+            "photos",
+            f"photos.input_dir={make_images(t / 'raw', 1)}",
+            f"photos.output_dir={write(t / 'out', 'x')}",
+        ],
+        "out: is a file, not a folder",
+    ),
+    "pick: folder missing": (lambda t: ["pick", t / "absent"], "absent is not a folder"),
+    "pick: folder without images": (lambda t: ["pick", (t / "e").mkdir() or t / "e"], "e holds no images"),
+    "pick: a file instead of a folder": (
+        lambda t: ["pick", write(t / "a.png", _png_bytes())],
+        "a.png is not a folder",
+    ),
+    "select: selection missing": (lambda t: _select(t, t / "absent.json"), "absent.json: no such file"),
+    "select: selection not JSON": (
+        lambda t: _select(t, _selection(t, "{keep: [")),
+        "selection.json: not a valid selection file",
+    ),
+    "select: selection not UTF-8": (
+        lambda t: _select(t, _selection(t, b'{"a": "\xff"}')),
+        "selection.json: not a valid selection file",
+    ),
+    "select: selection a list": (
+        lambda t: _select(t, _selection(t, [1, 2])),
+        "selection.json: not a selection exported",
+    ),
+    "select: selection a folder": (lambda t: _select(t, (t / "s.json").mkdir() or t / "s.json"), "s.json"),
+    "reproduce: not a manifest": (
+        lambda t: ["generate", "--reproduce", write(t / "m.json", "[]"), "--output", t / "again"],
+        "m.json: not a generate_dataset.py manifest",
+    ),
+    "reproduce: manifest of garbage": (
+        lambda t: [
+            "generate",
+            "--reproduce",
+            write(t / "m.json", bytes(range(256))),
+            "--output",
+            t / "again",
+        ],
+        "m.json: not a valid manifest",
+    ),
+    "reproduce: folder without a manifest": (
+        lambda t: ["generate", "--reproduce", (t / "run").mkdir() or t / "run", "--output", t / "again"],
+        "no such manifest",
+    ),
+    "reproduce: a damaged image list": (
+        lambda t: [
+            "generate",
+            "--reproduce",
+            write(
+                t / "m.json",
+                json.dumps({"format": "ti-toolkit-generation", "images": [{"x": 1}], "config": {}}),
+            ),
+            "--output",
+            t / "again",
+        ],
+        "the manifest's image list is damaged",  # generation_files.planned_images does not name the file
+    ),
+    "unknown command": (lambda t: ["paint"], "invalid choice: 'paint'"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_COMMAND_CASES))
+def test_bad_photos_pick_select_and_reproduce(case, tmp_path, capsys):
+    build, expected = OTHER_COMMAND_CASES[case]
+    fails(generate_dataset.main, build(tmp_path), capsys, expected)
+    no_leftovers(tmp_path)
+
+
+# ==================================================================================================
+# As real processes: the exit code and stderr the shell sees
+
+
+PROCESS_CASES = {
+    "train on a half-downloaded .ckpt": (
+        lambda t, c: [
+            "train_textual_inversion.py",
+            *train_args(t, f"model.checkpoint={_truncated(c, t, 'half.ckpt', save_as_pickle=True)}"),
+        ],
+        "half.ckpt: not a readable checkpoint",
+    ),
+    "sweep a folder that holds no run": (
+        lambda t, c: ["sweep_validate.py", *sweep_args(t, (t / "empty").mkdir() or t / "empty")],
+        "empty: no config.toml and embeddings of none",
+    ),
+    "select a selection that is not JSON": (
+        lambda t, c: ["generate_dataset.py", *_select(t, _selection(t, b"\x89PNG not json"))],
+        "selection.json: not a valid selection file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESS_CASES))
+def test_real_processes_exit_2_with_one_line(case, tmp_path, checkpoint):
+    build, expected = PROCESS_CASES[case]
+    argv = [str(a) for a in build(tmp_path, checkpoint)]
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=_offline_env()
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in one_error_line(result.stderr)
+    assert result.stdout.count("error:") == 0  # the line goes to stderr only
+
+
+def _offline_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
