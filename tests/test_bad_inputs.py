@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -228,9 +229,7 @@ MODEL_CASES = {
         "emb.safetensors: is a textual-inversion embedding",
     ),
     "diffusers folder without unet": (
-        lambda c, t: [
-            f"model.checkpoint={_diffusers_folder(c, t, lambda f: __import__('shutil').rmtree(f / 'unet'))}"
-        ],
+        lambda c, t: [f"model.checkpoint={_diffusers_folder(c, t, lambda f: shutil.rmtree(f / 'unet'))}"],
         "diffusers-model: not a diffusers SD folder (no unet/config.json)",
     ),
     "diffusers folder without unet weights": (
@@ -303,9 +302,7 @@ MODEL_CASES = {
         "tokenizer: cannot load the tokenizer",
     ),
     "diffusers folder without vae": (
-        lambda c, t: [
-            f"model.checkpoint={_diffusers_folder(c, t, lambda f: __import__('shutil').rmtree(f / 'vae'))}"
-        ],
+        lambda c, t: [f"model.checkpoint={_diffusers_folder(c, t, lambda f: shutil.rmtree(f / 'vae'))}"],
         "vae: no config.json",
     ),
     "VAE file that is not a VAE": (
@@ -334,6 +331,10 @@ MODEL_CASES = {
         lambda c, t: ["model.checkpoint=" + str(c), f"model.vae={(t / 'vae').mkdir() or t / 'vae'}"],
         "vae: no config.json",
     ),
+    "a UNet-only file as the VAE": (
+        lambda c, t: ["model.checkpoint=" + str(c), f"model.vae={_only_unet(c, t)}"],
+        "unet.safetensors: holds no VAE weights",
+    ),
     "an embedding as the VAE": (
         lambda c, t: [
             "model.checkpoint=" + str(c),
@@ -359,6 +360,13 @@ MODEL_CASES = {
 }
 
 
+def _only_unet(checkpoint: Path, tmp: Path) -> Path:
+    from safetensors.torch import load_file
+
+    unet = {k: v.contiguous() for k, v in load_file(checkpoint).items() if k.startswith("model.")}
+    return _save(tmp / "unet.safetensors", unet)
+
+
 def _save(path: Path, tensors: dict) -> Path:
     save_file(tensors, path)
     return path
@@ -375,6 +383,18 @@ def _with_yaml(checkpoint: Path, tmp: Path, text: str) -> Path:
     copy = write(tmp / "m.safetensors", checkpoint.read_bytes())
     write(tmp / "m.yaml", text)
     return copy
+
+
+def test_a_whole_model_as_the_vae_gives_its_vae(tmp_path, checkpoint, capsys):
+    """A1111 users point "SD VAE" at a checkpoint or a diffusers folder: its VAE is what they mean."""
+    from library.convert import save_diffusers
+    from library.models import load_sd
+
+    folder = save_diffusers(load_sd(checkpoint), tmp_path / "folder")
+    for vae in (tiny_checkpoint(tmp_path, "sd2"), folder):
+        argv = train_args(tmp_path, f"model.checkpoint={checkpoint}", f"model.vae={vae}")
+        assert train_textual_inversion.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        shutil.rmtree(tmp_path / "run")
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
@@ -984,17 +1004,11 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def _run_copy(finished: Path, tmp: Path, damage: Callable[[Path], object] = lambda run: None) -> Path:
-    import shutil
-
     run = shutil.copytree(finished / "run", tmp / "run")
     shutil.copytree(finished / "img", tmp / "img", dirs_exist_ok=True)
     (run / ".lock").unlink(missing_ok=True)
     damage(run)
     return run
-
-
-def _resume(argv_of_run: Callable[[Path], list[str]]):
-    return argv_of_run
 
 
 def _optimizer_state_of_other_shape(run: Path) -> None:
@@ -1343,7 +1357,7 @@ SWEEP_CASES = {
         "e: no config.toml and embeddings of none; set run.name",
     ),
     "run without embeddings": (
-        lambda r, t: __import__("shutil").rmtree(r / "embeddings"),
+        lambda r, t: shutil.rmtree(r / "embeddings"),
         f"no saved '{NAME}-N' embeddings",
     ),
     "config.toml from a newer toolkit": (
@@ -1519,8 +1533,8 @@ SWEEP_CASES = {
 def test_bad_sweep_inputs(case, tmp_path, capsys):
     run = make_sweep_run(tmp_path)
     build, expected = SWEEP_CASES[case]
-    extra = build(run, tmp_path) or []
-    extra = extra if isinstance(extra, list) and all(isinstance(a, str) for a in extra) else []
+    extra = build(run, tmp_path)
+    extra = extra if isinstance(extra, list) else []  # a builder that only damages the run adds no arguments
     fails(sweep_validate.main, sweep_args(tmp_path, run, *extra), capsys, expected)
     out = tmp_path / "out"
     assert not (out / "report.html").exists() and not (out / "cells").exists()
