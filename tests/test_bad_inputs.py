@@ -1891,3 +1891,51 @@ def test_real_processes_exit_2_with_one_line(case, tmp_path, checkpoint):
 
 def _offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# ==================================================================================================
+# Read-only and full folders for the other outputs
+
+
+def _export_argv(tmp: Path, checkpoint: Path) -> list:
+    return sweep_args(tmp, make_sweep_run(tmp), "--export", "2", "--export-to", tmp / "locked")
+
+
+def _generate_argv(tmp: Path, checkpoint: Path) -> list:
+    return generate_args(tmp, checkpoint, f"generate.output_dir={tmp / 'locked' / 'gen'}")
+
+
+def _photos_argv(tmp: Path, checkpoint: Path) -> list:
+    raw = make_images(tmp / "raw", count=1, size=32, caption=None)
+    return ["photos", f"photos.input_dir={raw}", f"photos.output_dir={tmp / 'locked' / 'out'}"]
+
+
+def _sweep_argv(tmp: Path, checkpoint: Path) -> list:
+    return sweep_args(tmp, make_sweep_run(tmp), f"sweep.output_dir={tmp / 'locked'}")
+
+
+OUTPUT_CASES = {
+    # name: (script, arguments, full disk?, what the line must name)
+    "export into a read-only folder": (
+        sweep_validate.main,
+        _export_argv,
+        False,
+        "locked/d3mo.pt: cannot write",
+    ),
+    "export onto a full disk": (sweep_validate.main, _export_argv, True, "No space left on device"),
+    "sweep onto a full disk": (sweep_validate.main, _sweep_argv, True, "locked/config.toml: cannot write"),
+    "generate into a read-only folder": (generate_dataset.main, _generate_argv, False, "locked/gen"),
+    "photos onto a full disk": (generate_dataset.main, _photos_argv, True, "locked/out/00.png: cannot write"),
+    "photos into a read-only folder": (generate_dataset.main, _photos_argv, False, "locked/out"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_read_only_and_full_output_folders(case, tmp_path, checkpoint, monkeypatch, capsys):
+    main, argv, full, expected = OUTPUT_CASES[case]
+    (tmp_path / "locked").mkdir()
+    argv = argv(tmp_path, checkpoint)
+    refuse_writes(monkeypatch, tmp_path / "locked", full=full)
+    fails(main, argv, capsys, expected)
+    monkeypatch.undo()
+    assert not [p for p in (tmp_path / "locked").rglob("*") if p.is_file()]  # not even an empty file
