@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,11 @@ def no_leftovers(folder: Path) -> None:
     """No temporary file of an interrupted write anywhere below `folder`."""
     left = [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
     assert not left, left
+
+
+def junk(size: int) -> bytes:
+    """Random bytes, the same at every run (a failing case must fail again)."""
+    return random.Random(size).randbytes(size)
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -129,7 +135,7 @@ def _damaged_zip(checkpoint: Path, tmp: Path) -> Path:
     torch.save(load_file(checkpoint), path)
     data = bytearray(path.read_bytes())
     start = data.find(b"data.pkl") + 40
-    data[start : start + 200] = os.urandom(200)
+    data[start : start + 200] = junk(200)
     return write(path, bytes(data))
 
 
@@ -201,7 +207,7 @@ MODEL_CASES = {
         "zeros.ckpt: neither a .safetensors nor a .ckpt checkpoint",
     ),
     "random bytes behind a pickle header": (
-        lambda c, t: [f"model.checkpoint={write(t / 'noise.ckpt', bytes([0x80, 2]) + os.urandom(300))}"],
+        lambda c, t: [f"model.checkpoint={write(t / 'noise.ckpt', bytes([0x80, 2]) + junk(300))}"],
         "noise.ckpt: not a readable checkpoint",
     ),
     "ckpt with a damaged zip entry": (
@@ -897,11 +903,11 @@ INIT_CASES = {
     "missing": (lambda t: _init(t / "absent.pt"), "absent.pt: embedding file not found"),
     "empty": (lambda t: _init(write(t / "empty.pt", b"")), "empty.pt: the file is empty"),
     "random bytes": (
-        lambda t: _init(write(t / "noise.pt", os.urandom(512))),
+        lambda t: _init(write(t / "noise.pt", junk(512))),
         "noise.pt: not a readable torch file",
     ),
     "random bytes behind a pickle header": (
-        lambda t: _init(write(t / "noise.pt", bytes([0x80, 2]) + os.urandom(512))),
+        lambda t: _init(write(t / "noise.pt", bytes([0x80, 2]) + junk(512))),
         "noise.pt: not a readable torch file",
     ),
     "text named .pt": (lambda t: _init(write(t / "note.pt", "hello")), "note.pt: not a readable torch file"),
@@ -1031,7 +1037,7 @@ RESUME_CASES = {
         "notes.txt: unknown embedding file type",
     ),
     "random bytes as NAME-N.pt": (
-        lambda r: write(r / "embeddings" / f"{NAME}-2.pt", os.urandom(300)),
+        lambda r: write(r / "embeddings" / f"{NAME}-2.pt", junk(300)),
         f"embeddings/{NAME}-2.pt",
         True,
         f"{NAME}-2.pt: not a readable torch file",
@@ -1248,7 +1254,7 @@ CONFIG_CASES = {
     ),
     "preset not TOML": (lambda t: _preset(t, "[train\nlr=1"), "preset.toml: not valid TOML"),
     "preset not UTF-8": (lambda t: _preset(t, b"# caf\xe9\n"), "preset.toml: not valid TOML"),
-    "preset binary": (lambda t: _preset(t, os.urandom(200) + b"\xff"), "preset.toml: not valid TOML"),
+    "preset binary": (lambda t: _preset(t, junk(200) + b"\xff"), "preset.toml: not valid TOML"),
     "preset from a newer toolkit": (lambda t: _preset(t, "format_version = 7\n"), "format_version 7"),
     "preset with a format_version that is a word": (
         lambda t: _preset(t, 'format_version = "one"\n'),
@@ -1390,7 +1396,7 @@ SWEEP_CASES = {
         f"'{NAME}-7' is not a saved step",
     ),
     "garbage NAME-N.pt": (
-        lambda r, t: write(r / "embeddings" / f"{NAME}-2.pt", os.urandom(100)),
+        lambda r, t: write(r / "embeddings" / f"{NAME}-2.pt", junk(100)),
         f"{NAME}-2.pt: not a readable torch file",
     ),
     "NAME-N of the wrong width": (
@@ -1428,11 +1434,11 @@ SWEEP_CASES = {
         "c: no config.json",
     ),
     "scoring model random bytes (.safetensors)": (
-        lambda r, t: _scoring(write(t / "clip.safetensors", os.urandom(300))),
+        lambda r, t: _scoring(write(t / "clip.safetensors", junk(300))),
         "clip.safetensors: not a readable",
     ),
     "scoring model random bytes (.bin)": (
-        lambda r, t: _scoring(write(t / "clip.bin", os.urandom(300))),
+        lambda r, t: _scoring(write(t / "clip.bin", junk(300))),
         "clip.bin: not a readable weights file",
     ),
     "scoring model a file of other weights": (
@@ -1655,7 +1661,7 @@ GENERATE_CASES = {
         "absent.pt is neither a file nor a folder",
     ),
     "embedding of random bytes": (
-        lambda c, t: [_embeddings(write(t / "emb" / "junk.pt", os.urandom(200)))],
+        lambda c, t: [_embeddings(write(t / "emb" / "junk.pt", junk(200)))],
         "junk.pt: not a readable torch file",
     ),
     "embedding truncated": (
