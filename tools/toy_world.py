@@ -39,13 +39,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# isort: off
+import library  # noqa: E402, F401  (first: it settles how the dependencies behave)
+
+# isort: on
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-import library  # noqa: E402, F401  (first: it settles how the dependencies behave)
 from library import toy  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer  # noqa: E402
