@@ -22,7 +22,7 @@ from library.infotext import parse_infotext
 from library.pick import background_share, dhash, flag_images, hamming, sharpness
 from library.review import Selection, caption_for, write_kohya_folder
 from tests.faces import drawn_face
-from tests.helpers import tiny_checkpoint
+from tests.helpers import one_error_line, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets/generate_character.toml"
@@ -223,6 +223,84 @@ def test_reproduce_accepts_only_model_overrides(tmp_path, checkpoint):
     with pytest.raises(UserError, match="no image named"):
         generation.reproduce(out, tmp_path / "x", files=["nope.png"], **QUIET)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, checkpoint) -> Path:
+    """A real run (2 axis values x 2 images) whose manifest.json the crafted ones below start from."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    axes = 'generate.axes=["an extreme closeup, a closeup"]'
+    config = small(tmp, checkpoint, axes, "generate.batch_count=1", "generate.batch_size=2")
+    return generation.run_generate(config, **QUIET)
+
+
+def _image(number: int, **changes):
+    def edit(manifest):
+        manifest["images"][number].update(changes)
+
+    return edit
+
+
+def _set(*keys, value):
+    def edit(manifest):
+        table = manifest
+        for key in keys[:-1]:
+            table = table[key]
+        table[keys[-1]] = value
+
+    return edit
+
+
+CRAFTED = {
+    "a path out of the folder": (_image(0, file="../../escaped.png"), "image 0 is named '../../escaped.png'"),
+    "an absolute path": (_image(1, file="/tmp/escaped.png"), "image 1 is named '/tmp/escaped.png'"),
+    "another run's name": (_image(2, file="00002-1.png"), "image 2 is named '00002-1.png', not 00002-"),
+    "a seed that is text": (_image(0, seed="1"), "image 0 has a wrong seed ('1')"),
+    "a negative place": (_image(3, position=-1), "image 3 has a wrong position (-1)"),
+    "a prompt that is a list": (_image(1, prompt=["a"]), "image 1 has a wrong prompt (['a'])"),
+    "an extra field": (_image(0, path="/tmp"), "image 0 must have exactly the keys file, prompt"),
+    "a changed prompt": (_image(2, prompt="something else"), "differs from what its config renders"),
+    "no image list": (_set("images", value="all"), "'images' must list the run's pictures"),
+    "a million batches": (
+        _set("config", "generate", "batch_count", value=1_000_000),
+        "lists 4 images, but its config makes 4000000",
+    ),
+    "other axes": (_set("axes", value=[["x", "y"]]), "its 'axes' differ from its config's generate.axes"),
+    "a config that is text": (_set("config", value="x"), "'config' is not the run's resolved config"),
+    "a config TOML cannot hold": (_set("config", "generate", "seed", value=None), "'config' is not the run"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_reproduce_refuses_a_crafted_manifest_before_loading_or_writing(
+    tmp_path, recorded_run, capsys, monkeypatch, case
+):
+    """A shared manifest.json decides where --reproduce writes: a name or count that is not the run's own
+    is one error line, and nothing is loaded or written (the file names may not leave --output)."""
+    edit, message = CRAFTED[case]
+    manifest = json.loads((recorded_run / "manifest.json").read_text())
+    edit(manifest)
+    crafted = tmp_path / "shared" / "manifest.json"
+    crafted.parent.mkdir()
+    crafted.write_text(json.dumps(manifest))
+    monkeypatch.setattr(generation, "Renderer", None)  # loading a model would be a bug here
+    out = tmp_path / "a" / "out"
+    code = main(["generate", "--reproduce", str(crafted), "--output", str(out)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {crafted}: ") and message in line
+    assert "use the manifest" in line
+    assert not out.exists() and not (tmp_path / "escaped.png").exists() and not (out.parent).exists()
+
+
+def test_reproduce_accepts_the_manifest_a_run_wrote_wherever_it_is(tmp_path, recorded_run):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "manifest.json").write_bytes((recorded_run / "manifest.json").read_bytes())
+    first = sorted(p.name for p in recorded_run.glob("*.png"))[0]
+    generation.reproduce(shared, tmp_path / "again", files=[first], **QUIET)
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.png")) == [first]
+    assert np.array_equal(pixels(recorded_run / first), pixels(tmp_path / "again" / first))
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M Karras"])
