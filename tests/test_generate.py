@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,13 @@ import torch
 from PIL import Image, ImageFilter
 
 from generate_dataset import main
-from library import generation
+from library import generation, toy
 from library.config import GenerateConfig, PickConfig, SelectConfig, load_config
 from library.embeddings import Embedding, save_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
 from library.infotext import parse_infotext
-from library.pick import background_share, dhash, flag_images, hamming, sharpness
+from library.pick import background_share, check_pick_config, dhash, flag_images, hamming, run_pick, sharpness
 from library.review import Selection, caption_for, write_kohya_folder
 from tests.faces import drawn_face
 from tests.helpers import one_error_line, tiny_checkpoint
@@ -416,6 +417,61 @@ def test_measurements():
     assert sharpness(face) > 4 * sharpness(face.filter(ImageFilter.GaussianBlur(8)))
     assert background_share(face, (128, 128, 128), 30) > 0.6
     assert background_share(face, (255, 255, 255), 30) == 0.0
+
+
+def page_reasons(folder: Path) -> dict[str, list[str]]:
+    """The flags review.html shows under each picture (the data the page is built from)."""
+    text = (folder / "review.html").read_text()
+    data = json.loads(re.search(r'id="review-data">(.*?)</script>', text, re.S)[1])
+    return {item["file"]: item["reasons"] for item in data["images"]}
+
+
+def blurry(reasons: list[str]) -> bool:
+    return any(reason.startswith("blurry (sharpness ") for reason in reasons)
+
+
+def test_blur_flags_hold_from_64_to_1024_px(tmp_path):
+    """With the shipped threshold, crisp pictures of 64, 512 and 1024 px are not flagged and really
+    blurred copies of them are (64 px toy pictures used to be "blurry" at sharpness 0.3 < 40)."""
+    gen = torch.Generator().manual_seed(3)
+    crisp = dict(enumerate(toy.to_pil(toy.render(toy.sample_scenes(6, gen), gen))))
+    crisp = {f"toy64-{i}": picture for i, picture in crisp.items()}
+    crisp["face512"] = drawn_face((512, 512), at=(56, 56))
+    crisp["face1024"] = drawn_face((1024, 1024), at=(312, 312))
+    radius = {"toy64": 2, "face512": 4, "face1024": 8}  # a blur of 3 % of the side, or less
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, picture in crisp.items():
+        picture.save(folder / f"{name}.png")
+        picture.filter(ImageFilter.GaussianBlur(radius[name.split("-")[0]])).save(folder / f"{name}-blur.png")
+    run_pick(folder, PickConfig(faces=False, duplicate_distance=-1), log=lambda _: None)
+    reasons = page_reasons(folder)
+    assert len(reasons) == 2 * len(crisp)
+    assert [name for name in crisp if blurry(reasons[f"{name}.png"])] == []
+    assert [name for name in crisp if not blurry(reasons[f"{name}-blur.png"])] == []
+    measured = {f["file"]: f["sharpness"] for f in json.loads((folder / "flags.json").read_text())["images"]}
+    assert min(measured[f"{name}.png"] for name in crisp) > 50  # crisp: well above the threshold of 40
+    assert max(measured[f"{name}-blur.png"] for name in crisp) < 30  # blurred: well below
+    with pytest.raises(UserError, match="sharpness is a percentage; use 0 .off. to 100"):
+        check_pick_config(PickConfig(blur_threshold=150.0))
+
+
+def test_the_toy_models_own_pictures_are_not_flagged_blurry(tmp_path, capsys):
+    """What users saw: `generate` on builtin:toy flagged every 64 px picture blurry on the review page."""
+    out = tmp_path / "toy"
+    code = main(["generate", "model.checkpoint=builtin:toy", f"generate.output_dir={out}",
+                 "generate.prompt=a photo of a red star, neutral gray background", "generate.width=64",
+                 "generate.height=64", "generate.cfg_scale=4", "generate.batch_size=3", "generate.seed=1000",
+                 "pick.faces=false"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    reasons = page_reasons(out)
+    assert len(reasons) == 3 and not any(blurry(r) for r in reasons.values())
+    blurred = tmp_path / "blurred"
+    blurred.mkdir()
+    for name in reasons:
+        Image.open(out / name).filter(ImageFilter.GaussianBlur(2)).save(blurred / name)
+    run_pick(blurred, PickConfig(faces=False), log=lambda _: None)
+    assert all(blurry(r) for r in page_reasons(blurred).values())
 
 
 def test_select_writes_captions_and_never_overwrites(tmp_path, checkpoint):
