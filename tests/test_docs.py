@@ -49,7 +49,9 @@ def documented_commands() -> list[tuple[str, str]]:
     found = []
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
-        spans = [(m.start(), m.group(1), "block") for m in re.finditer(r"```(?:bash|sh)\n(.*?)```", text, re.S)]
+        spans = [
+            (m.start(), m.group(1), "block") for m in re.finditer(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+        ]
         spans += [(m.start(), m.group(1), "inline") for m in re.finditer(r"(?<!`)`(python [^`]+)`", text)]
         for _, body, kind in sorted(spans):
             lines = body.replace("\\\n", " ").splitlines() if kind == "block" else [" ".join(body.split())]
@@ -62,7 +64,7 @@ def documented_commands() -> list[tuple[str, str]]:
 
 def world(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A folder with the project's files and the user's things the documents name."""
-    from library.convert import save_diffusers, save_single_file
+    from library.convert import save_single_file
     from library.tiny import build_tiny_parts
     from tests.test_scoring import tiny_clip_folder
 
@@ -83,7 +85,9 @@ def world(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         for i in range(3):
             drawn_face((500, 640), at=(50, 60 + 40 * i)).save(here / folder / f"photo{i}.jpg")
     (here / "home" / "Downloads").mkdir(parents=True)
-    env = dict(os.environ, HOME=str(here / "home"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ, HOME=str(here / "home"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     return here, env
 
 
