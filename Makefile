@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint browser
+.PHONY: demo test quicktest lint browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -14,8 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_textual_inversion.py --config presets/demo.toml save.output_dir=output/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) train_textual_inversion.py --config presets/demo.toml save.output_dir=output/demo-$$(date +%Y%m%d-%H%M%S)
 
 # The review page and the sweep report are tested in headless Chromium (Debian's package). As root it is
 # installed here; otherwise install it yourself (apt-get install chromium) or those tests skip, saying why.
@@ -25,6 +24,10 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The inner loop: everything but the tests marked slow (make test and CI run them all).
+quicktest: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

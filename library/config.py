@@ -41,6 +41,25 @@ def at_least(low: float, default: Any) -> Any:
     return field(default=default, metadata={"test": lambda v: v >= low, "problem": f"must be at least {low}"})
 
 
+def image_side(default: int, *, zero: str = "") -> Any:
+    """An image side in pixels: a positive multiple of 8 (SD's VAE halves the image three times); with
+    `zero`, 0 is allowed too and means what `zero` says."""
+    return field(
+        default=default,
+        metadata={
+            "test": lambda v: (v == 0 and bool(zero)) or (v >= 8 and v % 8 == 0),
+            "problem": "must be a multiple of 8, e.g. 512" + (f" (or 0 = {zero})" if zero else ""),
+        },
+    )
+
+
+def between(low: float, high: float, default: Any) -> Any:
+    """A field whose value must lie in [low, high]."""
+    return field(
+        default=default, metadata={"test": lambda v: low <= v <= high, "problem": f"must be {low} to {high}"}
+    )
+
+
 def above(low: float, default: Any) -> Any:
     """A field whose value must be more than `low` (a number; schedule strings are checked elsewhere)."""
     return field(
@@ -97,7 +116,17 @@ def check_model(model: Any, key: str = "model.checkpoint") -> None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class Table:
+    """A config table. Its declared ranges hold for every instance, however it was made (a preset, or code)."""
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            _check_value(spec, value, value, spec.name, type(self).__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig(Table):
     """[model]: the checkpoint to train on (or render with)."""
 
     # A single-file checkpoint (.safetensors / .ckpt) as A1111 uses, or a diffusers folder; "builtin:toy" is
@@ -109,7 +138,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(Table):
     """[preview] and friends: how images are rendered (A1111's txt2img settings)."""
 
     prompt: str = ""  # "" = a prompt drawn from the training template, as A1111 does
@@ -118,8 +147,8 @@ class SamplingConfig:
     steps: int = at_least(1, 20)
     cfg_scale: float = at_least(0, 7.0)
     sampler: str = "DPM++ 2M Karras"
-    width: int = at_least(0, 0)  # 0 = the training resolution
-    height: int = at_least(0, 0)
+    width: int = image_side(0, zero="the training resolution")
+    height: int = image_side(0, zero="the training resolution")
     batch_size: int = at_least(1, 1)
 
 
@@ -128,12 +157,13 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class EmbeddingConfig:
+class EmbeddingConfig(Table):
     """[embedding]: the new word being learned."""
 
     name: str = ""  # trigger word = file stem of the saved embedding, e.g. "fr3nchl4dy"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.name:
             check_name(self.name, "embedding.name")
 
@@ -146,7 +176,7 @@ class EmbeddingConfig:
 
 
 @dataclass(frozen=True)
-class DatasetConfig:
+class DatasetConfig(Table):
     """[dataset]: where the images and captions come from (FACTS §3)."""
 
     image_dir: str = ""  # a Kohya parent folder (`100_name class/`) or a flat folder of images
@@ -166,12 +196,13 @@ class DatasetConfig:
     filename_join_string: str = " "
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         as_size(self.resolution)
         check_caption_extension(self.caption_extension, "dataset.caption_extension")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Table):
     """[train]: the optimisation itself."""
 
     max_steps: int = at_least(1, 1000)  # optimizer updates
@@ -200,6 +231,7 @@ class TrainSettings:
     seed: int = at_least(0, 42)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from library.schedules import build_schedule  # a leaf module: no import cost, no circle
 
         # Schedule strings are read now, so a typo fails before the model loads.
@@ -209,7 +241,7 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class SaveConfig:
+class SaveConfig(Table):
     """[save]: what is written, where, and how often."""
 
     output_dir: str = "output"
@@ -218,6 +250,7 @@ class SaveConfig:
     formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.formats:
             raise UserError(
                 "save.formats is empty: list at least one, e.g. save.formats=['pt', 'safetensors']"
@@ -240,7 +273,7 @@ class PreviewConfig(SamplingConfig):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Table):
     """The whole configuration of train_textual_inversion.py."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -410,7 +443,7 @@ def dump_config(config: Any) -> str:
 
 
 @dataclass(frozen=True)
-class SweepRunConfig:
+class SweepRunConfig(Table):
     """[run]: the training run whose saved steps are compared."""
 
     folder: str = ""  # run folder holding embeddings/NAME-N.pt|.safetensors (and config.toml, loss.csv)
@@ -420,7 +453,7 @@ class SweepRunConfig:
 
 
 @dataclass(frozen=True)
-class SweepModelConfig:
+class SweepModelConfig(Table):
     """[model]: the checkpoints to render on; they are loaded one at a time."""
 
     # Checkpoint files or diffusers folders; "run:checkpoint" = the one the run was trained on (its config.toml).
@@ -431,7 +464,7 @@ class SweepModelConfig:
 
 
 @dataclass(frozen=True)
-class SweepAxis:
+class SweepAxis(Table):
     """[x], [y], [z]: one axis of A1111's X/Y/Z plot (X = columns, Y = rows, Z = grids side by side)."""
 
     type: Literal[
@@ -444,7 +477,7 @@ class SweepAxis:
 
 
 @dataclass(frozen=True)
-class SweepSettings:
+class SweepSettings(Table):
     """[sweep]: where the sweep writes and how it renders."""
 
     output_dir: str = ""  # "" = <run folder>/validation
@@ -458,7 +491,7 @@ class SweepSettings:
 
 
 @dataclass(frozen=True)
-class FineConfig:
+class FineConfig(Table):
     """[fine]: coarse-to-fine, a second pass every few steps over one interval of the coarse sweep."""
 
     interval: str = ""  # "" = off; "40-80" = saved steps 40..80; "auto" = the interval the scores point to
@@ -467,7 +500,7 @@ class FineConfig:
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(Table):
     """[scoring]: CLIP scores that back the choice of a step (off when `model` is empty)."""
 
     # A local CLIP folder (transformers layout) or its weights file, never downloaded; "builtin:toy" = the
@@ -487,13 +520,14 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Table):
     """[export]: where --export STEP writes NAME.pt / NAME.safetensors (e.g. A1111's embeddings/ folder)."""
 
     folder: str = ""
     formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.formats:
             raise UserError(
                 "export.formats is empty: list at least one, e.g. export.formats=['pt', 'safetensors']"
@@ -501,7 +535,7 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(Table):
     """The whole configuration of sweep_validate.py."""
 
     run: SweepRunConfig = field(default_factory=SweepRunConfig)
@@ -523,7 +557,7 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateSettings(Table):
     """[generate]: txt2img as A1111 does it, with any number of Prompt S/R axes (FACTS §4)."""
 
     # A1111 syntax: (word:1.2), [word], BREAK, prompts over 75 tokens, embeddings by file stem.
@@ -541,8 +575,8 @@ class GenerateSettings:
     steps: int = at_least(1, 20)
     cfg_scale: float = at_least(0, 7.0)
     sampler: str = "DPM++ 2M Karras"
-    width: int = at_least(8, 512)
-    height: int = at_least(8, 512)
+    width: int = image_side(512)
+    height: int = image_side(512)
     clip_skip: int = at_least(1, 1)
     embeddings: tuple[str, ...] = ()  # embedding files or folders (A1111's embeddings/); keyword = file stem
     # On CUDA: fp16 runs the UNet and text encoder in fp16 and decodes in fp32 (SD's VAE overflows in fp16);
@@ -554,14 +588,14 @@ class GenerateSettings:
 
 
 @dataclass(frozen=True)
-class PhotosConfig:
+class PhotosConfig(Table):
     """[photos]: real photos → square head-and-shoulders crops, resized; optional flips and captions."""
 
     input_dir: str = ""
     output_dir: str = ""
-    size: int = at_least(8, 512)  # side of the square output images
+    size: int = image_side(512)  # side of the square output images
     # Side of the crop as a multiple of the detected face's side: 2.5 takes in the hair, neck and shoulders.
-    face_scale: float = above(0, 2.5)
+    face_scale: float = at_least(1, 2.5)
     face_offset: float = 0.15  # crop centre sits this many face heights below the face centre (shoulders)
     flip: bool = False  # also write mirrored copies (A1111 never flips at train time)
     # "" = keep an existing <stem>.txt caption; else a template where [filewords] is that caption (or the
@@ -571,23 +605,27 @@ class PhotosConfig:
 
 
 @dataclass(frozen=True)
-class PickConfig:
+class PickConfig(Table):
     """[pick]: automatic flags shown on the review page with their reasons; nothing is ever deleted."""
 
     faces: bool = True  # flag images with no face or several faces (OpenCV's Haar cascades)
     # Flag an image whose 64-bit perceptual hash is at most this many bits from an earlier one's; -1 = off.
-    duplicate_distance: int = 5
-    # Sharpness (variance of the Laplacian, measured at 512 px) below which an image is blurry; 0 = off.
-    blur_threshold: float = at_least(0, 40.0)
+    duplicate_distance: int = between(-1, 64, 5)
+    # Sharpness in % (the share of edge steepness a 1-pixel blur takes away, measured at the picture's own
+    # size, at most 1024 px; crisp pictures score about 50-90, clearly blurred ones under 30) below which
+    # an image is flagged blurry; 0 = off.
+    blur_threshold: float = between(0, 100, 40.0)
     background: str = ""  # the plain background colour asked for ("gray", "#808080"); "" = no check
     background_tolerance: float = at_least(
         0, 60.0
     )  # RGB distance from that colour still counted as background
-    background_fraction: float = 0.6  # share of the image's top and side borders that must be that colour
+    background_fraction: float = between(
+        0, 1, 0.6
+    )  # share of the image's top and side borders that must be that colour
 
 
 @dataclass(frozen=True)
-class SelectConfig:
+class SelectConfig(Table):
     """[select]: the kept images of a review, written into a Kohya folder `<repeats>_<name> <class>`."""
 
     output_dir: str = ""  # the Kohya parent folder; train with dataset.image_dir = this folder
@@ -600,7 +638,7 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Table):
     """The whole configuration of generate_dataset.py (each subcommand reads its own tables)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)

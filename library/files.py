@@ -117,7 +117,11 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike, *, overwrite
     source = Path(source)
 
     def copy(temp: Path) -> None:
-        with open(source, "rb") as reader, open(temp, "wb") as writer:
+        # O_NOFOLLOW: a source swapped for a symbolic link after it was checked is refused, not followed.
+        with (
+            os.fdopen(os.open(source, os.O_RDONLY | os.O_NOFOLLOW), "rb") as reader,
+            open(temp, "wb") as writer,
+        ):
             shutil.copyfileobj(reader, writer)
 
     return atomic_write(target, copy, overwrite=overwrite)

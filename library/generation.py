@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -66,16 +67,7 @@ def parse_axes(settings: GenerateSettings) -> list[list[str]]:
 
 
 def check_settings(settings: GenerateSettings) -> SampleSettings:
-    """Validate [generate] and return the sampler settings for one batch."""
-    for key in ("batch_count", "batch_size", "steps", "clip_skip"):
-        if getattr(settings, key) < 1:
-            raise UserError(f"generate.{key} = {getattr(settings, key)}: must be at least 1")
-    for key in ("width", "height"):
-        if getattr(settings, key) < 8 or getattr(settings, key) % 8:
-            raise UserError(f"generate.{key} = {getattr(settings, key)}: use a multiple of 8, e.g. 512")
-    if settings.grid_margin < 0:
-        raise UserError(f"generate.grid_margin = {settings.grid_margin}: must be 0 or more pixels")
-    resolve_seed(settings.seed)  # rejects seeds below -1
+    """The sampler settings for one batch ([generate]'s ranges are the table's own; the sampler is checked here)."""
     return SampleSettings.from_config(settings)
 
 
@@ -232,13 +224,44 @@ def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = (
                 f"override {item!r}: a reproduction keeps the recorded settings; only model.* (e.g. "
                 "model.checkpoint=/new/path.safetensors for a moved file) can be changed"
             )
+    recorded = manifest.get("config")
+    try:
+        text = tomli_w.dumps(recorded) if isinstance(recorded, dict) else None
+    except (TypeError, ValueError):
+        text = None
+    if text is None:
+        raise UserError(
+            f"{where}: 'config' is not the run's resolved config; use the manifest.json the run wrote"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_FILE
-        path.write_text(tomli_w.dumps(manifest.get("config", {})), encoding="utf-8")
+        atomic_write(path, text)
         try:
             return load_config(GenerateConfig, path, overrides)
         except UserError as error:
             raise UserError(f"{where}: the recorded config does not load: {error}") from None
+
+
+def _check_recorded_run(manifest: dict, settings: GenerateSettings, plan: list[PlannedImage], where) -> None:
+    """The manifest's image list must be the run its own config describes (count, names, prompts, seeds,
+    places in the batches), so a crafted list can neither add files nor make a run of any other size."""
+    check_settings(settings)
+    axes = parse_axes(settings)
+    if manifest.get("axes", axes) != axes:
+        raise UserError(
+            f"{where}: its 'axes' differ from its config's generate.axes; use the manifest the run wrote"
+        )
+    expected = math.prod(len(values) for values in axes) * settings.batch_count * settings.batch_size
+    if len(plan) != expected:  # checked before plan_images builds the config's list
+        raise UserError(
+            f"{where}: lists {len(plan)} images, but its config makes {expected}; use the manifest the run wrote"
+        )
+    for recorded, planned in zip(plan, plan_images(settings, settings.seed), strict=True):
+        if recorded != planned:
+            raise UserError(
+                f"{where}: image {recorded.file} differs from what its config renders (prompt, seed or "
+                "batch); use the manifest.json the run wrote"
+            )
 
 
 def _render_plan(
@@ -330,7 +353,8 @@ def reproduce(
     """
     manifest = read_manifest(manifest_path)
     config = _recorded_config(manifest, manifest_path, overrides)
-    plan = planned_images(manifest)
+    plan = planned_images(manifest, manifest_path)
+    _check_recorded_run(manifest, config.generate, plan, manifest_path)
     wanted = set(files) or {image.file for image in plan}
     unknown = wanted - {image.file for image in plan}
     if unknown:
@@ -339,11 +363,11 @@ def reproduce(
     folder = Path(output_dir)
     _prepare_folder(folder, "--output folder")
     renderer = Renderer(config.model, config.generate, log)
-    recorded = manifest.get("model", {}).get("checkpoint_hash", "")
-    if recorded and renderer.parts.checkpoint_hash and recorded != renderer.parts.checkpoint_hash:
-        log(
-            f"note: the manifest was made with model hash {recorded}; this model's is {renderer.parts.checkpoint_hash}"
-        )
+    model = manifest.get("model")
+    recorded = model.get("checkpoint_hash") if isinstance(model, dict) else None
+    current = renderer.parts.checkpoint_hash
+    if isinstance(recorded, str) and recorded and current and recorded != current:
+        log(f"note: the manifest was made with model hash {recorded}; this model's is {current}")
     atomic_write(folder / CONFIG_FILE, dump_config(config))
     log(f"rendering {len(wanted)} images again into {folder}")
     writer = RunWriter(folder, config, parse_axes(config.generate))

@@ -13,6 +13,7 @@ import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
 from pathlib import Path
 
 from PIL import Image
@@ -88,14 +89,52 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def planned_images(manifest: dict) -> list[PlannedImage]:
-    """The manifest's images as PlannedImage entries."""
-    try:
-        return [PlannedImage(**{**e, "axis_values": tuple(e["axis_values"])}) for e in manifest["images"]]
-    except (KeyError, TypeError) as error:
+def planned_images(manifest: dict, where: str | Path = MANIFEST_JSON) -> list[PlannedImage]:
+    """The manifest's images as PlannedImage entries, each checked before anything is loaded or written.
+
+    A manifest may come from someone else, and its file names decide where `reproduce` writes: each
+    entry must have exactly the fields the run wrote, of the right types, and image i must be named
+    `<i, 5 digits>-<its seed>.png` (A1111's naming), so no name can reach outside the output folder.
+    """
+    images = manifest.get("images")
+    if not isinstance(images, list) or not images:
         raise UserError(
-            f"the manifest's image list is damaged ({error}); use the run's config.toml"
-        ) from None
+            f"{where}: 'images' must list the run's pictures; use the manifest.json the run wrote"
+        )
+    return [_planned_image(entry, number, where) for number, entry in enumerate(images)]
+
+
+_TEXT_FIELDS = ("file", "prompt", "negative_prompt")
+_COUNT_FIELDS = ("seed", "combination", "batch", "position")  # whole numbers, 0 or more
+
+
+def _planned_image(entry, number: int, where: str | Path) -> PlannedImage:
+    fields = [f.name for f in fields_of(PlannedImage)]
+    if not isinstance(entry, dict) or sorted(entry) != sorted(fields):
+        raise UserError(
+            f"{where}: image {number} must have exactly the keys {', '.join(fields)}; "
+            "use the manifest.json the run wrote"
+        )
+    wrong = [key for key in _TEXT_FIELDS if not isinstance(entry[key], str)]
+    wrong += [key for key in _COUNT_FIELDS if not _is_count(entry[key])]
+    values = entry["axis_values"]
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        wrong.append("axis_values")
+    if wrong:
+        raise UserError(
+            f"{where}: image {number} has a wrong {wrong[0]} ({repr(entry[wrong[0]])[:60]}); "
+            "use the manifest.json the run wrote"
+        )
+    if entry["file"] != f"{number:05d}-{entry['seed']}.png":
+        raise UserError(
+            f"{where}: image {number} is named {entry['file'][:80]!r}, not {number:05d}-{entry['seed']}.png "
+            "(A1111's naming; a run writes no other files); use the manifest.json the run wrote"
+        )
+    return PlannedImage(**{**entry, "axis_values": tuple(values)})
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -184,10 +184,6 @@ def check_photos_config(cfg: PhotosConfig) -> None:
         raise UserError(
             "photos.output_dir must differ from photos.input_dir (the originals are never replaced)"
         )
-    if cfg.size < 8 or cfg.size % 8:
-        raise UserError(f"photos.size = {cfg.size}: use a multiple of 8, e.g. 512")
-    if cfg.face_scale < 1:
-        raise UserError(f"photos.face_scale = {cfg.face_scale}: must be at least 1 (the face itself)")
     check_caption_extension(cfg.caption_extension, "photos.caption_extension")
 
 

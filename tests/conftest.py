@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+import library  # noqa: F401  (before any test imports a dependency: it settles how they behave)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

@@ -100,3 +100,31 @@ def test_every_preset_loads(preset):
     assert isinstance(config, cls)
     if cls is TrainConfig:
         assert config.embedding.name and config.save.output_dir
+
+
+def test_run_records_carry_their_format_and_newer_ones_are_named(tmp_path):
+    from library.config import CONFIG_FORMAT
+
+    config = load_config(TrainConfig, None, ["model.checkpoint=builtin:toy", "embedding.name=x"])
+    text = dump_config(config)
+    assert text.startswith(f"format_version = {CONFIG_FORMAT}\n")
+    assert load_config(TrainConfig, write(tmp_path, text)) == config
+    # A record an older toolkit wrote (no format_version) still reads.
+    older = "\n".join(line for line in text.splitlines() if not line.startswith("format_version"))
+    assert load_config(TrainConfig, write(tmp_path, older)) == config
+    newer = text.replace(f"format_version = {CONFIG_FORMAT}", f"format_version = {CONFIG_FORMAT + 1}")
+    with pytest.raises(
+        UserError, match=f"newer version of the toolkit \\(format_version {CONFIG_FORMAT + 1}\\)"
+    ):
+        load_config(TrainConfig, write(tmp_path, newer))
+
+
+def test_the_sweep_names_a_run_record_it_cannot_read(tmp_path, capsys):
+    import sweep_validate
+
+    run = tmp_path / "run"
+    (run / "embeddings").mkdir(parents=True)
+    (run / "config.toml").write_text('format_version = 7\n[embedding]\nname = "x"\n')
+    assert sweep_validate.main(["--config", "presets/validate.toml", f"run.folder={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "config.toml: written by a newer version of the toolkit (format_version 7)" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,16 @@ import torch
 from PIL import Image, ImageFilter
 
 from generate_dataset import main
-from library import generation
+from library import generation, toy
 from library.config import GenerateConfig, PickConfig, SelectConfig, load_config
 from library.embeddings import Embedding, save_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
 from library.infotext import parse_infotext
-from library.pick import background_share, dhash, flag_images, hamming, sharpness
+from library.pick import background_share, dhash, flag_images, hamming, run_pick, sharpness
 from library.review import Selection, caption_for, write_kohya_folder
 from tests.faces import drawn_face
-from tests.helpers import tiny_checkpoint
+from tests.helpers import one_error_line, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets/generate_character.toml"
@@ -225,6 +226,84 @@ def test_reproduce_accepts_only_model_overrides(tmp_path, checkpoint):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, checkpoint) -> Path:
+    """A real run (2 axis values x 2 images) whose manifest.json the crafted ones below start from."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    axes = 'generate.axes=["an extreme closeup, a closeup"]'
+    config = small(tmp, checkpoint, axes, "generate.batch_count=1", "generate.batch_size=2")
+    return generation.run_generate(config, **QUIET)
+
+
+def _image(number: int, **changes):
+    def edit(manifest):
+        manifest["images"][number].update(changes)
+
+    return edit
+
+
+def _set(*keys, value):
+    def edit(manifest):
+        table = manifest
+        for key in keys[:-1]:
+            table = table[key]
+        table[keys[-1]] = value
+
+    return edit
+
+
+CRAFTED = {
+    "a path out of the folder": (_image(0, file="../../escaped.png"), "image 0 is named '../../escaped.png'"),
+    "an absolute path": (_image(1, file="/tmp/escaped.png"), "image 1 is named '/tmp/escaped.png'"),
+    "another run's name": (_image(2, file="00002-1.png"), "image 2 is named '00002-1.png', not 00002-"),
+    "a seed that is text": (_image(0, seed="1"), "image 0 has a wrong seed ('1')"),
+    "a negative place": (_image(3, position=-1), "image 3 has a wrong position (-1)"),
+    "a prompt that is a list": (_image(1, prompt=["a"]), "image 1 has a wrong prompt (['a'])"),
+    "an extra field": (_image(0, path="/tmp"), "image 0 must have exactly the keys file, prompt"),
+    "a changed prompt": (_image(2, prompt="something else"), "differs from what its config renders"),
+    "no image list": (_set("images", value="all"), "'images' must list the run's pictures"),
+    "a million batches": (
+        _set("config", "generate", "batch_count", value=1_000_000),
+        "lists 4 images, but its config makes 4000000",
+    ),
+    "other axes": (_set("axes", value=[["x", "y"]]), "its 'axes' differ from its config's generate.axes"),
+    "a config that is text": (_set("config", value="x"), "'config' is not the run's resolved config"),
+    "a config TOML cannot hold": (_set("config", "generate", "seed", value=None), "'config' is not the run"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_reproduce_refuses_a_crafted_manifest_before_loading_or_writing(
+    tmp_path, recorded_run, capsys, monkeypatch, case
+):
+    """A shared manifest.json decides where --reproduce writes: a name or count that is not the run's own
+    is one error line, and nothing is loaded or written (the file names may not leave --output)."""
+    edit, message = CRAFTED[case]
+    manifest = json.loads((recorded_run / "manifest.json").read_text())
+    edit(manifest)
+    crafted = tmp_path / "shared" / "manifest.json"
+    crafted.parent.mkdir()
+    crafted.write_text(json.dumps(manifest))
+    monkeypatch.setattr(generation, "Renderer", None)  # loading a model would be a bug here
+    out = tmp_path / "a" / "out"
+    code = main(["generate", "--reproduce", str(crafted), "--output", str(out)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {crafted}: ") and message in line
+    assert "use the manifest" in line
+    assert not out.exists() and not (tmp_path / "escaped.png").exists() and not (out.parent).exists()
+
+
+def test_reproduce_accepts_the_manifest_a_run_wrote_wherever_it_is(tmp_path, recorded_run):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "manifest.json").write_bytes((recorded_run / "manifest.json").read_bytes())
+    first = sorted(p.name for p in recorded_run.glob("*.png"))[0]
+    generation.reproduce(shared, tmp_path / "again", files=[first], **QUIET)
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.png")) == [first]
+    assert np.array_equal(pixels(recorded_run / first), pixels(tmp_path / "again" / first))
+
+
 @pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M Karras"])
 def test_samplers(tmp_path, checkpoint, sampler):
     config = small(
@@ -338,6 +417,61 @@ def test_measurements():
     assert sharpness(face) > 4 * sharpness(face.filter(ImageFilter.GaussianBlur(8)))
     assert background_share(face, (128, 128, 128), 30) > 0.6
     assert background_share(face, (255, 255, 255), 30) == 0.0
+
+
+def page_reasons(folder: Path) -> dict[str, list[str]]:
+    """The flags review.html shows under each picture (the data the page is built from)."""
+    text = (folder / "review.html").read_text()
+    data = json.loads(re.search(r'id="review-data">(.*?)</script>', text, re.S)[1])
+    return {item["file"]: item["reasons"] for item in data["images"]}
+
+
+def blurry(reasons: list[str]) -> bool:
+    return any(reason.startswith("blurry (sharpness ") for reason in reasons)
+
+
+def test_blur_flags_hold_from_64_to_1024_px(tmp_path):
+    """With the shipped threshold, crisp pictures of 64, 512 and 1024 px are not flagged and really
+    blurred copies of them are (64 px toy pictures used to be "blurry" at sharpness 0.3 < 40)."""
+    gen = torch.Generator().manual_seed(3)
+    crisp = dict(enumerate(toy.to_pil(toy.render(toy.sample_scenes(6, gen), gen))))
+    crisp = {f"toy64-{i}": picture for i, picture in crisp.items()}
+    crisp["face512"] = drawn_face((512, 512), at=(56, 56))
+    crisp["face1024"] = drawn_face((1024, 1024), at=(312, 312))
+    radius = {"toy64": 2, "face512": 4, "face1024": 8}  # a blur of 3 % of the side, or less
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, picture in crisp.items():
+        picture.save(folder / f"{name}.png")
+        picture.filter(ImageFilter.GaussianBlur(radius[name.split("-")[0]])).save(folder / f"{name}-blur.png")
+    run_pick(folder, PickConfig(faces=False, duplicate_distance=-1), log=lambda _: None)
+    reasons = page_reasons(folder)
+    assert len(reasons) == 2 * len(crisp)
+    assert [name for name in crisp if blurry(reasons[f"{name}.png"])] == []
+    assert [name for name in crisp if not blurry(reasons[f"{name}-blur.png"])] == []
+    measured = {f["file"]: f["sharpness"] for f in json.loads((folder / "flags.json").read_text())["images"]}
+    assert min(measured[f"{name}.png"] for name in crisp) > 50  # crisp: well above the threshold of 40
+    assert max(measured[f"{name}-blur.png"] for name in crisp) < 30  # blurred: well below
+    with pytest.raises(UserError, match="'pick.blur_threshold' = 150.0 must be 0 to 100"):
+        load_config(GenerateConfig, None, ["pick.blur_threshold=150.0"])
+
+
+def test_the_toy_models_own_pictures_are_not_flagged_blurry(tmp_path, capsys):
+    """What users saw: `generate` on builtin:toy flagged every 64 px picture blurry on the review page."""
+    out = tmp_path / "toy"
+    code = main(["generate", "model.checkpoint=builtin:toy", f"generate.output_dir={out}",
+                 "generate.prompt=a photo of a red star, neutral gray background", "generate.width=64",
+                 "generate.height=64", "generate.cfg_scale=4", "generate.batch_size=3", "generate.seed=1000",
+                 "pick.faces=false"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    reasons = page_reasons(out)
+    assert len(reasons) == 3 and not any(blurry(r) for r in reasons.values())
+    blurred = tmp_path / "blurred"
+    blurred.mkdir()
+    for name in reasons:
+        Image.open(out / name).filter(ImageFilter.GaussianBlur(2)).save(blurred / name)
+    run_pick(blurred, PickConfig(faces=False), log=lambda _: None)
+    assert all(blurry(r) for r in page_reasons(blurred).values())
 
 
 def test_select_writes_captions_and_never_overwrites(tmp_path, checkpoint):

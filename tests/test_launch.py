@@ -12,18 +12,18 @@ import torch
 from library.config import TrainConfig, load_config
 from library.embeddings import load_embedding
 from library.training import run_training
-from tests.helpers import make_images
+from tests.helpers import make_images, one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def launch(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def launch(command: list[str], tmp_path: Path, code: int = 0) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
     )
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -41,29 +41,32 @@ def overrides(out: Path, images: Path, batch_size: int) -> list[str]:
     ]
 
 
+ACCELERATE = [
+    str(BIN / "accelerate"),
+    "launch",
+    "-q",
+    *("--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+]
+
+
 def test_accelerate_launch_runs_the_script(tmp_path):
     out = tmp_path / "run"
     launch(
-        [
-            str(BIN / "accelerate"),
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "train_textual_inversion.py",
-            "--config",
-            "presets/demo.toml",
-            *overrides(out, make_images(tmp_path / "img"), 4),
-        ],
+        [*ACCELERATE, "train_textual_inversion.py", "--config", "presets/demo.toml"]
+        + overrides(out, make_images(tmp_path / "img"), 4),
         tmp_path,
     )
     final = load_embedding(out / "d3mo.safetensors")
     assert final.step == 3 and torch.isfinite(final.vectors).all()
+
+
+def test_bad_input_under_accelerate_launch_and_python_is_our_one_line(tmp_path):
+    bad = overrides(tmp_path / "run", make_images(tmp_path / "img"), 4) + ["train.lr=0"]
+    script = ["train_textual_inversion.py", "--config", "presets/demo.toml", *bad]
+    launched = launch([*ACCELERATE, *script], tmp_path, code=1)  # accelerate's own code for a failed child
+    plain = launch([sys.executable, *script], tmp_path, code=2)
+    for result in (launched, plain):
+        assert "'train.lr' = 0 must be above 0" in one_error_line(result.stderr)
 
 
 def test_two_processes_give_the_vectors_of_one_with_the_same_global_batch(tmp_path):

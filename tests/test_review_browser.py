@@ -254,3 +254,37 @@ def test_click_keys_export_and_select(tmp_path, browser):
     ]
     assert (out / "00.txt").read_text() == "fr3nchl4dy woman\n"
     assert (out / "00.png").read_bytes() == (folder / "00.png").read_bytes()
+
+
+def test_user_text_on_the_page_stays_text(tmp_path, browser):
+    """Folder and file names, captions and a manifest's prompts and axis values come from users, or from
+    whoever shared the folder: the page shows them as text and runs none of them."""
+    folder = make_images(tmp_path / "{{JS}} <b id=injected-folder>", count=2, size=64, caption=None)
+    hostile = '<img src=x onerror="window.pwned=1">.png'
+    (folder / "00.png").rename(folder / hostile)
+    caption = "</script><script>window.pwned=2</script><i id=injected-caption>i</i>"
+    (folder / "01.txt").write_text(caption + "\n")
+    entry = {
+        "file": "01.png",
+        "prompt": "<svg onload=window.pwned=3>",
+        "seed": 5,
+        "axis_values": ["<u id=u>"],
+    }
+    (folder / "manifest.json").write_text(json.dumps({"images": [entry]}))
+    page = run_pick(folder, PickConfig(faces=False, blur_threshold=0.0), log=lambda _: None)
+    browser.open(page.as_uri())
+    time.sleep(0.5)  # an injected image's onerror would have fired by now
+
+    title = f"Review: {folder.name}"
+    assert browser.evaluate("document.title") == title
+    assert browser.evaluate("document.querySelector('h1').textContent") == title
+    assert browser.evaluate("typeof window.pwned") == "undefined"
+    injected = "#injected-folder, #injected-caption, #u, svg, img[src='x']"
+    assert browser.evaluate(f"document.querySelectorAll({json.dumps(injected)}).length") == 0
+    assert browser.evaluate("document.scripts.length") == 2  # the page's data and its own script
+    names = browser.evaluate("[...document.querySelectorAll('.card .name')].map(n => n.textContent)")
+    assert names == ["01.png", hostile]
+    details = browser.evaluate("document.querySelector('.card[data-index=\"0\"] .details').textContent")
+    assert details == f"<u id=u> · seed 5 · {caption}"
+    assert browser.evaluate("document.querySelector('.card[data-index=\"0\"] img').title") == entry["prompt"]
+    assert str(folder.resolve()) in browser.evaluate("document.getElementById('select-command').textContent")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,3 +264,57 @@ def test_dataset_command_renders_a_kohya_folder_and_never_overwrites(tmp_path):
         [*command[:-1], "pink star", "--out", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "colour from red" in one_error_line(bad.stderr)
+
+
+def test_samples_grid_shows_the_evaluation_samples_with_labels(tmp_path, monkeypatch):
+    """docs/toy_samples.png: `samples-grid` renders the first 2 samples of each of the 36 prompts of
+    `evaluate --per-combo 32` (same prompts, seeds, sampler and CFG) as a grid, rows labelled with the
+    colours and columns with the shapes."""
+    import importlib.util
+
+    import library.sampling
+
+    spec = importlib.util.spec_from_file_location("toy_world", ROOT / "tools/toy_world.py")
+    toy_world = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_world)
+    asked = {}
+
+    def fake_generate(parts, encoder, prompts, negatives, seeds, settings):
+        """Each picture a flat colour that says which one it is, so the test can find it in the grid."""
+        from PIL import Image
+
+        asked.update(prompts=prompts, negatives=negatives, seeds=seeds, settings=settings)
+        return [Image.new("RGB", (64, 64), (i, 255 - i, 128)) for i in range(len(prompts))]
+
+    monkeypatch.setattr(library.sampling, "generate", fake_generate)
+    output = tmp_path / "samples.png"
+    assert toy_world.main(["samples-grid", "--output", str(output)]) == 0
+
+    combos = [(c, s) for c in toy.COLOURS for s in toy.SHAPES]
+    assert asked["prompts"] == [f"a photo of a {c} {s}" for c, s in combos for _ in range(2)]
+    assert asked["seeds"] == [1000 + 32 * k + j for k in range(36) for j in range(2)]  # evaluate's seeds
+    assert set(asked["negatives"]) == {""}
+    settings = asked["settings"]
+    assert (settings.sampler, settings.steps, settings.cfg_scale, settings.width) == (
+        "DPM++ 2M Karras",
+        20,
+        4.0,
+        64,
+    )
+
+    from PIL import Image
+
+    grid = np.asarray(Image.open(output).convert("RGB")).astype(int)
+    margin = toy_world.GRID_MARGIN
+    left = grid.shape[1] - 6 * 128 - 5 * margin  # the colour labels' column
+    top = grid.shape[0] - 6 * 64 - 5 * margin  # the shape labels' row
+    assert left > 0 and top > 0
+    for r in range(6):
+        y = top + r * (64 + margin)
+        assert grid[y : y + 64, :left].min() < 100, f"no label for row {r}"  # dark text on white
+        for c in range(6):
+            x = left + c * (128 + margin)
+            assert grid[:top, x : x + 128].min() < 100, f"no label for column {c}"
+            for j in range(2):
+                i = (r * 6 + c) * 2 + j  # the picture of colour r, shape c, sample j
+                assert tuple(grid[y + 32, x + 64 * j + 32]) == (i, 255 - i, 128)

@@ -149,7 +149,9 @@ def test_a_failed_start_blocks_neither_a_rerun_nor_resume(tmp_path, monkeypatch)
         run_training(other, **QUIET)
     monkeypatch.undo()
     messages = []
-    assert load_embedding(run_training(other, resume=str(tmp_path / "c" / "run"), log=messages.append)).step == 4
+    assert (
+        load_embedding(run_training(other, resume=str(tmp_path / "c" / "run"), log=messages.append)).step == 4
+    )
     assert "holds no save yet: starting from step 0" in " ".join(messages)
 
 
@@ -168,7 +170,10 @@ def test_one_folder_holds_one_run_at_a_time(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("model.checkpoint=", "model.checkpoint is not set: name the model, e.g. model.checkpoint=builtin:toy"),
+        (
+            "model.checkpoint=",
+            "model.checkpoint is not set: name the model, e.g. model.checkpoint=builtin:toy",
+        ),
         ("train.max_steps=0", "'train.max_steps' = 0 must be at least 1"),
         ("train.lr=0", "'train.lr' = 0 must be above 0"),
         ("train.lr_warmup_steps=-5", "'train.lr_warmup_steps' = -5 must be at least 0"),

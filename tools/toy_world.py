@@ -19,6 +19,7 @@ A scorer.safetensors already in --work is kept (the committed one: `scorer --dev
 Then, on any machine, from the fp16 parts:
     python tools/toy_world.py assemble --parts PARTS [--diffusers DIR]  # -> library/assets/toy/toy-sd1.safetensors
     python tools/toy_world.py evaluate --per-combo 32                  # sample accuracy with the scorer
+    python tools/toy_world.py samples-grid --output docs/toy_samples.png  # its first 2 samples, labelled
     python tools/toy_world.py ti-eval --run output/demo --concept "orange star"
     python tools/toy_world.py dataset --concept "orange star" --out "dataset_layouts/demo/10_d3mo star"
     python tools/toy_world.py preview-grid --run output/demo --output docs/toy_demo.png
@@ -39,13 +40,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# isort: off
+import library  # noqa: E402, F401  (first: it settles how the dependencies behave)
+
+# isort: on
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-import library  # noqa: E402, F401  (first: it settles how the dependencies behave)
 from library import toy  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer  # noqa: E402
@@ -57,6 +61,8 @@ SHARD_BYTES = 15_000_000  # a device call brings back files of at most 16 MiB
 # Caption mix: full caption, colour only, shape only, `a photo of a shape`, empty (for CFG).
 CAPTION_MIX = (0.6, 0.1, 0.1, 0.1, 0.1)
 NO_BACKGROUND = 0.3  # share of captions without ", neutral gray background"
+EVAL_SEED = 1000  # the evaluation's first seed; docs/toy_samples.png shows its samples
+GRID_MARGIN = 4  # pixels between the shape columns of the samples grid
 
 
 def log(*args) -> None:
@@ -621,21 +627,23 @@ def make_parts(unet, text_encoder, vae, name: str = "toy-sd1") -> SDParts:
 
 @torch.no_grad()
 def evaluate_parts(
-    parts: SDParts, device: str, per_combo: int, batch: int, work: Path | None, tag: str, seed: int = 1000
+    parts: SDParts,
+    device: str,
+    per_combo: int,
+    batch: int,
+    work: Path | None,
+    tag: str,
+    seed: int = EVAL_SEED,
 ) -> dict:
     """Generate `per_combo` images for each of the 36 combinations from its plain prompt (`a photo of a
     red star`; DPM++ 2M Karras, 20 steps, CFG 4) and score them; a grid of the first two of each."""
-    from library.sampling import SampleSettings, generate
+    from library.sampling import generate
 
-    settings = SampleSettings(
-        steps=20, cfg_scale=4.0, width=64, height=64, sampler="DPM++ 2M Karras", batch_size=batch
-    )
     scorer = toy.load_scorer(work / "scorer.safetensors" if work else toy.SCORER_FILE).to(device)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
     combos = [(c, s) for c in toy.COLOURS for s in toy.SHAPES]
-    prompts = [toy.caption(c, s, background=False) for c, s in combos for _ in range(per_combo)]
-    seeds = [seed + i for i in range(len(prompts))]
-    images = generate(parts, encoder, prompts, [""] * len(prompts), seeds, settings)
+    prompts, seeds = sample_prompts(per_combo, per_combo, seed)
+    images = generate(parts, encoder, prompts, [""] * len(prompts), seeds, sample_settings(batch))
     found = toy.classify(images, scorer)
     per, seen = {}, {"both": 0, "colour": 0, "shape": 0, "n": 0}
     for i, (c, s) in enumerate(combos):
@@ -673,17 +681,44 @@ def evaluate_parts(
     return report
 
 
+def sample_settings(batch: int):
+    """How the evaluation samples are rendered: DPM++ 2M Karras, 20 steps, CFG 4, 64x64."""
+    from library.sampling import SampleSettings
+
+    return SampleSettings(
+        steps=20, cfg_scale=4.0, width=64, height=64, sampler="DPM++ 2M Karras", batch_size=batch
+    )
+
+
+def sample_prompts(per_combo: int, count: int, seed: int) -> tuple[list[str], list[int]]:
+    """The first `count` of the `per_combo` samples of each combination (colour-major, as the grid rows),
+    with the seeds the evaluation gives them: sample j of combination k has seed `seed + k*per_combo + j`."""
+    combos = [(c, s) for c in toy.COLOURS for s in toy.SHAPES]
+    prompts = [toy.caption(c, s, background=False) for c, s in combos for _ in range(count)]
+    seeds = [seed + k * per_combo + j for k in range(len(combos)) for j in range(count)]
+    return prompts, seeds
+
+
 def grid_image(images, per_combo: int, path: Path, columns_per_combo: int = 2) -> None:
-    """Rows: colours; columns: shapes, `columns_per_combo` samples each."""
+    """Rows: colours; columns: shapes, `columns_per_combo` samples each side by side; labelled by
+    library.grid.make_grid (the pictures at their own 64 px)."""
     from PIL import Image
 
+    from library.files import atomic_write
+    from library.grid import make_grid
+
     k = min(columns_per_combo, per_combo)
-    grid = Image.new("RGB", (64 * 6 * k, 64 * 6), (255, 255, 255))
-    for ci in range(6):
-        for si in range(6):
+    rows = []
+    for ci in range(len(toy.COLOURS)):
+        row = []
+        for si in range(len(toy.SHAPES)):
+            cell = Image.new("RGB", (64 * k, 64))
             for j in range(k):
-                grid.paste(images[(ci * 6 + si) * per_combo + j], ((si * k + j) * 64, ci * 64))
-    grid.save(path)
+                cell.paste(images[(ci * len(toy.SHAPES) + si) * per_combo + j], (j * 64, 0))
+            row.append(cell)
+        rows.append(row)
+    grid = make_grid(rows, list(toy.SHAPES), list(toy.COLOURS), margin=GRID_MARGIN)
+    atomic_write(path, lambda temp: grid.save(temp, format="PNG"))
 
 
 def export_parts(trainer: DiffusionTrainer, folder: Path) -> None:
@@ -917,6 +952,25 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(report, indent=1))
 
 
+def cmd_samples_grid(args) -> None:
+    """The README's figure of the toy model (docs/toy_samples.png): the first `--columns` samples of
+    each of the 36 prompts of `evaluate --per-combo N` (the same prompts, seeds, sampler and CFG, so
+    the same pictures), rows colours, columns shapes, labelled."""
+    from library.models import load_sd
+    from library.sampling import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 1 <= args.columns <= args.per_combo:
+        raise UserError(f"--columns {args.columns}: use 1 to --per-combo ({args.per_combo})")
+    parts = load_sd(args.checkpoint)
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    prompts, seeds = sample_prompts(args.per_combo, args.columns, args.seed)
+    images = generate(parts, encoder, prompts, [""] * len(prompts), seeds, sample_settings(args.batch))
+    grid_image(images, args.columns, Path(args.output), args.columns)
+    print(f"wrote {args.output}: {len(images)} samples, seeds {seeds[0]}..{seeds[-1]}")
+
+
 def cmd_ti_eval(args) -> None:
     """Likeness (hit rate) of a textual-inversion run: the init word (step 0), then every saved step."""
     from library.embeddings import init_vectors, load_embedding
@@ -1086,6 +1140,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="folder for the sample grid")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "samples-grid", help="the labelled figure of evaluation samples (docs/toy_samples.png)"
+    )
+    p.add_argument("--output", default="docs/toy_samples.png")
+    p.add_argument("--checkpoint", default=str(toy.TOY_CHECKPOINT))
+    p.add_argument("--per-combo", type=int, default=32, help="the evaluation whose seeds are shown")
+    p.add_argument("--columns", type=int, default=2, help="samples shown per prompt")
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_samples_grid)
 
     p = sub.add_parser("ti-eval", help="likeness of each saved embedding of a TI run (and of the init word)")
     p.add_argument("--run", required=True)
