@@ -198,14 +198,11 @@ def _size(text: str, what: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", text)
     if not match:
         raise UserError(f"{what}: size {text!r} must be WIDTHxHEIGHT, e.g. 512x512")
-    return _multiples_of_8((int(match.group(1)), int(match.group(2))), what)
-
-
-def _multiples_of_8(size: tuple[int, int], what: str) -> tuple[int, int]:
-    # SD's VAE works on 8x8-pixel cells; checked here, before a checkpoint loads, not when rendering.
-    if size[0] % 8 or size[1] % 8 or min(size) < 8:
-        raise UserError(f"{what}: size {size[0]}x{size[1]} must be multiples of 8, e.g. 512x512")
-    return size
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 8 or height % 8 or min(width, height) < 8:  # SD's VAE works on 8x8-pixel cells; say so now,
+        # not after a checkpoint has loaded
+        raise UserError(f"{what}: size {width}x{height} must be multiples of 8, e.g. 512x512")
+    return width, height
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,9 +342,7 @@ def _step_of(names: set[str], run: Run) -> int | None:
 
 def _default_size(cfg: SweepConfig, run: Run) -> tuple[int, int]:
     trained = as_size(run.config.dataset.resolution) if run.config else (512, 512)
-    return _multiples_of_8(
-        (cfg.render.width or trained[0], cfg.render.height or trained[1]), "render.width/height"
-    )
+    return cfg.render.width or trained[0], cfg.render.height or trained[1]
 
 
 def step_axis_index(axes) -> int | None:

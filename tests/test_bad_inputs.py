@@ -1214,7 +1214,7 @@ PREVIEW_CASES = {
     ),
     "preview.width not a multiple of 8": (
         lambda t: ["preview.every_steps=1", "preview.width=20"],
-        "preview.width/height: size 20x16 must be multiples of 8",
+        "'preview.width' = 20 must be a multiple of 8",
     ),
 }
 
@@ -1506,7 +1506,7 @@ SWEEP_CASES = {
     ),
     "render.width not a multiple of 8": (
         lambda r, t: ["render.width=20"],
-        "render.width/height: size 20x16 must be multiples of 8",
+        "'render.width' = 20 must be a multiple of 8",
     ),
     "a size axis not a multiple of 8": (
         lambda r, t: ["x.type=size", "x.values=16x16, 30x16"],
@@ -1691,7 +1691,7 @@ GENERATE_CASES = {
     ),
     "width not a multiple of 8": (
         lambda c, t: ["generate.width=20"],
-        "generate.width = 20: use a multiple of 8",
+        "'generate.width' = 20 must be a multiple of 8",
     ),
     "an axis whose first value is not in the prompt": (
         lambda c, t: ['generate.axes=["a closeup, a medium shot"]'],
@@ -1847,7 +1847,7 @@ OTHER_COMMAND_CASES = {
             "--output",
             t / "again",
         ],
-        "the manifest's image list is damaged",  # generation_files.planned_images does not name the file
+        "m.json: image 0 must have exactly the keys file, prompt",
     ),
     "unknown command": (lambda t: ["paint"], "invalid choice: 'paint'"),
 }
