@@ -271,8 +271,16 @@ class BackgroundSaver:
     def wait(self) -> None:
         """Block until every submitted job has finished; re-raise the first failure."""
         jobs, self._jobs = self._jobs, []
+        failures = [error for job in jobs if (error := job.exception()) is not None]
+        if failures:
+            raise failures[0]
+
+    def drain(self) -> None:
+        """Block until every submitted job has finished, keeping quiet about failures: for when training
+        already stops with an error of its own, which is the one the user should see."""
+        jobs, self._jobs = self._jobs, []
         for job in jobs:
-            job.result()
+            job.exception()
 
 
 def host_copy(value):

@@ -428,6 +428,7 @@ class TrainingData:
         self.records = list(records)
         self.settings, self.name, self.seed, self.batch_size = settings, name, seed, batch_size
         self.template_lines = load_template(settings.template)
+        self._check_the_name_is_trained()
         self.resolution = sizes[0]
         # Epoch stream before shuffling: record i appears repeats_i times.
         self._stream = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
@@ -436,6 +437,20 @@ class TrainingData:
         self._mean: torch.Tensor | None = None  # [slots, 4, h, w], scaled; the sample for "once"
         self._std: torch.Tensor | None = None  # only for "random"
         self._weights: list[torch.Tensor | None] = []
+
+    def _check_the_name_is_trained(self) -> None:
+        """Some training prompt must hold the trigger word: through `[name]` in a template line, or in a
+        caption (Kohya's way: class tokens such as `sks woman`). Else training would move nothing."""
+        if any("[name]" in line for line in self.template_lines):
+            return
+        word = self.name.lower()
+        if any(word in f"{r.caption_prefix} {r.caption} {r.caption_suffix}".lower() for r in self.records):
+            return
+        raise UserError(
+            f"no training prompt holds the trigger word {self.name!r}: the template {self.settings.template!r} "
+            "has no [name] and no caption contains the word; put [name] in the template (e.g. "
+            'dataset.template="a photo of [name], [filewords]") or the word in the captions'
+        )
 
     @property
     def num_images(self) -> int:

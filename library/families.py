@@ -38,7 +38,9 @@ OPENCLIP_PAD = 0  # OpenCLIP pads with id 0 ("!"): SD 2.x and SDXL's bigG
 class TextEncoderSpec:
     """One text encoder of a family."""
 
-    key: str  # its vector block: "clip_l" (CLIP ViT-L/14), "clip_h" (OpenCLIP ViT-H), "clip_g" (OpenCLIP bigG)
+    key: (
+        str  # its vector block: "clip_l" (CLIP ViT-L/14), "clip_h" (OpenCLIP ViT-H), "clip_g" (OpenCLIP bigG)
+    )
     tokenizer: str  # folder of library/assets holding its tokenizer
     width: int  # width of its token embeddings (and of its hidden states)
     pad_id: int
@@ -104,7 +106,9 @@ class Family:
 
     @property
     def title(self) -> str:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}.get(self.name, self.name)
+        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}.get(
+            self.name, self.name
+        )
 
 
 def _describe(found: dict) -> str:

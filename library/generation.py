@@ -29,7 +29,7 @@ from library.config import GenerateConfig, GenerateSettings, ModelConfig, dump_c
 from library.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
 from library.embeddings import load_embedding
 from library.errors import UserError
-from library.files import atomic_write
+from library.files import atomic_write, ensure_folder
 from library.generation_files import (
     PlannedImage,
     RunWriter,
@@ -41,7 +41,7 @@ from library.grid import apply_prompt_sr, prompt_sr_values
 from library.infotext import format_infotext, infotext_params
 from library.models import load_parts
 from library.pick import check_pick_config, run_pick
-from library.prompts import PromptEncoder
+from library.prompts import PromptEncoder, check_attention
 from library.sampling import SampleSettings, decode_images, resolve_seed, sample_latents, vae_scale_factor
 
 CONFIG_FILE = "config.toml"
@@ -68,7 +68,10 @@ def parse_axes(settings: GenerateSettings) -> list[list[str]]:
 
 def check_settings(settings: GenerateSettings) -> SampleSettings:
     """The sampler settings for one batch ([generate]'s ranges are the table's own; the sampler is checked here)."""
-    return SampleSettings.from_config(settings)
+    try:
+        return SampleSettings.from_config(settings)
+    except UserError as error:
+        raise UserError(f"generate.sampler: {error}") from None
 
 
 def plan_images(settings: GenerateSettings, seed: int) -> list[PlannedImage]:
@@ -199,7 +202,10 @@ def load_embeddings(
         if embedding.is_sdxl or embedding.width != width:
             log(f"skipped embedding {file}: its vectors are {embedding.width} wide, this model needs {width}")
             continue
-        encoder.set_embedding(embedding.name, embedding.vectors.to(encoder.text_encoder.device))
+        try:
+            encoder.set_embedding(embedding.name, embedding.vectors.to(encoder.text_encoder.device))
+        except UserError as error:
+            raise UserError(f"{file}: {error}") from None
         hashes[embedding.name] = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
     return hashes
 
@@ -209,11 +215,13 @@ def load_embeddings(
 
 
 def _prepare_folder(folder: Path, key: str) -> None:
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.is_file():
+        raise UserError(f"{folder} is a file; choose a new folder for {key}")
+    if folder.is_dir() and any(folder.iterdir()):
         raise UserError(
             f"{folder} already exists and is not empty; choose a new {key} (nothing is overwritten)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
 
 
 def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = ()) -> GenerateConfig:
@@ -316,6 +324,9 @@ def run_generate(
     seed = resolve_seed(settings.seed)
     config = replace(config, generate=replace(settings, seed=seed))  # the record reproduces the run
     plan = plan_images(config.generate, seed)
+    for image in plan:  # a weight that is not a number fails now, not after the folder is written
+        check_attention(image.prompt, "generate.prompt")
+        check_attention(image.negative_prompt, "generate.negative_prompt")
     folder = Path(settings.output_dir)
     check_pick_config(config.pick)
     _prepare_folder(folder, "generate.output_dir")

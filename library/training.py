@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from library import checkpoints as ckpt
 from library.cli import INTERRUPTED
 from library.config import TrainConfig, check_model, check_name, dump_config, load_config
-from library.data import TrainingData, scan_images
+from library.data import TrainingData, dataset_config_batch_size, scan_images
 from library.embeddings import (
     MODELSPEC_ARCHITECTURES,
     TRAINING_SETTINGS_KEY,
@@ -209,8 +209,11 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         for micro in range(accum):
             loss = self.loss_for(step * accum + micro) / accum
-            acc.backward(loss)
+            if loss.requires_grad:  # else no prompt of the batch held the word (a caption without it)
+                acc.backward(loss)
             total += loss.detach()
+        if self.vectors.grad is None:  # a zero gradient, as Kohya's and A1111's optimizers see then
+            self.vectors.grad = torch.zeros_like(self.vectors)
         if acc.num_processes > 1:
             self.vectors.grad = acc.reduce(self.vectors.grad, reduction="mean")
             total = acc.reduce(total, reduction="mean")
@@ -269,13 +272,16 @@ class Trainer:
                 if preview_due:
                     self.preview(step)
             self._flush_losses(pending, logs)
+        except BaseException:
+            self.saver.drain()  # the error that stopped training is the one to report
+            raise
         finally:
             stop.restore()
             bar.close()
-            self.saver.wait()
             if main:
                 loss_log.close()
                 writer.close()
+        self.saver.wait()
         final = self.save(step, final=True, wait=True)
         self.report_speed(step - self.start_step, time.perf_counter() - loop_start)
         return final
@@ -452,6 +458,13 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     if t.clip_grad_mode != "off":
         clip_schedule = build_schedule(t.clip_grad_value, t.max_steps, what="clip_grad_value")
     records = scan_images(cfg.dataset)
+    if cfg.dataset.dataset_config:
+        wanted = dataset_config_batch_size(cfg.dataset.dataset_config)
+        if wanted is not None and wanted != t.batch_size:
+            raise UserError(
+                f"dataset_config {cfg.dataset.dataset_config}: batch_size = {wanted}, but train.batch_size = "
+                f"{t.batch_size}; set train.batch_size={wanted} (or remove batch_size from the dataset TOML)"
+            )
     size = records[0].resolution if records else (512, 512)
     _by_settings(preview_images(cfg.preview, cfg.embedding.name, size, seed=0), cfg.preview.batch_size)
     # Without a GPU, accelerate treats a multi-process launch (torchrun) as data parallel only when told cpu=True.

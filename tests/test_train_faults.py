@@ -245,3 +245,25 @@ def test_a_bad_sample_prompts_line_fails_before_the_model_loads(tmp_path, capsys
     assert main(args(tmp_path, "preview.every_steps=2", f"preview.prompts_file={prompts}")) == 2
     assert "prompts.txt:1: --w 'wide' is not a number" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_without_the_trigger_word_are_caught_or_train_on(tmp_path, capsys):
+    images = make_images(tmp_path / "plain", caption="a red shape")  # no caption holds "d3mo"
+    assert main(args(tmp_path, f"dataset.image_dir={images}", "dataset.template=[filewords]")) == 2
+    assert "no training prompt holds the trigger word 'd3mo'" in one_error_line(capsys.readouterr().err)
+    # Some captions hold it (Kohya's way): a batch without it is a zero gradient, not a crash.
+    mixed = make_images(tmp_path / "mixed", caption="a red shape")
+    (mixed / "00.txt").write_text("d3mo, a red shape\n")
+    argv = args(tmp_path, f"dataset.image_dir={mixed}", "dataset.template=[filewords]", "train.batch_size=1")
+    assert main(argv) == 0 and load_embedding(tmp_path / "run" / "d3mo.pt").step == 4
+
+
+def test_a_kohya_dataset_tomls_batch_size_is_not_ignored(tmp_path, capsys):
+    dataset = tmp_path / "ds.toml"
+    images = make_images(tmp_path / "img2")
+    dataset.write_text(
+        f'[general]\nbatch_size = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images}"\n'
+    )
+    assert main(args(tmp_path, f"dataset.dataset_config={dataset}", "train.batch_size=4")) == 2
+    assert "batch_size = 2, but train.batch_size = 4" in one_error_line(capsys.readouterr().err)
+    assert main(args(tmp_path, f"dataset.dataset_config={dataset}", "train.batch_size=2")) == 0

@@ -189,6 +189,8 @@ def _read_selection_file(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; export the selection from review.html first") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; give the selection.json exported from review.html") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not a valid selection file ({error}); export it again") from None
     if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
