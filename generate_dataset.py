@@ -23,8 +23,9 @@ import argparse
 import sys
 
 from library.cli import ArgumentParser, parse_command_line, run_script
-from library.config import GenerateConfig, load_config
+from library.config import load_config
 from library.errors import UserError
+from library.tables import GenerateConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,7 +23,8 @@ import psutil
 import torch
 from accelerate.state import AcceleratorState
 
-from library.config import TrainConfig, load_config
+from library.config import load_config
+from library.tables import TrainConfig
 from library.training import setup
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,31 +9,23 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.convert import save_single_file
-from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer
+from library.families import FAMILIES
+from library.parts import SDParts
 
 
 def build(device: str, seed: int = 0) -> SDParts:
-    configs = ASSETS / "configs" / "sd1"
+    configs = FAMILIES["sd1"].config_dir
     load = lambda part: json.loads((configs / part / "config.json").read_text())  # noqa: E731
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(load("unet"))
         vae = AutoencoderKL.from_config(load("vae"))
         text = CLIPTextModel(CLIPTextConfig(**load("text_encoder")))
-    return SDParts(
-        "sd1",
-        load_tokenizer("sd1"),
-        text,
-        unet,
-        vae,
-        DDPMScheduler(**FAMILIES["sd1"].scheduler_config),
-        "sd15-random",
-        "",
-    )
+    return SDParts.of("sd1", [text], unet, vae, name="sd15-random")
 
 
 if __name__ == "__main__":

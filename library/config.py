@@ -1,4 +1,5 @@
-"""Typed TOML configuration: each table is a frozen dataclass, and this is the only place defaults live.
+"""Typed TOML configuration: how a preset or a run record becomes frozen dataclasses (library/tables.py,
+the only place defaults live), and how they are written back.
 
 A preset is loaded with `load_config(TrainConfig, "presets/face.toml", ["train.lr=0.002"])`:
 unknown keys, wrong types and values out of range are one-line `UserError`s naming the key (and the
@@ -23,7 +24,6 @@ from typing import Any, Literal
 
 import tomli_w
 
-from library.captions import check_caption_extension
 from library.errors import UserError
 
 # The layout of the tables. Every resolved config.toml records it; a record of an older layout is upgraded
@@ -112,7 +112,7 @@ def check_model(model: Any, key: str = "model.checkpoint") -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tables shared by the scripts
+# Tables
 
 
 @dataclass(frozen=True)
@@ -123,165 +123,6 @@ class Table:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             _check_value(spec, value, value, spec.name, type(self).__name__)
-
-
-@dataclass(frozen=True)
-class ModelConfig(Table):
-    """[model]: the checkpoint to train on (or render with)."""
-
-    # A single-file checkpoint (.safetensors / .ckpt) as A1111 uses, or a diffusers folder; "builtin:toy" is
-    # the toy model built into the project (a try-out that learns on a CPU). Required: no default.
-    checkpoint: str = ""
-    vae: str = ""  # optional separate VAE file, as A1111's "SD VAE" setting
-    family: Literal["auto", "sd1", "sd2", "sd2-v"] = "auto"  # override only for files detection gets wrong
-    config_dir: str = ""  # optional diffusers-format config folder overriding the built-in configs
-
-
-@dataclass(frozen=True)
-class SamplingConfig(Table):
-    """[preview] and friends: how images are rendered (A1111's txt2img settings)."""
-
-    prompt: str = ""  # "" = a prompt drawn from the training template, as A1111 does
-    negative_prompt: str = ""
-    seed: int = at_least(-1, 12345678)  # -1 = a new random seed each time
-    steps: int = at_least(1, 20)
-    cfg_scale: float = at_least(0, 7.0)
-    sampler: str = "DPM++ 2M Karras"
-    width: int = image_side(0, zero="the training resolution")
-    height: int = image_side(0, zero="the training resolution")
-    batch_size: int = at_least(1, 1)
-
-
-# --------------------------------------------------------------------------------------------------
-# train_textual_inversion.py
-
-
-@dataclass(frozen=True)
-class EmbeddingConfig(Table):
-    """[embedding]: the new word being learned."""
-
-    name: str = ""  # trigger word = file stem of the saved embedding, e.g. "fr3nchl4dy"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.name:
-            check_name(self.name, "embedding.name")
-
-    init_text: str = "*"  # word(s) whose token vectors start the embedding ("" = zeros)
-    num_vectors: int = field(
-        default=1, metadata={"test": lambda v: 1 <= v <= 75, "problem": "must be 1 to 75 (a prompt chunk)"}
-    )
-    init_rule: Literal["a1111", "kohya"] = "a1111"  # how init tokens fill the vectors (FACTS §2)
-    init_from: str = ""  # start from an existing embedding file instead of init_text
-
-
-@dataclass(frozen=True)
-class DatasetConfig(Table):
-    """[dataset]: where the images and captions come from (FACTS §3)."""
-
-    image_dir: str = ""  # a Kohya parent folder (`100_name class/`) or a flat folder of images
-    dataset_config: str = ""  # a Kohya dataset TOML; when set, folder names are not parsed
-    resolution: int | tuple[int, int] = 512  # square side, or [width, height]; multiples of 8
-    caption_extension: str = ".txt"
-    template: str = "subject_filewords"  # stock template name, a file path, or an inline "...[name]..." line
-    shuffle_tags: bool = False
-    keep_tokens: int = at_least(0, 0)  # tags kept in place at the front when shuffling / dropping
-    tag_dropout: float = field(
-        default=0.0, metadata={"test": lambda v: 0 <= v < 1, "problem": "must be at least 0 and below 1"}
-    )
-    flip_aug: bool = False
-    alpha_loss_weight: bool = False  # PNG alpha channel weights the loss
-    latent_sampling: Literal["once", "deterministic", "random"] = "once"
-    filename_word_regex: str = ""
-    filename_join_string: str = " "
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        as_size(self.resolution)
-        check_caption_extension(self.caption_extension, "dataset.caption_extension")
-
-
-@dataclass(frozen=True)
-class TrainSettings(Table):
-    """[train]: the optimisation itself."""
-
-    max_steps: int = at_least(1, 1000)  # optimizer updates
-    batch_size: int = at_least(1, 1)  # per process
-    gradient_accumulation_steps: int = at_least(1, 1)
-    # A number, or an A1111 schedule string such as "0.05:10, 0.02:20, 0.005" (FACTS §2).
-    lr: float | str = above(0, 0.005)
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"  # shape for a plain number
-    lr_warmup_steps: int = at_least(0, 0)
-    optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy"] = "adamw"
-    weight_decay: float = at_least(0, 0.0)
-    clip_grad_mode: Literal["off", "value", "norm"] = "off"
-    clip_grad_value: float | str = above(0, 0.1)  # a number or a schedule string, like lr
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    # For 8 GB cards: gradient checkpointing, and the VAE leaves the GPU once the latents are cached.
-    low_memory: bool = False
-    # CUDA: replay the UNet's forward and backward as CUDA graphs (captured at the first step of each batch
-    # shape); same results, far fewer kernel launches. Off with low_memory or gradient checkpointing.
-    cuda_graphs: bool = True
-    compile: bool = (
-        False  # torch.compile the UNet (with cuda_graphs: mode "reduce-overhead"); slow first step
-    )
-    noise_offset: float = at_least(0, 0.0)
-    min_snr_gamma: float = at_least(0, 0.0)  # 0 = off; 5 is the usual value
-    seed: int = at_least(0, 42)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from library.schedules import build_schedule  # a leaf module: no import cost, no circle
-
-        # Schedule strings are read now, so a typo fails before the model loads.
-        build_schedule(self.lr, self.max_steps, self.lr_scheduler, self.lr_warmup_steps, what="train.lr")
-        if self.clip_grad_mode != "off":
-            build_schedule(self.clip_grad_value, self.max_steps, what="train.clip_grad_value")
-
-
-@dataclass(frozen=True)
-class SaveConfig(Table):
-    """[save]: what is written, where, and how often."""
-
-    output_dir: str = "output"
-    save_every_steps: int = at_least(0, 500)  # 0 = only the final embedding
-    # .pt (A1111's own format), .safetensors (Kohya's), .png / .webp (A1111's image embeddings)
-    formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.formats:
-            raise UserError(
-                "save.formats is empty: list at least one, e.g. save.formats=['pt', 'safetensors']"
-            )
-        if not self.output_dir.strip():
-            raise UserError("save.output_dir is empty: name the run folder, e.g. save.output_dir=output/face")
-
-    save_optimizer_state: bool = True
-    embed_in_png: bool = False  # also write A1111 PNG embeddings beside the previews
-
-
-@dataclass(frozen=True)
-class PreviewConfig(SamplingConfig):
-    """[preview]: images rendered during training with the current vectors."""
-
-    every_steps: int = at_least(0, 0)  # 0 = no previews
-    # Kohya's --sample_prompts: a text file, one prompt per line with its own options
-    # (`... --n negative --w 512 --h 512 --d seed --s steps --l cfg --ss sampler`); "" = the prompt above
-    prompts_file: str = ""
-
-
-@dataclass(frozen=True)
-class TrainConfig(Table):
-    """The whole configuration of train_textual_inversion.py."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    save: SaveConfig = field(default_factory=SaveConfig)
-    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +243,10 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         if not isinstance(value, list | tuple):
             value = [value]
         (inner, _) = typing.get_args(kind)
+        if dataclasses.is_dataclass(inner):  # an array of tables: [[key]]
+            if not all(isinstance(v, dict) for v in value):
+                raise UserError(f"{source}: '{key}' must be a list of tables, each written [[{key}]]")
+            return tuple(_build(inner, v, f"{key}[{i}].", source) for i, v in enumerate(value, start=1))
         return tuple(_coerce(v, inner, key, source) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -425,224 +270,18 @@ def config_to_dict(config: Any) -> dict:
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if dataclasses.is_dataclass(value):
+            return config_to_dict(value)
         return value
 
+    # None means "not given" (taken from another table): TOML has no null, so the key is left out.
     return {
-        f.name: (config_to_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else plain(v))
+        f.name: plain(value)
         for f in dataclasses.fields(config)
+        if (value := getattr(config, f.name)) is not None
     }
 
 
 def dump_config(config: Any) -> str:
     """The resolved config as TOML text with its `format_version`, loadable again by `load_config`."""
     return tomli_w.dumps({"format_version": CONFIG_FORMAT, **config_to_dict(config)})
-
-
-# --------------------------------------------------------------------------------------------------
-# sweep_validate.py
-
-
-@dataclass(frozen=True)
-class SweepRunConfig(Table):
-    """[run]: the training run whose saved steps are compared."""
-
-    folder: str = ""  # run folder holding embeddings/NAME-N.pt|.safetensors (and config.toml, loss.csv)
-    name: str = (
-        ""  # trigger word; "" = embedding.name of the run's config.toml, or the one NAME in embeddings/
-    )
-
-
-@dataclass(frozen=True)
-class SweepModelConfig(Table):
-    """[model]: the checkpoints to render on; they are loaded one at a time."""
-
-    # Checkpoint files or diffusers folders; "run:checkpoint" = the one the run was trained on (its config.toml).
-    checkpoints: tuple[str, ...] = ("run:checkpoint",)
-    vae: str = ""  # optional separate VAE for every checkpoint
-    family: Literal["auto", "sd1", "sd2", "sd2-v"] = "auto"
-    config_dir: str = ""
-
-
-@dataclass(frozen=True)
-class SweepAxis(Table):
-    """[x], [y], [z]: one axis of A1111's X/Y/Z plot (X = columns, Y = rows, Z = grids side by side)."""
-
-    type: Literal[
-        "none", "prompt_sr", "step", "checkpoint", "cfg_scale", "seed", "sampler", "steps", "size"
-    ] = "none"
-    # Comma-separated as in A1111 (CSV quotes allowed), a single number, or a TOML list (one value per item).
-    # Steps: "every 20" = every saved step divisible by 20, "20-140 (+20)" ranges; a checkpoint axis with no
-    # values takes model.checkpoints.
-    values: str | int | float | tuple[str | int | float, ...] = ""
-
-
-@dataclass(frozen=True)
-class SweepSettings(Table):
-    """[sweep]: where the sweep writes and how it renders."""
-
-    output_dir: str = ""  # "" = <run folder>/validation
-    grid_margin: int = at_least(0, 16)  # blank pixels between grid cells
-    images_per_batch: int = at_least(
-        1, 16
-    )  # images per UNet call; all cells of one checkpoint are batched together
-    mixed_precision: Literal["no", "fp16", "bf16"] = (
-        "fp16"  # on CUDA (the VAE decodes in fp32 under fp16); CPU renders fp32
-    )
-
-
-@dataclass(frozen=True)
-class FineConfig(Table):
-    """[fine]: coarse-to-fine, a second pass every few steps over one interval of the coarse sweep."""
-
-    interval: str = ""  # "" = off; "40-80" = saved steps 40..80; "auto" = the interval the scores point to
-    every: int = at_least(1, 5)  # render every 5th step inside the interval
-    coarse: bool = True  # false = skip the coarse pass (you looked at it already; needs an explicit interval)
-
-
-@dataclass(frozen=True)
-class ScoringConfig(Table):
-    """[scoring]: CLIP scores that back the choice of a step (off when `model` is empty)."""
-
-    # A local CLIP folder (transformers layout) or its weights file, never downloaded; "builtin:toy" = the
-    # toy world's scorer (for runs on the builtin:toy model).
-    model: str = ""
-    reference_dir: str = ""  # the training images; "" = the run's dataset from its config.toml
-    class_word: str = "person"  # replaces the trigger word when prompt adherence is measured
-    # An image passes when its likeness to the training images reaches this fraction of the training images'
-    # likeness to each other (1.0 = as alike as the training photos are among themselves).
-    likeness_bar: float = 0.8
-    collapse_ratio: float = at_least(
-        0, 0.5
-    )  # flag "one look" when seed variety falls below this share of step 1's
-    adherence_drop: float = at_least(
-        0, 0.1
-    )  # flag when adherence falls this fraction below the best earlier step's
-
-
-@dataclass(frozen=True)
-class ExportConfig(Table):
-    """[export]: where --export STEP writes NAME.pt / NAME.safetensors (e.g. A1111's embeddings/ folder)."""
-
-    folder: str = ""
-    formats: tuple[Literal["pt", "safetensors", "png", "webp"], ...] = ("pt", "safetensors")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.formats:
-            raise UserError(
-                "export.formats is empty: list at least one, e.g. export.formats=['pt', 'safetensors']"
-            )
-
-
-@dataclass(frozen=True)
-class SweepConfig(Table):
-    """The whole configuration of sweep_validate.py."""
-
-    run: SweepRunConfig = field(default_factory=SweepRunConfig)
-    model: SweepModelConfig = field(default_factory=SweepModelConfig)
-    render: SamplingConfig = field(
-        default_factory=SamplingConfig
-    )  # prompt, seed, batch_size = images per cell
-    x: SweepAxis = field(default_factory=SweepAxis)
-    y: SweepAxis = field(default_factory=SweepAxis)
-    z: SweepAxis = field(default_factory=SweepAxis)
-    sweep: SweepSettings = field(default_factory=SweepSettings)
-    fine: FineConfig = field(default_factory=FineConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-
-# --------------------------------------------------------------------------------------------------
-# generate_dataset.py
-
-
-@dataclass(frozen=True)
-class GenerateSettings(Table):
-    """[generate]: txt2img as A1111 does it, with any number of Prompt S/R axes (FACTS §4)."""
-
-    # A1111 syntax: (word:1.2), [word], BREAK, prompts over 75 tokens, embeddings by file stem.
-    prompt: str = ""
-    negative_prompt: str = ""
-    # Prompt S/R axes: each a comma-separated list (CSV quotes allowed) whose first value occurs in the prompt
-    # or the negative prompt. Axis 1 = grid columns (X), 2 = rows (Y), 3 = grids side by side (Z); further
-    # axes give one overview per combination of their values. Every combination gets all the images.
-    axes: tuple[str, ...] = ()
-    batch_count: int = at_least(1, 1)  # batches per axis combination
-    batch_size: int = at_least(1, 1)  # images denoised together on the GPU; lower it if memory runs out
-    seed: int = at_least(
-        -1, -1
-    )  # -1 = random, drawn once and recorded; image i of every combination uses seed + i
-    steps: int = at_least(1, 20)
-    cfg_scale: float = at_least(0, 7.0)
-    sampler: str = "DPM++ 2M Karras"
-    width: int = image_side(512)
-    height: int = image_side(512)
-    clip_skip: int = at_least(1, 1)
-    embeddings: tuple[str, ...] = ()  # embedding files or folders (A1111's embeddings/); keyword = file stem
-    # On CUDA: fp16 runs the UNet and text encoder in fp16 and decodes in fp32 (SD's VAE overflows in fp16);
-    # bf16 runs everything in bf16. The CPU always renders in fp32.
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    output_dir: str = "output/generated"
-    grids: bool = True  # a grid per axis combination, and the X/Y/Z overview of the first seed
-    grid_margin: int = at_least(0, 0)  # blank pixels between grid cells
-
-
-@dataclass(frozen=True)
-class PhotosConfig(Table):
-    """[photos]: real photos → square head-and-shoulders crops, resized; optional flips and captions."""
-
-    input_dir: str = ""
-    output_dir: str = ""
-    size: int = image_side(512)  # side of the square output images
-    # Side of the crop as a multiple of the detected face's side: 2.5 takes in the hair, neck and shoulders.
-    face_scale: float = at_least(1, 2.5)
-    face_offset: float = 0.15  # crop centre sits this many face heights below the face centre (shoulders)
-    flip: bool = False  # also write mirrored copies (A1111 never flips at train time)
-    # "" = keep an existing <stem>.txt caption; else a template where [filewords] is that caption (or the
-    # file name without leading numbers, as A1111 reads it), e.g. "a photo of a woman, [filewords]".
-    caption: str = ""
-    caption_extension: str = ".txt"
-
-
-@dataclass(frozen=True)
-class PickConfig(Table):
-    """[pick]: automatic flags shown on the review page with their reasons; nothing is ever deleted."""
-
-    faces: bool = True  # flag images with no face or several faces (OpenCV's Haar cascades)
-    # Flag an image whose 64-bit perceptual hash is at most this many bits from an earlier one's; -1 = off.
-    duplicate_distance: int = between(-1, 64, 5)
-    # Sharpness in % (the share of edge steepness a 1-pixel blur takes away, measured at the picture's own
-    # size, at most 1024 px; crisp pictures score about 50-90, clearly blurred ones under 30) below which
-    # an image is flagged blurry; 0 = off.
-    blur_threshold: float = between(0, 100, 40.0)
-    background: str = ""  # the plain background colour asked for ("gray", "#808080"); "" = no check
-    background_tolerance: float = at_least(
-        0, 60.0
-    )  # RGB distance from that colour still counted as background
-    background_fraction: float = between(
-        0, 1, 0.6
-    )  # share of the image's top and side borders that must be that colour
-
-
-@dataclass(frozen=True)
-class SelectConfig(Table):
-    """[select]: the kept images of a review, written into a Kohya folder `<repeats>_<name> <class>`."""
-
-    output_dir: str = ""  # the Kohya parent folder; train with dataset.image_dir = this folder
-    name: str = ""  # trigger word, e.g. "fr3nchl4dy"
-    class_tokens: str = ""  # e.g. "woman"
-    repeats: int = at_least(1, 100)
-    # [name], [class], and [filewords] = the image's own caption (a .txt beside it) or its Prompt S/R values.
-    caption: str = "[name] [class], [filewords]"
-    caption_extension: str = ".txt"
-
-
-@dataclass(frozen=True)
-class GenerateConfig(Table):
-    """The whole configuration of generate_dataset.py (each subcommand reads its own tables)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    generate: GenerateSettings = field(default_factory=GenerateSettings)
-    photos: PhotosConfig = field(default_factory=PhotosConfig)
-    pick: PickConfig = field(default_factory=PickConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)

@@ -27,7 +27,7 @@ from library.errors import UserError
 from library.files import atomic_folder, atomic_write
 
 if TYPE_CHECKING:
-    from library.models import SDParts
+    from library.parts import SDParts
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -342,17 +342,12 @@ def to_ldm_state_dict(parts: SDParts) -> dict:
     levels = len(parts.vae.config.block_out_channels)
     vae = {VAE_PREFIX + k: v for k, v in vae_to_ldm(parts.vae.state_dict(), levels).items()}
     te = parts.text_encoder.state_dict()
-    text = clip_to_ldm(te) if parts.family == "sd1" else openclip_to_ldm(te)
+    text = clip_to_ldm(te) if parts.family.name == "sd1" else openclip_to_ldm(te)
     return {**unet, **vae, **text}
 
 
 def architecture_metadata(parts: SDParts, title: str) -> dict[str, str]:
     """SAI ModelSpec keys (as Kohya writes them) plus the sizes the weights cannot tell."""
-    architecture = {
-        "sd1": "stable-diffusion-v1",
-        "sd2": "stable-diffusion-v2-512",
-        "sd2-v": "stable-diffusion-v2-768-v",
-    }
     resolution = parts.unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     recorded = {
         name: {field: getattr(model.config, field) for field in ARCH_FIELDS[name]}
@@ -360,7 +355,7 @@ def architecture_metadata(parts: SDParts, title: str) -> dict[str, str]:
     }
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture[parts.family],
+        "modelspec.architecture": parts.family.architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",

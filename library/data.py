@@ -36,11 +36,11 @@ from library.captions import (
     read_caption,
     read_text_file,
 )
-from library.config import DatasetConfig as DataSettings  # the [dataset] table of a preset
 from library.config import as_size
 from library.errors import UserError
 from library.images import alpha_loss_weight, encode_images, list_images
 from library.prompts import check_attention
+from library.tables import DatasetConfig as DataSettings  # the [dataset] table of a preset
 
 # Kohya folder names: "<repeats>_<class tokens>"; Kohya also accepts a bare "<repeats>".
 _KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)

@@ -26,7 +26,8 @@ from PIL import Image
 
 from library import png_embedding
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, atomic_write, pt_bytes, refused_global, torch_load_problem
+from library.families import FAMILIES, Family, family_of_architecture
+from library.files import atomic_write, pt_bytes, read_safetensors, read_torch
 
 # Our safetensors metadata keys; everything else in the header lands in `Embedding.metadata`.
 META_NAME = "ti.name"
@@ -44,20 +45,6 @@ PICKLE_SUFFIXES = (".pt", ".bin")
 SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", *png_embedding.IMAGE_FORMATS)
 INIT_RULES = ("a1111", "kohya")
 
-# Kohya's sai_model_spec strings, by our model-family key; the trainer may put one in
-# metadata["modelspec.architecture"], otherwise it is guessed from the vector width.
-MODELSPEC_ARCHITECTURES = {
-    "sd1": "stable-diffusion-v1/textual-inversion",
-    "sd2": "stable-diffusion-v2-512/textual-inversion",
-    "sd2-v": "stable-diffusion-v2-768-v/textual-inversion",
-    "sdxl": "stable-diffusion-xl-v1-base/textual-inversion",
-}
-_MODELSPEC_DEFAULTS = {  # architecture -> (resolution, prediction type), as Kohya fills them in
-    "stable-diffusion-v1": ("512x512", "epsilon"),
-    "stable-diffusion-v2-512": ("512x512", "epsilon"),
-    "stable-diffusion-v2-768-v": ("768x768", "v"),
-    "stable-diffusion-xl-v1-base": ("1024x1024", "epsilon"),
-}
 _A1111_STAR_TOKEN = 265  # CLIP id of "*": A1111 writes it as a constant and never reads it
 _A1111_NAME_CHARS = "._- "  # besides letters and digits, what A1111 keeps in a new embedding's name
 
@@ -71,7 +58,8 @@ class Embedding:
     step: int | None = None  # optimizer updates done
     checkpoint_hash: str | None = None  # A1111 short hash of the base checkpoint
     checkpoint_name: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)  # extra keys (training settings, modelspec, ...)
+    metadata: dict[str, str] = field(default_factory=dict)  # extra keys (training settings, ...)
+    family: str | None = None  # the model family it was made for (library/families.py), when known
 
     @property
     def is_sdxl(self) -> bool:
@@ -144,34 +132,16 @@ def _find_file(path: Path) -> tuple[Path, str]:
 def _read_pickle(file: Path) -> Any:
     # ParameterDict appears in the original (LDM) textual-inversion files that A1111 also reads;
     # rebuilding one only restores attributes, it cannot call anything outside the weights-only allowlist.
-    try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except TORCH_LOAD_ERRORS as error:
-        if refused := refused_global(error):
-            raise UserError(
-                f"{file}: refused to load, it calls {refused} and a pickle like this could run any code; "
-                "ask its author for a .safetensors file"
-            ) from None
-        raise UserError(
-            f"{file}: not a readable torch file ({torch_load_problem(error)}); replace it"
-        ) from None
+    return read_torch(
+        file,
+        "torch file",
+        "replace it (ask its author for a .safetensors file)",
+        allowed=(torch.nn.ParameterDict,),
+    )
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safetensors.safe_open(file, framework="pt", device="cpu") as handle:
-            header = dict(handle.metadata() or {})
-            return {key: handle.get_tensor(key) for key in handle.keys()}, header  # noqa: SIM118
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(
-            f"{file}: corrupt or truncated safetensors file ({_first_line(error)}); replace it"
-        ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    return read_safetensors(file, "file", "replace it")
 
 
 def _pick_vectors(data: Any, file: Path) -> tuple[torch.Tensor | dict[str, torch.Tensor], str | None]:
@@ -247,9 +217,18 @@ def _read_a1111_fields(embedding: Embedding, data: dict, file: Path) -> None:
 
 
 def _read_header(embedding: Embedding, header: dict[str, str], file: Path) -> None:
-    """Our `ti.*` safetensors keys go to the fields; other keys (modelspec, ...) to `metadata`."""
+    """Our `ti.*` safetensors keys go to the fields, the ModelSpec architecture to `family` (the other
+    `modelspec.*` keys are written afresh from it and the name); other keys to `metadata`."""
     fields = {META_NAME, META_STEP, META_NUM_VECTORS, META_CHECKPOINT_HASH, META_CHECKPOINT_NAME}
-    embedding.metadata.update({key: value for key, value in header.items() if key not in fields})
+    embedding.metadata.update(
+        {
+            key: value
+            for key, value in header.items()
+            if key not in fields and not key.startswith("modelspec.")
+        }
+    )
+    made_for = family_of_architecture(header.get("modelspec.architecture", ""))
+    embedding.family = made_for.name if made_for else None
     if META_STEP in header:
         embedding.step = _optional_int(header[META_STEP], file, META_STEP)
     embedding.checkpoint_hash = header.get(META_CHECKPOINT_HASH, embedding.checkpoint_hash)
@@ -354,16 +333,15 @@ def _extra_metadata(embedding: Embedding) -> dict[str, str]:
 def _safetensors_header(embedding: Embedding) -> dict[str, str]:
     """Kohya's modelspec keys, then the caller's metadata, then our `ti.*` fields."""
     extra = _extra_metadata(embedding)
-    architecture = extra.get("modelspec.architecture") or _guess_architecture(embedding)
-    resolution, prediction = _MODELSPEC_DEFAULTS.get(architecture.split("/")[0], ("512x512", "epsilon"))
+    made_for = FAMILIES[embedding.family] if embedding.family in FAMILIES else _guess_family(embedding)
     header = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
+        "modelspec.architecture": f"{made_for.architecture}/textual-inversion",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": embedding.name,
         "modelspec.trigger_phrase": embedding.name,
-        "modelspec.resolution": resolution,
-        "modelspec.prediction_type": prediction,
+        "modelspec.resolution": f"{made_for.resolution}x{made_for.resolution}",
+        "modelspec.prediction_type": "v" if made_for.prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }
     header.update(extra)
@@ -378,11 +356,11 @@ def _safetensors_header(embedding: Embedding) -> dict[str, str]:
     return header
 
 
-def _guess_architecture(embedding: Embedding) -> str:
+def _guess_family(embedding: Embedding) -> Family:
     if embedding.is_sdxl:
-        return MODELSPEC_ARCHITECTURES["sdxl"]
+        return FAMILIES["sdxl"]
     # 1024-wide vectors come from SD 2.x (OpenCLIP ViT-H); everything else is treated as SD 1.x.
-    return MODELSPEC_ARCHITECTURES["sd2" if embedding.width == 1024 else "sd1"]
+    return FAMILIES["sd2" if embedding.width == 1024 else "sd1"]
 
 
 def _write_pt(

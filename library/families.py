@@ -44,9 +44,11 @@ class TextEncoderSpec:
     tokenizer: str  # folder of library/assets holding its tokenizer
     width: int  # width of its token embeddings (and of its hidden states)
     pad_id: int
-    # The hidden state the UNet reads: the last one after the final LayerNorm (SD 1.x, and SD 2.x whose
-    # converted encoder stops at the penultimate layer), or the penultimate without the norm (SDXL).
-    penultimate: bool = False
+    # The hidden state the UNet reads, counted from the end, and whether the final LayerNorm applies to it:
+    # the last after the norm (SD 1.x, and SD 2.x, whose converted encoder stops at the penultimate
+    # layer), or the penultimate without it (SDXL).
+    layer: int = 1
+    final_norm: bool = True
     pooled: bool = False  # its projected output at the end token conditions the UNet too (SDXL's bigG)
 
 
@@ -55,6 +57,7 @@ class Family:
     """One model family: its encoders, conditioning, resolution, prediction type and file layout."""
 
     name: str
+    title: str  # as users call it: "SD 1.x"
     text_encoders: tuple[TextEncoderSpec, ...]
     prediction_type: str  # "epsilon" or "v_prediction"
     resolution: int  # the side it was trained at
@@ -104,12 +107,6 @@ class Family:
             "use an embedding made for this model family"
         )
 
-    @property
-    def title(self) -> str:
-        return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}.get(
-            self.name, self.name
-        )
-
 
 def _describe(found: dict) -> str:
     if list(found) == ["vectors"]:
@@ -123,11 +120,25 @@ def _describe(found: dict) -> str:
 
 CLIP_L = TextEncoderSpec("clip_l", "tokenizer_sd1", 768, CLIP_PAD)
 CLIP_H = TextEncoderSpec("clip_h", "tokenizer_sd2", 1024, OPENCLIP_PAD)
+# SDXL reads both encoders' penultimate states side by side (2048 wide) and bigG's pooled vector (FACTS §9).
+SDXL_CLIP_L = TextEncoderSpec("clip_l", "tokenizer_sd1", 768, CLIP_PAD, layer=2, final_norm=False)
+SDXL_CLIP_G = TextEncoderSpec(
+    "clip_g", "tokenizer_sd2", 1280, OPENCLIP_PAD, layer=2, final_norm=False, pooled=True
+)
 
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", (CLIP_L,), "epsilon", 512, "stable-diffusion-v1"),
-    "sd2": Family("sd2", (CLIP_H,), "epsilon", 512, "stable-diffusion-v2-512"),
-    "sd2-v": Family("sd2-v", (CLIP_H,), "v_prediction", 768, "stable-diffusion-v2-768-v"),
+    "sd1": Family("sd1", "SD 1.x", (CLIP_L,), "epsilon", 512, "stable-diffusion-v1"),
+    "sd2": Family("sd2", "SD 2.x", (CLIP_H,), "epsilon", 512, "stable-diffusion-v2-512"),
+    "sd2-v": Family("sd2-v", "SD 2.x-v", (CLIP_H,), "v_prediction", 768, "stable-diffusion-v2-768-v"),
+    "sdxl": Family(
+        "sdxl",
+        "SDXL",
+        (SDXL_CLIP_L, SDXL_CLIP_G),
+        "epsilon",
+        1024,
+        "stable-diffusion-xl-v1-base",
+        size_conditioning=True,
+    ),  # fmt: skip
 }
 
 
@@ -136,3 +147,9 @@ def family(name: str) -> Family:
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}; use one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def family_of_architecture(architecture: str) -> Family | None:
+    """The family whose ModelSpec architecture starts `architecture` ("stable-diffusion-v1/textual-inversion")."""
+    base = architecture.split("/")[0]
+    return next((f for f in FAMILIES.values() if f.architecture == base), None)

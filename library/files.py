@@ -7,8 +7,11 @@
 - Nothing is replaced by surprise: with `overwrite=False` an existing target is a one-line `UserError`.
 - A folder that is a file, is read-only or is full is a one-line `UserError` naming the path.
 
-`pt_bytes` writes a `torch.save` archive that A1111's safe loader (`modules/safe.py`, FACTS §8) accepts;
-`TORCH_LOAD_ERRORS` and `refused_global` tell a damaged or foreign `.pt`/`.ckpt` from one that would run code.
+`pt_bytes` writes a `torch.save` archive that A1111's safe loader (`modules/safe.py`, FACTS §8) accepts.
+
+Every weights file the toolkit reads goes through here too (`read_weights`, `read_torch`,
+`read_safetensors`): a pickle that would run code is refused and never run, and a damaged or foreign file is
+one line naming it.
 """
 
 from __future__ import annotations
@@ -166,6 +169,9 @@ def pt_bytes(obj: Any, archive: str) -> bytes:
     return out.getvalue()
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading weights safely
+
 # What `torch.load(weights_only=True)` raises for bytes it did not write, or wrote but were cut short or
 # damaged (found by truncating and corrupting real files, zip and legacy): the file's fault, not a bug.
 TORCH_LOAD_ERRORS = (
@@ -181,8 +187,110 @@ TORCH_LOAD_ERRORS = (
     OSError,
 )
 
+# Training bookkeeping that old LDM .ckpt files pickle beside the weights (Lightning callbacks, numpy step
+# counters). These names are read as an inert stand-in, so none of their code runs; any other Python
+# object in a pickle is refused.
+_BOOKKEEPING_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+)
 
-def torch_load_problem(error: BaseException) -> str:
+
+class _Inert:
+    """Stands in for a bookkeeping object: accepts anything, keeps nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def read_torch(path: Path, what: str, fix: str, *, allowed: tuple = ()) -> Any:
+    """A `.pt`/`.ckpt`/`.bin` read by `torch.load(weights_only=True)`: a pickle that would run code is refused
+    and never run, a damaged one is a UserError "`path`: not a readable `what` (...); `fix`". `allowed` adds
+    classes that only restore attributes (e.g. the ParameterDict of original textual-inversion files)."""
+    import torch
+
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except TORCH_LOAD_ERRORS:
+        found = []  # legacy format or damaged: the weights-only unpickler checks every global itself
+    known = {f"{cls.__module__}.{cls.__qualname__}" for cls in allowed}
+    refused = [name for name in found if name not in _BOOKKEEPING_GLOBALS and name not in known]
+    if refused:
+        raise UserError(
+            f"{path}: refused: the pickle would run {refused[0]}, which a weights file never needs; {fix}"
+        )
+    inert = [(_Inert, name) for name in found if name in _BOOKKEEPING_GLOBALS]
+    try:
+        with torch.serialization.safe_globals([*inert, *allowed]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as error:
+        if name := _refused_global(error):
+            raise UserError(
+                f"{path}: refused: the pickle would run {name}, which a weights file never needs; {fix}"
+            ) from None
+        raise UserError(f"{path}: not a readable {what} ({_torch_load_problem(error)}); {fix}") from None
+
+
+def read_safetensors(path: Path, what: str, fix: str) -> tuple[dict, dict[str, str]]:
+    """The tensors and metadata of a `.safetensors` file; a damaged one is a UserError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
+            return tensors, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: not a readable .safetensors {what} ({_first_line(error)}); {fix}") from None
+
+
+def read_weights(path: str | os.PathLike, what: str, fix: str) -> tuple[dict, dict[str, str]]:
+    """The tensors and metadata of a weights file: `.safetensors`, or a torch pickle read weights-only (a
+    nested `"state_dict"` unwrapped, its `"metadata"` kept). The format is told from the first bytes."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the path (a diffusers model is a folder)")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise UserError(f"{path}: the file is empty; {fix}")
+    # safetensors: an 8-byte header length, then the JSON header, which must start with "{" (the format's
+    # rule); torch: a zip archive or a bare pickle. Anything else is a broken download or another file.
+    if head[8:9] == b"{":
+        return read_safetensors(path, "file", fix)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(
+            f"{path}: neither a .safetensors nor a torch {what} (it starts with {head[:8]!r}); {fix}"
+        )
+    data, metadata = read_torch(path, what, fix), {}
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        if isinstance(data.get("metadata"), dict):
+            metadata = {str(k): str(v) for k, v in data["metadata"].items()}
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a dict of weights; {fix}")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def _aligned(tensor):
+    """A copy when the tensor sits at an odd address inside the file's buffer: CPU kernels take other
+    code paths on unaligned memory (slower, and not bitwise equal to the same weights aligned)."""
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _torch_load_problem(error: BaseException) -> str:
     """What was wrong with the bytes, in a few words (torch's messages run to paragraphs of advice, some of
     it, "re-run with weights_only=False", wrong for a file from the internet)."""
     text = str(error)
@@ -192,7 +300,7 @@ def torch_load_problem(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:200] if len(first) < 20 else first[:200]
 
 
-def refused_global(error: BaseException) -> str | None:
+def _refused_global(error: BaseException) -> str | None:
     """The Python global a weights-only `torch.load` refused to call (e.g. "pathlib.PosixPath"): such a
     file would run code. None when the bytes were simply not a pickle torch can read (damaged, foreign)."""
     if isinstance(error, pickle.UnpicklingError):

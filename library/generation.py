@@ -25,7 +25,8 @@ import tomli_w
 import torch
 from tqdm.auto import tqdm
 
-from library.config import GenerateConfig, GenerateSettings, ModelConfig, dump_config, load_config
+from library.conditioning import Conditioner
+from library.config import dump_config, load_config
 from library.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
 from library.embeddings import load_embedding
 from library.errors import UserError
@@ -41,11 +42,11 @@ from library.grid import apply_prompt_sr, prompt_sr_values
 from library.infotext import format_infotext, infotext_params
 from library.models import load_parts
 from library.pick import check_pick_config, run_pick
-from library.prompts import PromptEncoder, check_attention
-from library.sampling import SampleSettings, decode_images, resolve_seed, sample_latents, vae_scale_factor
+from library.prompts import check_attention
+from library.sampling import decode_images, resolve_seed, sample_latents
+from library.tables import GenerateConfig, GenerateSettings, ModelConfig, SamplerSettings
 
 CONFIG_FILE = "config.toml"
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,12 +67,9 @@ def parse_axes(settings: GenerateSettings) -> list[list[str]]:
     return axes
 
 
-def check_settings(settings: GenerateSettings) -> SampleSettings:
-    """The sampler settings for one batch ([generate]'s ranges are the table's own; the sampler is checked here)."""
-    try:
-        return SampleSettings.from_config(settings)
-    except UserError as error:
-        raise UserError(f"generate.sampler: {error}") from None
+def check_settings(settings: GenerateSettings) -> SamplerSettings:
+    """The sampler settings of every batch ([generate] checks its own ranges and sampler name)."""
+    return SamplerSettings.of(settings)
 
 
 def plan_images(settings: GenerateSettings, seed: int) -> list[PlannedImage]:
@@ -115,57 +113,46 @@ def _batches(plan: list[PlannedImage]) -> list[list[PlannedImage]]:
 
 
 class Renderer:
-    """A loaded model with its prompt encoder and embeddings, rendering one batch at a time."""
+    """A loaded model with its conditioner and embeddings, rendering one batch at a time."""
 
     def __init__(self, model: ModelConfig, settings: GenerateSettings, log: Callable[[str], None] = print):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = settings.mixed_precision if self.device.type == "cuda" else "no"
-        self.parts = load_parts(model, dtype=_DTYPES[precision])
-        if precision == "fp16":  # SD's VAE overflows in fp16 (black images): A1111's --no-half-vae
-            self.parts.vae.to(torch.float32)
-        for module in (self.parts.unet, self.parts.text_encoder, self.parts.vae):
-            module.to(self.device)
-        self.encoder = PromptEncoder(
-            self.parts.tokenizer, self.parts.text_encoder, clip_skip=settings.clip_skip
-        )
-        self.embedding_hashes = load_embeddings(self.encoder, settings.embeddings, log)
-        self.scheduler_config = dict(self.parts.noise_scheduler.config)
+        self.parts = load_parts(model, precision=precision)
+        self.parts.place(self.device, precision)
+        self.conditioner = Conditioner.of(self.parts, clip_skip=settings.clip_skip)
+        self.embedding_hashes = load_embeddings(self.conditioner, self.parts, settings.embeddings, log)
 
     def used_embeddings(self, prompt: str, negative: str) -> str | None:
         """A1111's "TI hashes" value for the embeddings a prompt pair uses (civitai links them by it)."""
         names = []
         for text in (prompt, negative):
-            for chunk in self.encoder.tokenize_line(text):
+            for chunk in self.conditioner.tokenize_line(text):
                 names.extend(name for _, name in chunk.fixes if name not in names)
         pairs = [f"{name.replace(':', '').replace(',', '')}: {self.embedding_hashes[name]}" for name in names]
         return ", ".join(pairs) or None
 
     def render(
-        self, batch: list[PlannedImage], settings: SampleSettings, progress: Callable[[int, int], None]
+        self,
+        batch: list[PlannedImage],
+        settings: SamplerSettings,
+        batch_size: int,
+        progress: Callable[[int, int], None],
     ):
         """Render one batch (one prompt pair, consecutive seeds); out of GPU memory is a UserError."""
         try:
             with torch.inference_mode():
-                cond, uncond = self.encoder.encode_pair(
+                cond, uncond = self.conditioner.encode_pair(
                     [image.prompt for image in batch], [image.negative_prompt for image in batch]
                 )
-            latents = sample_latents(
-                self.parts.unet,
-                self.scheduler_config,
-                cond,
-                uncond,
-                [image.seed for image in batch],
-                settings,
-                latent_channels=self.parts.unet.config.in_channels,
-                vae_scale_factor=vae_scale_factor(self.parts.vae),
-                progress=progress,
-            )
+            seeds = [image.seed for image in batch]
+            latents = sample_latents(self.parts, cond, uncond, seeds, settings, progress=progress)
             return decode_images(self.parts.vae, latents)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            smaller = max(1, settings.batch_size // 2)
+            smaller = max(1, batch_size // 2)
             raise UserError(
-                f"out of GPU memory at generate.batch_size = {settings.batch_size} "
+                f"out of GPU memory at generate.batch_size = {batch_size} "
                 f"({settings.width}x{settings.height}); try generate.batch_size={smaller} "
                 "(and a larger generate.batch_count for the same number of images)"
             ) from None
@@ -188,22 +175,24 @@ def _embedding_files(paths: Iterable[str]) -> list[Path]:
 
 
 def load_embeddings(
-    encoder: PromptEncoder, paths: Iterable[str], log: Callable[[str], None]
+    conditioner: Conditioner, parts, paths: Iterable[str], log: Callable[[str], None]
 ) -> dict[str, str]:
     """Register every embedding file (keyword = file stem); returns name -> A1111 short hash.
 
-    As in A1111, embeddings made for another model width are skipped with a message. The short hash is
+    As in A1111, embeddings made for another kind of model are skipped with a message. The short hash is
     the first 12 hex digits of the file's SHA-256, which A1111 writes as "TI hashes".
     """
-    width = encoder.text_encoder.get_input_embeddings().embedding_dim
     hashes = {}
+    device = parts.text_encoder.device
     for file in _embedding_files(paths):
         embedding = load_embedding(file)
-        if embedding.is_sdxl or embedding.width != width:
-            log(f"skipped embedding {file}: its vectors are {embedding.width} wide, this model needs {width}")
+        try:
+            blocks = parts.family.blocks(embedding.vectors, str(file), parts.widths)
+        except UserError as error:
+            log(f"skipped embedding {str(error).split('; use')[0]}")
             continue
         try:
-            encoder.set_embedding(embedding.name, embedding.vectors.to(encoder.text_encoder.device))
+            conditioner.set_embedding(embedding.name, {k: v.to(device) for k, v in blocks.items()})
         except UserError as error:
             raise UserError(f"{file}: {error}") from None
         hashes[embedding.name] = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
@@ -293,7 +282,7 @@ def _render_plan(
         for batch in batches:
             base = bar.n
             images = renderer.render(
-                batch, sample, lambda step, _, base=base: bar.update(base + step - bar.n)
+                batch, sample, settings.batch_size, lambda step, _, base=base: bar.update(base + step - bar.n)
             )
             for planned, image in zip(batch, images, strict=True):
                 if keep is None or planned.file in keep:

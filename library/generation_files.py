@@ -18,12 +18,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from library.config import GenerateConfig, PickConfig, config_to_dict
+from library.config import config_to_dict
 from library.errors import UserError
 from library.files import atomic_write
 from library.grid import join_grids_side_by_side, make_grid
 from library.infotext import save_png
 from library.pick import ImageFlags, check_pick_config, flag_image
+from library.tables import GenerateConfig, PickConfig
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"

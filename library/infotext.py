@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from library.files import atomic_write
 
 if TYPE_CHECKING:
-    from library.sampling import SampleSettings
+    from library.tables import SamplerSettings
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -109,7 +109,7 @@ def _model_info(model: Any) -> tuple[str, str]:
 
 
 def infotext_params(
-    settings: SampleSettings, seed: int, parts_or_model_info: Any, extra: Mapping[str, Any] | None = None
+    settings: SamplerSettings, seed: int, parts_or_model_info: Any, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ordered parameters A1111 writes for one image, ready for `format_infotext`.
 

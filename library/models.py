@@ -1,4 +1,4 @@
-"""Load Stable Diffusion 1.x / 2.x checkpoints offline into one `SDParts` object.
+"""Load Stable Diffusion checkpoints offline into one `SDParts` object (library/parts.py).
 
 Single-file checkpoints in the original (CompVis/A1111) layout and diffusers folders are both read
 without touching the network: configs and tokenizers ship in `library/assets`. Models are built on the
@@ -9,108 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import accelerate
 import torch
 import yaml
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors import SafetensorError, safe_open
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from library import convert
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, refused_global, torch_load_problem
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-
-# The noise schedule every SD 1.x / 2.x model was trained with.
-_SD_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    steps_offset=1,
-)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What distinguishes one model family from another."""
-
-    name: str
-    prediction_type: str  # "epsilon" or "v_prediction"
-    text_width: int  # width of the text encoder's token embeddings
-    tokenizer_dir: Path
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(_SD_SCHEDULE, prediction_type=self.prediction_type)
-
-
-FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "epsilon", 768, ASSETS / "tokenizer_sd1"),
-    "sd2": Family("sd2", "epsilon", 1024, ASSETS / "tokenizer_sd2"),
-    "sd2-v": Family("sd2-v", "v_prediction", 1024, ASSETS / "tokenizer_sd2"),
-}
-
-
-@dataclass
-class SDParts:
-    """Everything a textual-inversion run needs from a checkpoint."""
-
-    family: str  # key of FAMILIES
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    noise_scheduler: DDPMScheduler
-    checkpoint_name: str  # file stem (or folder name), as A1111 shows it
-    checkpoint_hash: str  # A1111 short hash: first 10 hex of the file's SHA-256 ("" if unknown)
-
-    @classmethod
-    def of(cls, family: str, text_encoder, unet, vae, *, name: str, checkpoint_hash: str = "") -> SDParts:
-        """Parts from built modules, with the family's tokenizer and noise schedule."""
-        return cls(
-            family=family,
-            tokenizer=load_tokenizer(family),
-            text_encoder=text_encoder,
-            unet=unet,
-            vae=vae,
-            noise_scheduler=DDPMScheduler(**FAMILIES[family].scheduler_config),
-            checkpoint_name=name,
-            checkpoint_hash=checkpoint_hash,
-        )
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def vae_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    def pipeline(self):
-        """These parts as a diffusers `StableDiffusionPipeline` sharing the same modules (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.noise_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-
-def load_tokenizer(family: str) -> CLIPTokenizer:
-    """The real CLIP tokenizer for a family, from the folder shipped with the project."""
-    return CLIPTokenizer.from_pretrained(FAMILIES[family].tokenizer_dir, local_files_only=True)
+from library.families import FAMILIES
+from library.files import read_weights
+from library.parts import PRECISIONS, SDParts, load_tokenizer
 
 
 def tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
@@ -136,106 +47,14 @@ def a1111_short_hash(path) -> str:
     return digest.hexdigest()[:10]
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading state dicts
-
-# Training bookkeeping that old LDM .ckpt files pickle beside the weights (Lightning callbacks, numpy
-# step counters). These names are read as an inert stand-in, so none of their code runs; any other
-# Python object in a pickle is refused.
-_BOOKKEEPING_GLOBALS = (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.dtype",
-    "_codecs.encode",
-)
-
-
-class _Inert:
-    """Stands in for a bookkeeping object: accepts anything, keeps nothing."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __setstate__(self, state) -> None:
-        pass
+def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a checkpoint file (.safetensors, or .ckpt/.pt/.bin read weights-only)."""
+    return read_weights(path, "checkpoint", "download it again or use a .safetensors copy")
 
 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:300]
-
-
-def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a .safetensors file, or of a .ckpt/.pt/.bin read weights-only.
-
-    A nested `"state_dict"` is unwrapped. The format is told from the file's first bytes, not its name.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; check the path (a diffusers model is a folder)")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        raise UserError(f"{path}: the file is empty; download it again")
-    # safetensors: an 8-byte header length, then the JSON header, which must start with "{" (the format's
-    # rule); torch: a zip archive or a bare pickle. Anything else is a broken download or another file.
-    if head[8:9] == b"{":
-        return _read_safetensors(path)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return _read_pickle(path)
-    raise UserError(
-        f"{path}: neither a .safetensors nor a .ckpt checkpoint (it starts with {head[:8]!r}); the download "
-        "may be broken or the file another kind: download it again"
-    )
-
-
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy when the tensor sits at an odd address inside the file's buffer: CPU kernels take other
-    code paths on unaligned memory (slower, and not bitwise equal to the same weights aligned)."""
-    return tensor.clone() if tensor.data_ptr() % 64 else tensor
-
-
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: _aligned(f.get_tensor(k)) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(
-            f"{path}: not a readable .safetensors file ({_first_line(e)}); it may be truncated, download it again"
-        ) from None
-
-
-def _read_pickle(path: Path) -> tuple[dict, dict]:
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except TORCH_LOAD_ERRORS:
-        found = []  # legacy format or damaged: the weights-only unpickler below checks every global itself
-    refused = [name for name in found if name not in _BOOKKEEPING_GLOBALS]
-    if refused:
-        raise UserError(
-            f"{path}: refused: the pickle would run {refused[0]}, which a weights file never needs; "
-            "use a .safetensors copy of this model"
-        )
-    try:
-        with torch.serialization.safe_globals([(_Inert, name) for name in found]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except TORCH_LOAD_ERRORS as e:
-        if name := refused_global(e):
-            raise UserError(
-                f"{path}: refused: the pickle would run {name}; use a .safetensors copy of this model"
-            ) from None
-        raise UserError(
-            f"{path}: not a readable checkpoint ({torch_load_problem(e)}); download it again"
-        ) from None
-    metadata = {}
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        if isinstance(data.get("metadata"), dict):
-            metadata = {str(k): str(v) for k, v in data["metadata"].items()}
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: holds a {type(data).__name__}, not a dict of weights")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, metadata
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +152,7 @@ def _read_json(file: Path) -> dict:
 
 
 def _base_configs(family: str, config_dir) -> dict[str, dict]:
-    folder = Path(config_dir) if config_dir else ASSETS / "configs" / family
+    folder = Path(config_dir) if config_dir else FAMILIES[family].config_dir
     configs = {}
     for part in ("unet", "vae", "text_encoder"):
         file = folder / part / "config.json"
@@ -466,7 +285,7 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     else:
         raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
     return SDParts.of(
-        chosen, text_encoder, unet, vae_model, name=path.stem, checkpoint_hash=a1111_short_hash(path)
+        chosen, [text_encoder], unet, vae_model, name=path.stem, checkpoint_hash=a1111_short_hash(path)
     )
 
 
@@ -530,16 +349,9 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
         vae_model = _load_vae(vae, _base_configs(chosen, None)["vae"], True, dtype)
     else:
         vae_model = _from_pretrained(AutoencoderKL, folder / "vae", dtype)
-    return SDParts(
-        family=chosen,
-        tokenizer=tokenizer,
-        text_encoder=_from_pretrained(CLIPTextModel, folder / "text_encoder", dtype),
-        unet=_from_pretrained(UNet2DConditionModel, folder / "unet", dtype),
-        vae=vae_model,
-        noise_scheduler=DDPMScheduler(**FAMILIES[chosen].scheduler_config),
-        checkpoint_name=folder.name,
-        checkpoint_hash="",
-    )
+    text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder", dtype)
+    unet = _from_pretrained(UNet2DConditionModel, folder / "unet", dtype)
+    return SDParts.of(chosen, [text_encoder], unet, vae_model, name=folder.name, tokenizer=tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,17 +379,18 @@ def load_sd(
     return _load_single_file(path, family, vae, config_dir, dtype)
 
 
-def load_parts(model, *, dtype: torch.dtype = torch.float32) -> SDParts:
-    """The model a `[model]` config table names.
+def load_parts(model, *, precision: str = "no") -> SDParts:
+    """The model a `[model]` config table names, its weights in the dtype of `precision` (on the CPU).
 
     "builtin:toy" is the embedded toy model (library/assets/toy, an SD1 single file that has learned the
     toy world of library/toy.py); "builtin:tiny" is a randomly initialised model built in code, for tests.
     """
+    dtype = PRECISIONS[precision]
     if model.checkpoint == "builtin:tiny":
-        from library.tiny import build_tiny_parts  # tiny.py imports this module
+        from library.tiny import build_tiny_parts
 
         parts = build_tiny_parts("sd1" if model.family == "auto" else model.family, seed=0)
-        for module in (parts.unet, parts.vae, parts.text_encoder):
+        for module in parts.modules:
             module.to(dtype)
         return parts
     if model.checkpoint == "builtin:toy":

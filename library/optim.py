@@ -7,14 +7,16 @@ import torch
 from library.errors import UserError
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    """The optimizer for the embedding vectors only (never the whole token table).
+def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float):
+    """The optimizer for the embedding vectors only (never the whole token table): one parameter group
+    per embedding, `{"params": [...]}`.
 
     bitsandbytes' AdamW8bit keeps 32-bit state for tensors under 4,096 elements, which is every TI embedding
     of a few vectors: it then behaves as plain AdamW, as it does in Kohya.
     """
+    params = groups
     if name == "adamw":
-        fused = all(p.is_cuda for p in params)
+        fused = all(p.is_cuda for group in groups for p in group["params"])
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         import bitsandbytes as bnb
@@ -32,18 +34,20 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
     raise UserError(f"unknown optimizer {name!r}; choose adamw, adamw8bit, lion or prodigy")
 
 
-def state_fits(name: str, state: dict, vectors: torch.Tensor) -> bool:
-    """Whether a saved optimizer state has the layout optimizer `name` gives `vectors`: the same kind of
-    state (keys) and tensor shapes. The state of other vectors or of another optimizer loads without a
-    complaint and fails (or quietly misleads) at the first step; each optimizer lays its state out its own
-    way (Prodigy keeps flat copies, bitsandbytes a nested dict), so it is compared with a fresh one."""
-    probe = torch.nn.Parameter(torch.zeros_like(vectors))
-    fresh = build_optimizer(name, [probe], lr=1e-3, weight_decay=0.0)
-    probe.grad = torch.zeros_like(probe)
+def state_fits(name: str, state: dict, groups: list[dict]) -> bool:
+    """Whether a saved optimizer state has the layout optimizer `name` gives these parameter groups: the
+    same kind of state (keys) and tensor shapes. The state of other vectors or of another optimizer loads
+    without a complaint and fails (or quietly misleads) at the first step; each optimizer lays its state out
+    its own way (Prodigy keeps flat copies, bitsandbytes a nested dict), so it is compared with a fresh one."""
+    probes = [{"params": [torch.nn.Parameter(torch.zeros_like(p)) for p in g["params"]]} for g in groups]
+    fresh = build_optimizer(name, probes, lr=1e-3, weight_decay=0.0)
+    for group in probes:
+        for probe in group["params"]:
+            probe.grad = torch.zeros_like(probe)
     fresh.step()
     expected = fresh.state_dict()
-    groups = [g.get("params") for g in state.get("param_groups", ()) if isinstance(g, dict)]
-    if [len(g) if isinstance(g, list) else None for g in groups] != [
+    saved = [g.get("params") for g in state.get("param_groups", ()) if isinstance(g, dict)]
+    if [len(g) if isinstance(g, list) else None for g in saved] != [
         len(g["params"]) for g in expected["param_groups"]
     ]:
         return False

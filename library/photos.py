@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from library.captions import caption_from_stem, check_caption_extension, read_caption
-from library.config import PhotosConfig
 from library.errors import UserError
 from library.files import atomic_write
 from library.images import open_image, split_rgb_alpha
+from library.tables import PhotosConfig
 
 # Faces are searched on a copy whose long side is at most this: the cascades find faces of 24 px and
 # more, and a 6000 px photo would take seconds per cascade for no gain.

@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageColor
 
-from library.config import PickConfig
 from library.errors import UserError
 from library.files import atomic_write
 from library.images import list_images, open_image, split_rgb_alpha
 from library.photos import detect_faces
+from library.tables import PickConfig
 
 FLAGS_FILE = "flags.json"
 # Sharpness is judged at the picture's own size, at most this many pixels on its long side: training

@@ -123,23 +123,35 @@ def _merge_equal_weights(items: list[list]) -> list[list]:
 
 @dataclass(frozen=True)
 class PromptChunk:
-    """One 77-token window of a prompt, as the text encoder sees it.
+    """One 77-token window of a prompt, as the text encoders see it.
 
-    `tokens` holds BOS, 75 prompt or padding ids and EOS (SD2: pad ids after the first EOS);
-    `multipliers` the attention weight of each token. Each fix `(offset, name)` says that embedding
-    `name` fills `tokens[offset + 1 : offset + 1 + n]` (offset counts from after BOS, as in A1111).
+    `tokens` holds BOS, 75 prompt ids and EOS, padded with EOS (CLIP's way; `ids` gives an encoder that
+    pads with another id its own); `multipliers` the attention weight of each token. Each fix
+    `(offset, name)` says that embedding `name` fills `tokens[offset + 1 : offset + 1 + n]` (offset counts
+    from after BOS, as in A1111).
     """
 
     tokens: tuple[int, ...]
     multipliers: tuple[float, ...]
     fixes: tuple[tuple[int, str], ...] = ()
 
+    @functools.cached_property
+    def end(self) -> int:
+        """Where the first end token stands: the pooled output of SDXL's bigG is read there."""
+        eos = self.tokens[-1]
+        return self.tokens.index(eos)
+
+    def ids(self, pad: int) -> tuple[int, ...]:
+        """The tokens with everything after the first end token set to `pad` (OpenCLIP pads with 0)."""
+        end = self.end
+        return self.tokens[: end + 1] + (pad,) * (len(self.tokens) - end - 1)
+
 
 class _ChunkBuilder:
     """Collects the 75-token bodies of one prompt's chunks, following A1111's tokenize_line."""
 
-    def __init__(self, bos: int, eos: int, pad: int, comma_backtrack: int):
-        self.bos, self.eos, self.pad = bos, eos, pad
+    def __init__(self, bos: int, eos: int, comma_backtrack: int):
+        self.bos, self.eos = bos, eos
         self.comma_backtrack = comma_backtrack
         self.chunks: list[PromptChunk] = []
         self._start_body()
@@ -158,9 +170,6 @@ class _ChunkBuilder:
         """Pad the current body, wrap it in BOS/EOS and start a new one."""
         missing = CHUNK_LENGTH - len(self.tokens)
         tokens = [self.bos] + self.tokens + [self.eos] * (missing + 1)
-        # SD2's tokenizer pads with its own id: everything after the first EOS becomes padding.
-        first_eos = tokens.index(self.eos)
-        tokens[first_eos + 1 :] = [self.pad] * (len(tokens) - first_eos - 1)
         multipliers = [1.0] + self.multipliers + [1.0] * (missing + 1)
         self.chunks.append(PromptChunk(tuple(tokens), tuple(multipliers), tuple(self.fixes)))
         self._start_body()
@@ -203,57 +212,42 @@ class _ChunkBuilder:
         return tuple(self.chunks)
 
 
-class PromptEncoder:
-    """Encodes prompts like A1111 does, with textual-inversion embeddings placed by their token ids."""
+class PromptTokenizer:
+    """Cuts prompts into A1111's 77-token chunks, with the embeddings it knows placed by their token ids.
 
-    def __init__(self, tokenizer, text_encoder, *, clip_skip: int = 1, comma_backtrack: int = 20):
-        num_layers = text_encoder.config.num_hidden_layers
-        if not 1 <= clip_skip <= num_layers:
-            raise UserError(
-                f"clip_skip must be between 1 and {num_layers} for this text encoder, got {clip_skip}"
-            )
+    It knows each embedding's name and vector count; the vectors themselves live in the conditioner
+    (library/conditioning.py), which turns the chunks into what the UNet reads.
+    """
+
+    def __init__(self, tokenizer, *, comma_backtrack: int = 20):
         if comma_backtrack < 0:
             raise UserError(
                 f"comma_backtrack must be 0 (off) or a positive token count, got {comma_backtrack}"
             )
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.clip_skip = clip_skip
         self.comma_backtrack = comma_backtrack
-        self._bos = tokenizer.bos_token_id
-        self._eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id
-        self._pad = self._eos if pad is None else pad
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
         self._comma = tokenizer.get_vocab().get(",</w>")
-        self._vectors: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}  # name -> number of vectors
         self._name_ids: dict[str, tuple[int, ...]] = {}
         # first token id -> [(ids, name)], longest first, so `name-20` wins over `name`
         self._lookup: dict[int, list[tuple[tuple[int, ...], str]]] = {}
         self._tokenize_cached = functools.lru_cache(maxsize=_TOKENIZE_CACHE_SIZE)(self._tokenize_uncached)
-        self._empty_chunk = self._new_builder().finish()[0]
+        self.empty_chunk = self._new_builder().finish()[0]
 
     # ----- embeddings -------------------------------------------------------------------------------
 
     @property
-    def embedding_names(self) -> list[str]:
-        """Names of the registered embeddings, in registration order."""
-        return list(self._vectors)
+    def names(self) -> list[str]:
+        """Names of the embeddings it knows, in the order they were added."""
+        return list(self._counts)
 
-    def set_embedding(self, name: str, vectors: torch.Tensor) -> None:
-        """Register (or replace) embedding `name` with `vectors` of shape [n, dim].
-
-        The tensor is kept by reference, so a trainable nn.Parameter receives gradients from `encode`
-        and optimizer updates show in the next call.
-        """
-        width = self.text_encoder.get_input_embeddings().embedding_dim
-        if vectors.ndim != 2 or vectors.shape[1] != width:
+    def add_name(self, name: str, num_vectors: int) -> None:
+        """Know (or update) embedding `name` of `num_vectors` vectors."""
+        if not 1 <= num_vectors <= CHUNK_LENGTH:
             raise UserError(
-                f"embedding {name!r} has shape {tuple(vectors.shape)}, but this text encoder needs "
-                f"[num_vectors, {width}]; use an embedding made for this model family"
-            )
-        if not 1 <= vectors.shape[0] <= CHUNK_LENGTH:
-            raise UserError(
-                f"embedding {name!r} has {vectors.shape[0]} vectors; it needs 1 to {CHUNK_LENGTH} to fit a prompt"
+                f"embedding {name!r} has {num_vectors} vectors; it needs 1 to {CHUNK_LENGTH} to fit a prompt"
             )
         ids = tuple(self._tokenize([name])[0])
         if not ids:
@@ -265,15 +259,15 @@ class PromptEncoder:
                 raise UserError(
                     f"embedding names {name!r} and {other!r} read as the same tokens in a prompt; rename one"
                 )
-        self._vectors[name] = vectors
+        self._counts[name] = num_vectors
         self._name_ids[name] = ids
         self._rebuild_lookup()
 
-    def remove_embedding(self, name: str) -> None:
+    def remove_name(self, name: str) -> None:
         """Forget embedding `name`; its name is plain text in prompts again."""
-        if name not in self._vectors:
-            raise UserError(f"no embedding named {name!r}; registered: {self.embedding_names}")
-        del self._vectors[name]
+        if name not in self._counts:
+            raise UserError(f"no embedding named {name!r}; registered: {self.names}")
+        del self._counts[name]
         del self._name_ids[name]
         self._rebuild_lookup()
 
@@ -299,7 +293,7 @@ class PromptEncoder:
         return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     def _new_builder(self) -> _ChunkBuilder:
-        return _ChunkBuilder(self._bos, self._eos, self._pad, self.comma_backtrack)
+        return _ChunkBuilder(self.bos, self.eos, self.comma_backtrack)
 
     def tokenize_line(self, text: str) -> list[PromptChunk]:
         """Cut one prompt into 77-token chunks, with weights and embedding placements (cached per text)."""
@@ -328,103 +322,9 @@ class PromptEncoder:
                     position += 1
                 else:
                     name, span = found
-                    builder.add_embedding(name, self._vectors[name].shape[0], weight)
+                    builder.add_embedding(name, self._counts[name], weight)
                     position += span
         return builder.finish()
-
-    # ----- encoding ---------------------------------------------------------------------------------
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Encode prompts to [B, 77 * k, dim]; shorter prompts are padded with empty chunks."""
-        return self._encode_groups([prompts])[0]
-
-    def encode_pair(self, prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts and negative prompts padded to the same length, as classifier-free guidance needs.
-
-        Each side keeps its own emphasis normalisation, as when A1111 encodes them separately.
-        """
-        cond, uncond = self._encode_groups([prompts, negatives])
-        return cond, uncond
-
-    def _encode_groups(self, groups: list[list[str]]) -> list[torch.Tensor]:
-        """Encode several batches in one text-encoder call; chunks are normalised per batch and index."""
-        if any(len(group) == 0 for group in groups):
-            raise ValueError("encode needs at least one prompt")
-        chunk_lists = [[self._tokenize_cached(prompt) for prompt in group] for group in groups]
-        count = max(len(chunks) for group in chunk_lists for chunks in group)
-        # Rows are ordered group, chunk index, prompt: each (group, index) block is A1111's chunk batch.
-        rows = [
-            chunks[i] if i < len(chunks) else self._empty_chunk
-            for group in chunk_lists
-            for i in range(count)
-            for chunks in group
-        ]
-        z = self._run_text_encoder(rows)
-        outputs, start = [], 0
-        for group in groups:
-            size = len(group) * count
-            block = z[start : start + size].view(count, len(group), *z.shape[1:])
-            block = self._apply_emphasis(block, rows[start : start + size])
-            outputs.append(block.transpose(0, 1).reshape(len(group), count * z.shape[1], z.shape[2]))
-            start += size
-        return outputs
-
-    def _apply_emphasis(self, z: torch.Tensor, rows: list[PromptChunk]) -> torch.Tensor:
-        """A1111 "Original" emphasis on z [k, B, 77, dim]: weight each token, then restore each chunk batch's mean."""
-        if all(weight == 1.0 for row in rows for weight in row.multipliers):
-            return z  # multiplying by ones and rescaling by 1 changes nothing
-        multipliers = to_device([row.multipliers for row in rows], torch.float32, z.device)
-        z32 = z.float()
-        original_mean = z32.mean(dim=(1, 2, 3), keepdim=True)
-        weighted = z32 * multipliers.view(z.shape[:3]).unsqueeze(-1)
-        ratio = original_mean / weighted.mean(dim=(1, 2, 3), keepdim=True)
-        # A weighted mean of exactly zero would give inf (A1111 then returns inf/NaN): leave it unscaled.
-        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
-        weighted = weighted * ratio
-        return weighted.to(z.dtype)
-
-    def _run_text_encoder(self, rows: list[PromptChunk]) -> torch.Tensor:
-        """Run the text encoder on the chunks' ids with embedding vectors in their slots -> [R, 77, dim]."""
-        token_embedding = self.text_encoder.get_input_embeddings()
-        device = token_embedding.weight.device
-        input_ids = to_device([row.tokens for row in rows], torch.long, device)
-        hook = self._make_fix_hook(rows, device)
-        # The hook lives only for this call, so the text encoder behaves normally everywhere else.
-        handle = token_embedding.register_forward_hook(hook) if hook is not None else None
-        try:
-            output = self.text_encoder(input_ids=input_ids, output_hidden_states=self.clip_skip > 1)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if self.clip_skip == 1:
-            return output.last_hidden_state
-        # transformers 4.x nests the layers in `text_model`; 5.x puts them on the model itself.
-        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return final_layer_norm(output.hidden_states[-self.clip_skip])
-
-    def _make_fix_hook(self, rows: list[PromptChunk], device: torch.device):
-        """A forward hook that writes the embeddings' vectors over their placeholder slots, or None."""
-        row_index: list[int] = []
-        slot_index: list[int] = []
-        pieces: list[torch.Tensor] = []
-        for row, chunk in enumerate(rows):
-            for offset, name in chunk.fixes:
-                vectors = self._vectors[name]
-                count = vectors.shape[0]
-                row_index += [row] * count
-                slot_index += range(offset + 1, offset + 1 + count)  # +1 skips BOS
-                pieces.append(vectors)
-        if not pieces:
-            return None
-        rows_at = to_device(row_index, torch.long, device)
-        slots_at = to_device(slot_index, torch.long, device)
-
-        def write_vectors(module, inputs, output: torch.Tensor) -> torch.Tensor:
-            values = torch.cat([piece.to(device=output.device, dtype=output.dtype) for piece in pieces])
-            # Out-of-place index_put: autograd carries the gradient to the vectors, not to the table.
-            return output.index_put((rows_at, slots_at), values)
-
-        return write_vectors
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -8,16 +8,17 @@ image depends only on its own prompt and seed, never on which batch it was drawn
   "RNG: CPU" scheme, so the initial noise equals A1111's for the same seed and size.
 - the scheduler is built fresh for every call from the model's noise-schedule config, so sampling
   never disturbs the scheduler that training uses.
+
+The sampler's settings are the config's own table (library/tables.SamplerSettings: steps, CFG scale,
+sampler, size), declared once for previews, generation and sweeps.
 """
 
 from __future__ import annotations
 
 import inspect
 import secrets
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,10 @@ from diffusers import (
 )
 from PIL import Image
 
+from library.conditioning import Conditioner, Conditioning
+from library.denoiser import predict, render_size_ids
 from library.errors import UserError
+from library.tables import SamplerSettings
 
 # A1111 draws random seeds with random.randrange(4294967294): [0, 2**32 - 2).
 SEED_RANGE = 4294967294
@@ -54,47 +58,6 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     # CompVis DDIM ends on alphas_cumprod[0], not on a clean alpha of 1; its steps are "leading".
     "DDIM": (DDIMScheduler, {"set_alpha_to_one": False, "timestep_spacing": "leading"}),
 }
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """How to sample: the knobs A1111's txt2img tab shows."""
-
-    steps: int = 30
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = "DPM++ 2M Karras"
-    batch_size: int = 4
-    # CUDA: replay the UNet as a CUDA graph per batch shape (same images, far fewer kernel launches)
-    cuda_graphs: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise UserError(f"steps = {self.steps}: sampling needs at least 1 step")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size = {self.batch_size}: must be at least 1")
-        if self.width < 1 or self.height < 1:
-            raise UserError(f"size {self.width}x{self.height}: width and height must be positive")
-        check_sampler(self.sampler)
-
-    @classmethod
-    def from_config(cls, table, default_size: tuple[int, int] = (512, 512)) -> SampleSettings:
-        """From a config table with steps, cfg_scale, width, height, sampler, batch_size (0 = default size)."""
-        return cls(
-            steps=table.steps,
-            cfg_scale=table.cfg_scale,
-            width=table.width or default_size[0],
-            height=table.height or default_size[1],
-            sampler=table.sampler,
-            batch_size=table.batch_size,
-        )
-
-
-class PromptEncoder(Protocol):
-    """What `generate` needs from a prompt encoder (library/prompts.py provides one)."""
-
-    def encode_pair(self, prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def check_sampler(name: str) -> str:
@@ -151,7 +114,7 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _latent_shape(settings: SampleSettings, channels: int, factor: int) -> tuple[int, int, int]:
+def _latent_shape(settings: SamplerSettings, channels: int, factor: int) -> tuple[int, int, int]:
     if settings.width % factor or settings.height % factor:
         raise UserError(
             f"size {settings.width}x{settings.height}: width and height must be multiples of {factor}"
@@ -159,122 +122,79 @@ def _latent_shape(settings: SampleSettings, channels: int, factor: int) -> tuple
     return (channels, settings.height // factor, settings.width // factor)
 
 
-def _match_batch(cond: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    """Let one encoding serve a whole batch (one prompt, many seeds)."""
-    if cond.shape[0] == n:
-        return cond
-    if cond.shape[0] == 1:
-        return cond.expand(n, *cond.shape[1:])
-    raise ValueError(f"{what} has batch {cond.shape[0]} but there are {n} seeds")
-
-
-class _GraphedForward:
-    """One UNet forward captured as a CUDA graph for one input shape, replayed with new inputs copied in."""
-
-    def __init__(self, unet, latents, t, context) -> None:
-        self.latents, self.t, self.context = latents.clone(), t.clone(), context.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: lazy kernel loading and library workspaces happen here
-            for _ in range(2):
-                unet(self.latents, self.t, encoder_hidden_states=self.context)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = unet(self.latents, self.t, encoder_hidden_states=self.context).sample
-
-    def __call__(self, latents, t, context) -> torch.Tensor:
-        self.latents.copy_(latents)
-        self.t.copy_(t)
-        self.context.copy_(context)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites `out`
-
-
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> {input shapes: _GraphedForward}
-_MAX_GRAPHS = 3  # per UNet; each holds its own activation memory
-
-
-def _unet(unet, latents, t, context, graphs: bool) -> torch.Tensor:
-    """unet(latents, t, context).sample, replayed from a CUDA graph where `graphs` is on and room is left."""
-    if graphs and latents.is_cuda and torch.is_tensor(t):
-        t = t.to(latents.device)
-        # The weights' address too: a graph replays the memory it was captured on (a moved UNet is recaptured).
-        weights = next(unet.parameters()).data_ptr()
-        key = (weights, latents.shape, latents.dtype, t.shape, t.dtype, context.shape, context.dtype)
-        cache = _GRAPHS.setdefault(unet, {})
-        if key not in cache and len(cache) < _MAX_GRAPHS:
-            cache[key] = _GraphedForward(unet, latents, t, context)
-        if key in cache:
-            return cache[key](latents, t, context)
-    return unet(latents, t, encoder_hidden_states=context).sample
-
-
 def _guided_prediction(
-    unet, latents, t, cond, uncond, cfg_scale: float, graphs: bool = False
+    parts, latents, t, cond: Conditioning, uncond: Conditioning, cfg_scale: float, time_ids, graphs: bool
 ) -> torch.Tensor:
     """The UNet's output under classifier-free guidance, in float32."""
-    dtype = unet.dtype
+    family, unet, dtype = parts.family, parts.unet, parts.unet.dtype
     if cfg_scale == 1:
         # uncond + 1 * (cond - uncond) is cond: skip the unconditional half.
-        return _unet(unet, latents.to(dtype), t, cond.to(dtype), graphs).float()
-    if cond.shape[1:] == uncond.shape[1:]:
-        both = _unet(
-            unet, torch.cat([latents, latents]).to(dtype), t, torch.cat([uncond, cond]).to(dtype), graphs
-        ).float()
-        out_uncond, out_cond = both.chunk(2)
+        return predict(unet, family, latents.to(dtype), t, cond.to(dtype), time_ids, graphs).float()
+    if cond.context.shape[1:] == uncond.context.shape[1:]:
+        both = Conditioning.cat([uncond, cond]).to(dtype)
+        twice = None if time_ids is None else torch.cat([time_ids, time_ids])
+        out = predict(unet, family, torch.cat([latents, latents]).to(dtype), t, both, twice, graphs).float()
+        out_uncond, out_cond = out.chunk(2)
     else:
         # Prompts of different chunk counts cannot share one call (A1111 then runs them apart too).
-        out_uncond = _unet(unet, latents.to(dtype), t, uncond.to(dtype), graphs).float()
-        out_cond = _unet(unet, latents.to(dtype), t, cond.to(dtype), graphs).float()
+        out_uncond = predict(unet, family, latents.to(dtype), t, uncond.to(dtype), time_ids, graphs).float()
+        out_cond = predict(unet, family, latents.to(dtype), t, cond.to(dtype), time_ids, graphs).float()
     return out_uncond + cfg_scale * (out_cond - out_uncond)
 
 
 def sample_latents(
-    unet,
-    scheduler_config: dict,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    parts,
+    cond: Conditioning,
+    uncond: Conditioning,
     seeds: list[int],
-    settings: SampleSettings,
+    settings: SamplerSettings,
     *,
-    latent_channels: int = 4,
-    vae_scale_factor: int = 8,
+    graphs: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise one batch: image i starts from seeds[i]; returns float32 latents [len(seeds), C, h, w].
 
-    `cond`/`uncond` are text encodings [batch or 1, tokens, width]; the prediction type (epsilon or
-    v-prediction) comes from `scheduler_config`. `progress(done, total)` is called after every step.
-    The latents stay float32 between steps; only the UNet's inputs are cast to its dtype.
+    `cond`/`uncond` are the prompts' conditionings (batch 1 serves every seed); the prediction type (epsilon
+    or v) comes from the model's noise schedule; SDXL gets the size ids of an uncropped picture of the size.
+    `graphs` replays the UNet from CUDA graphs on a GPU (the same images, far fewer kernel launches).
+    `progress(done, total)` is called after every step. The latents stay float32 between steps; only the
+    UNet's inputs are cast to its dtype.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("sample_latents needs at least one seed")
+    unet = parts.unet
     device = next(unet.parameters()).device
-    shape = _latent_shape(settings, latent_channels, vae_scale_factor)
-    cond = _match_batch(cond, len(seeds), "cond").to(device)
-    uncond = _match_batch(uncond, len(seeds), "uncond").to(device)
+    shape = _latent_shape(settings, unet.config.in_channels, vae_scale_factor(parts.vae))
+    cond, uncond = cond.expand(len(seeds)), uncond.expand(len(seeds))
+    time_ids = None
+    if parts.family.size_conditioning:
+        time_ids = render_size_ids(settings.height, settings.width, len(seeds), device).to(unet.dtype)
 
-    scheduler = build_scheduler(settings.sampler, scheduler_config)
+    scheduler = build_scheduler(settings.sampler, dict(parts.noise_scheduler.config))
     scheduler.set_timesteps(settings.steps, device=device)
     # Ancestral samplers draw fresh noise every step, from each image's own generator.
     step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generators = _generators(seeds)
 
     with torch.inference_mode():
+        cond, uncond = _on(cond, device), _on(uncond, device)
         latents = _draw(generators, shape).to(device) * scheduler.init_noise_sigma
         total = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(latents, t)
             prediction = _guided_prediction(
-                unet, model_input, t, cond, uncond, settings.cfg_scale, settings.cuda_graphs
+                parts, model_input, t, cond, uncond, settings.cfg_scale, time_ids, graphs
             )
             extra = {"generator": generators} if step_takes_generator else {}
             latents = scheduler.step(prediction, t, latents, **extra).prev_sample
             if progress is not None:
                 progress(i + 1, total)
     return latents
+
+
+def _on(cond: Conditioning, device) -> Conditioning:
+    return Conditioning(cond.context.to(device), None if cond.pooled is None else cond.pooled.to(device))
 
 
 def decode_images(vae, latents: torch.Tensor) -> list[Image.Image]:
@@ -295,15 +215,18 @@ def decode_images(vae, latents: torch.Tensor) -> list[Image.Image]:
 
 def generate(
     parts,
-    prompt_encoder: PromptEncoder,
+    conditioner: Conditioner,
     prompts: list[str],
     negatives: list[str],
     seeds: list[int],
-    settings: SampleSettings,
+    settings: SamplerSettings,
+    *,
+    batch_size: int = 4,
+    graphs: bool = True,
 ) -> list[Image.Image]:
-    """Generate one image per (prompt, negative, seed), in batches of `settings.batch_size`.
+    """Generate one image per (prompt, negative, seed), `batch_size` at a time.
 
-    `parts` is a `library.models.SDParts`. Image i uses seeds[i] exactly as given (resolve -1 and apply
+    `parts` is a `library.parts.SDParts`. Image i uses seeds[i] exactly as given (resolve -1 and apply
     A1111's seed + i before calling), and is the same whatever the batch size.
     """
     if not (len(prompts) == len(negatives) == len(seeds)):
@@ -311,23 +234,11 @@ def generate(
             f"generate needs one prompt, negative and seed per image; got {len(prompts)}, "
             f"{len(negatives)} and {len(seeds)}"
         )
-    factor = vae_scale_factor(parts.vae)
-    channels = parts.unet.config.in_channels
-    scheduler_config = dict(parts.noise_scheduler.config)
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        end = start + settings.batch_size
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
         with torch.inference_mode():
-            cond, uncond = prompt_encoder.encode_pair(list(prompts[start:end]), list(negatives[start:end]))
-        latents = sample_latents(
-            parts.unet,
-            scheduler_config,
-            cond,
-            uncond,
-            list(seeds[start:end]),
-            settings,
-            latent_channels=channels,
-            vae_scale_factor=factor,
-        )
+            cond, uncond = conditioner.encode_pair(list(prompts[start:end]), list(negatives[start:end]))
+        latents = sample_latents(parts, cond, uncond, list(seeds[start:end]), settings, graphs=graphs)
         images.extend(decode_images(parts.vae, latents))
     return images

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from library.errors import UserError
-from library.files import TORCH_LOAD_ERRORS, torch_load_problem
+from library.files import read_weights
 from library.prompts import BREAK, parse_prompt_attention
 
 # OpenAI CLIP's preprocessing constants, used when the model folder has no preprocessor_config.json.
@@ -178,7 +178,8 @@ def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
         model.to(dtype)
     else:
         raise UserError(f"{path}: scoring model not found; give a local CLIP folder or file (scoring.model)")
-    from library.models import load_tokenizer, tokenizer_from_folder
+    from library.models import tokenizer_from_folder
+    from library.parts import load_tokenizer
 
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         tokenizer = tokenizer_from_folder(folder)
@@ -194,20 +195,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except TORCH_LOAD_ERRORS as error:
-        raise UserError(
-            f"{path}: not a readable weights file ({torch_load_problem(error)}); use .safetensors"
-        ) from None
-    return state.get("state_dict", state) if isinstance(state, dict) else {}
+    return read_weights(path, "weights file", "give a CLIP folder or its .safetensors weights")[0]
 
 
 def _clip_config(folder: Path):
@@ -314,9 +302,9 @@ def score_cell(scorer: Scorer, images: Sequence[Image.Image], references, prompt
 
 def load_references(reference_dir: str, dataset=None) -> list[Image.Image]:
     """The training images as RGB: `reference_dir` (a flat or Kohya folder), else the run's [dataset] table."""
-    from library.config import DatasetConfig
     from library.data import scan_images
     from library.images import open_image, split_rgb_alpha
+    from library.tables import DatasetConfig
 
     if reference_dir:
         if not Path(reference_dir).expanduser().is_dir():

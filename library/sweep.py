@@ -1,11 +1,11 @@
 """Validation sweeps: render a run's saved steps side by side on several checkpoints (A1111's X/Y/Z plot).
 
-- the run folder is read by library/runs.py (`open_run`: which file `NAME-20` in a prompt stands for).
+- the run folder is read by library/run_folder.py (`open_run`: which file `NAME-20` in a prompt stands for).
 - `parse_axis` reads one `[x]`/`[y]`/`[z]` table; `plan` lays out the cells (X columns, Y rows, Z grids);
   `fine_plan` re-plans the step axis every few steps over one interval (coarse-to-fine).
 - `render` loads each checkpoint once and renders all cells of all plans on it in full batches, with a
   progress bar (stderr) of the images rendered.
-sweep_validate.py puts these together with library/runs.py (the run folder, export), library/scoring.py
+library/validation.py puts these together with library/run_folder.py (the run, export), library/scoring.py
 (scores), library/recommendation.py (the recommended step) and library/report.py (cell images, grids,
 scores.csv, report.html).
 """
@@ -15,24 +15,18 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from library.config import ModelConfig, SweepAxis, SweepConfig, as_size
+from library.config import as_size
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
 from library.prompts import check_attention
-from library.runs import Run, describe_steps
-from library.sampling import SampleSettings, check_sampler, generate, resolve_seed
+from library.run_folder import Run, describe_steps
+from library.sampling import check_sampler, resolve_seed
+from library.tables import SamplerSettings, SweepAxis, SweepConfig
 
 # The render progress bar (stderr): images done of the checkpoint's total, and images per second (tqdm's
 # default would switch to seconds per image below 1 image/s, as on a CPU).
@@ -40,7 +34,6 @@ _PROGRESS = (
     "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 )
 RUN_CHECKPOINT = "run:checkpoint"  # [model] checkpoints entry meaning "the checkpoint the run was trained on"
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +214,7 @@ class Cell:
     prompt: str
     negative: str
     seeds: tuple[int, ...]
-    settings: SampleSettings
+    settings: SamplerSettings
     step: int | None  # the embedding step in the prompt (for scores); None when it holds several or none
 
 
@@ -260,10 +253,6 @@ def plan(
             'model.checkpoints lists several checkpoints: make one axis type = "checkpoint" to compare them'
         )
     prompt = base_prompt(cfg, run)
-    try:
-        check_sampler(cfg.render.sampler)
-    except UserError as error:
-        raise UserError(f"render.sampler: {error}") from None
     seed = resolve_seed(cfg.render.seed)
     width, height = _default_size(cfg, run)
     first_checkpoint = _checkpoint_path(cfg.model.checkpoints[0], run)
@@ -285,13 +274,12 @@ def plan(
                 _apply(state, axis, i, run)
         check_attention(state["prompt"], "render.prompt")  # now, not after a checkpoint has loaded
         check_attention(state["negative"], "render.negative_prompt")
-        settings = SampleSettings(
+        settings = SamplerSettings(
             steps=state["steps"],
             cfg_scale=state["cfg_scale"],
+            sampler=state["sampler"],
             width=state["size"][0],
             height=state["size"][1],
-            sampler=state["sampler"],
-            batch_size=cfg.sweep.images_per_batch,
         )
         names = {run.resolve(t)[0] for t in run.tokens_in(state["prompt"] + "\n" + state["negative"])}
         step = _step_of(names, run)
@@ -322,7 +310,7 @@ def _apply(state: dict, axis: Axis, i: int, run: Run) -> None:
         if not run.tokens_in(state["prompt"] + state["negative"]):
             raise UserError(f"a step axis needs '{run.name}' (or {run.name}-N) in render.prompt to replace")
         for key in ("prompt", "negative"):
-            state[key] = run.pattern().sub(f"{run.name}-{value}", state[key])
+            state[key] = run.pattern().sub(lambda m: f"{m['name']}-{value}", state[key])
     elif axis.type == "checkpoint":
         state["checkpoint"], state["checkpoint_label"] = value, axis.labels[i]
     elif axis.type == "size":
@@ -335,8 +323,8 @@ def _step_of(names: set[str], run: Run) -> int | None:
     if len(names) != 1:
         return None
     (name,) = names
-    if name == run.name:
-        return load_embedding(run.final_file()).step
+    if name in run.names:  # the final embedding
+        return load_embedding(run.final_file(name)).step
     return int(name.rsplit("-", 1)[1])
 
 
@@ -392,94 +380,3 @@ def auto_interval(steps: list[int], recommended: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------------------------
 # Rendering
-
-
-def render(
-    cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
-) -> Iterator[tuple[str, object, dict[tuple[str, int], list[Image.Image]], float]]:
-    """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan name, cell index): images}, seconds).
-
-    All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings,
-    `sweep.images_per_batch` images per UNet call.
-    """
-    from library.models import load_parts
-    from library.prompts import PromptEncoder
-
-    dtype = _DTYPES[cfg.sweep.mixed_precision] if device.type == "cuda" else torch.float32
-    checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
-    for checkpoint in checkpoints:
-        label = checkpoint_label(checkpoint)
-        log(f"{label}: loading {checkpoint}")
-        started = time.perf_counter()
-        model = ModelConfig(
-            checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
-        )
-        parts = load_parts(model, dtype=dtype)
-        parts.unet.to(device)
-        parts.text_encoder.to(device)
-        parts.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)  # SD's VAE overflows in fp16
-        encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-        jobs = [
-            (p.name, i, cell)
-            for p in plans
-            for i, cell in enumerate(p.cells)
-            if cell.checkpoint == checkpoint
-        ]
-        for token in {t for _, _, cell in jobs for t in run.tokens_in(cell.prompt + "\n" + cell.negative)}:
-            name, file = run.resolve(token)
-            if name not in encoder.embedding_names:
-                vectors = load_embedding(file).vectors
-                if not isinstance(vectors, torch.Tensor):
-                    raise UserError(f"{file}: an SDXL embedding; sweeps render SD 1.x / 2.x checkpoints")
-                width = parts.text_encoder.get_input_embeddings().embedding_dim
-                if vectors.shape[1] != width:
-                    raise UserError(
-                        f"{file}: {vectors.shape[1]}-wide vectors, but {label} needs {width}; render on "
-                        "checkpoints of the family the run was trained on"
-                    )
-                encoder.set_embedding(name, vectors.to(device))
-        loaded = time.perf_counter() - started
-        images: dict[tuple[str, int], list[Image.Image]] = {}
-        groups: dict[SampleSettings, list] = {}
-        for job in jobs:
-            groups.setdefault(job[2].settings, []).append(job)
-        total = sum(len(job[2].seeds) for job in jobs)
-        log(f"{label}: loaded in {loaded:.1f} s; rendering {total} images")
-        render_started = time.perf_counter()
-        with tqdm(total=total, desc=label, unit=" images", file=sys.stderr, bar_format=_PROGRESS) as progress:
-            for settings, group in groups.items():
-                flat = [(job, seed) for job in group for seed in job[2].seeds]
-                # One UNet batch per call (as generate would batch them anyway), so the bar moves per batch.
-                for start in range(0, len(flat), settings.batch_size):
-                    batch = flat[start : start + settings.batch_size]
-                    out = generate(
-                        parts,
-                        encoder,
-                        [j[2].prompt for j, _ in batch],
-                        [j[2].negative for j, _ in batch],
-                        [seed for _, seed in batch],
-                        settings,
-                    )
-                    for (job, _), image in zip(batch, out, strict=True):
-                        images.setdefault((job[0], job[1]), []).append(image)
-                    progress.update(len(batch))
-        seconds = time.perf_counter() - render_started
-        count = sum(len(v) for v in images.values())
-        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
-        yield checkpoint, parts, images, seconds
-        del parts, encoder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def batch_grid(images: list[Image.Image]) -> Image.Image:
-    """A cell's images as one picture, A1111's way: rows = sqrt(n), lowered until it divides n."""
-    rows = max(1, int(math.sqrt(len(images))))
-    while len(images) % rows:
-        rows -= 1
-    cols = len(images) // rows
-    w, h = images[0].size
-    canvas = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % cols) * w, (i // cols) * h))
-    return canvas

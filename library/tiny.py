@@ -10,7 +10,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.models import FAMILIES, SDParts
+from library.families import FAMILIES
+from library.parts import SDParts
 
 TEXT_WIDTH = 32
 
@@ -78,4 +79,4 @@ def build_tiny_parts(family: str = "sd1", seed: int = 0) -> SDParts:
     getattr(text_encoder, "text_model", text_encoder).final_layer_norm.bias.data.normal_(0.0, 0.5)
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
-    return SDParts.of(family, text_encoder, unet, vae, name=f"tiny-{family}")
+    return SDParts.of(family, [text_encoder], unet, vae, name=f"tiny-{family}")

@@ -417,9 +417,13 @@ class ToyScorer:
         """Nothing is cached per image."""
 
 
-def concept_hit_rate(parts, encoder, prompt: str, concept: str, seeds: list[int], settings) -> float:
+def concept_hit_rate(
+    parts, conditioner, prompt: str, concept: str, seeds: list[int], settings, batch_size: int = 32
+) -> float:
     """Generate one image per seed from `prompt` (library.sampling.generate) and return its likeness."""
     from library.sampling import generate
 
-    images = generate(parts, encoder, [prompt] * len(seeds), [""] * len(seeds), seeds, settings)
+    images = generate(
+        parts, conditioner, [prompt] * len(seeds), [""] * len(seeds), seeds, settings, batch_size=batch_size
+    )
     return likeness(images, concept)

@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 import generate_dataset
 import sweep_validate
 import train_textual_inversion
-from library.config import TrainConfig, dump_config, load_config
+from library.config import dump_config, load_config
 from library.embeddings import Embedding, load_embedding, save_embedding
+from library.tables import TrainConfig
 from tests.helpers import make_images, one_error_line, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from library.config import GenerateConfig, SweepConfig, TrainConfig, dump_config, load_config
+from library.config import dump_config, load_config
 from library.errors import UserError
+from library.tables import GenerateConfig, SweepConfig, TrainConfig
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "presets").glob("*.toml"))
 

@@ -56,9 +56,9 @@ def test_cuda_graphs_are_captured_once_per_batch_shape(tmp_path):
 
 def test_compiled_unet_trains_like_the_eager_one(tmp_path):
     """Compiled kernels round differently in bf16, so the vectors move the same way, not bit for bit."""
-    from library.config import ModelConfig
     from library.embeddings import init_vectors
     from library.models import load_parts
+    from library.tables import ModelConfig
 
     parts = load_parts(ModelConfig(checkpoint="builtin:tiny"))
     start = init_vectors(parts.tokenizer, parts.text_encoder, "shape", 1, "a1111")
@@ -75,10 +75,10 @@ def test_sampling_from_cuda_graphs_gives_the_same_images(sampler):
 
     import numpy as np
 
-    from library.config import ModelConfig
     from library.models import load_parts
     from library.prompts import PromptEncoder
     from library.sampling import SampleSettings, generate
+    from library.tables import ModelConfig
 
     parts = load_parts(ModelConfig(checkpoint="builtin:toy"), dtype=torch.float16)
     for module in (parts.unet, parts.vae, parts.text_encoder):

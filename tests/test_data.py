@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from library.captions import STOCK_TEMPLATES, TEMPLATE_DIR, fill_template, load_template, process_tags
-from library.config import TrainConfig, load_config
+from library.config import load_config
 from library.data import (
     DataSettings,
     DataWarning,
@@ -24,6 +24,7 @@ from library.data import (
 )
 from library.errors import UserError
 from library.images import load_training_image, split_rgb_alpha
+from library.tables import TrainConfig
 from library.tiny import tiny_vae_config
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from library.embeddings import (
-    MODELSPEC_ARCHITECTURES,
     STORED_NAME_KEY,
     TRAINING_SETTINGS_KEY,
     Embedding,
@@ -233,10 +232,12 @@ def test_safetensors_is_kohya_layout_with_modelspec(tmp_path):
         "stable-diffusion-v2-512/textual-inversion"
     )
     chosen = sample(width=1024)
-    chosen.metadata["modelspec.architecture"] = MODELSPEC_ARCHITECTURES["sd2-v"]
-    header = safetensors.safe_open(save_embedding(chosen, tmp_path / "v.safetensors"), "pt").metadata()
+    chosen.family = "sd2-v"
+    path = save_embedding(chosen, tmp_path / "v.safetensors")
+    header = safetensors.safe_open(path, "pt").metadata()
     assert header["modelspec.architecture"] == "stable-diffusion-v2-768-v/textual-inversion"
-    assert header["modelspec.prediction_type"] == "v"
+    assert header["modelspec.prediction_type"] == "v" and header["modelspec.resolution"] == "768x768"
+    assert load_embedding(path).family == "sd2-v"  # read back from the architecture
 
 
 class A1111Encoder(json.JSONEncoder):

@@ -15,13 +15,14 @@ from PIL import Image, ImageFilter
 
 from generate_dataset import main
 from library import generation, toy
-from library.config import GenerateConfig, PickConfig, SelectConfig, load_config
+from library.config import load_config
 from library.embeddings import Embedding, save_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, join_grids_side_by_side, make_grid, prompt_sr_values
 from library.infotext import parse_infotext
 from library.pick import background_share, dhash, flag_images, hamming, run_pick, sharpness
 from library.review import Selection, caption_for, write_kohya_folder
+from library.tables import GenerateConfig, PickConfig, SelectConfig
 from tests.faces import drawn_face
 from tests.helpers import one_error_line, tiny_checkpoint
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from library.config import TrainConfig, load_config
+from library.config import load_config
 from library.embeddings import load_embedding
+from library.tables import TrainConfig
 from library.training import run_training
 from tests.helpers import make_images, one_error_line
 

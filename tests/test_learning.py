@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from library.config import TrainConfig, load_config
+from library.config import load_config
 from library.convert import save_single_file
 from library.embeddings import init_vectors, load_embedding
 from library.images import encode_images
 from library.prompts import PromptEncoder
+from library.tables import TrainConfig
 from library.tiny import build_tiny_parts
 from library.training import setup
 

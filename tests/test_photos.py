@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from generate_dataset import main
-from library.config import PhotosConfig
 from library.errors import UserError
 from library.photos import centre_square, detect_faces, face_square, prepare_photos
+from library.tables import PhotosConfig
 from tests.faces import FACE_CENTRE, drawn_face
 
 EXIF_ORIENTATION = 0x0112

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from generate_dataset import main
-from library.config import PickConfig
 from library.pick import run_pick
+from library.tables import PickConfig
 from tests.helpers import make_images, one_error_line
 
 PICK = PickConfig(faces=False, blur_threshold=0.0, duplicate_distance=-1)

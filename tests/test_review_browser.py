@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from library.config import PickConfig, SelectConfig
 from library.pick import run_pick
 from library.review import read_selection, write_kohya_folder
+from library.tables import PickConfig, SelectConfig
 from tests.helpers import make_images
 
 CHROMIUM = "/usr/bin/chromium"

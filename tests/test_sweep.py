@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library.config import SweepConfig, TrainConfig, dump_config, load_config
+from library.config import dump_config, load_config
 from library.embeddings import Embedding, load_embedding, save_embedding
 from library.errors import UserError
 from library.infotext import parse_infotext
@@ -17,6 +17,7 @@ from library.recommendation import StepScores, recommend
 from library.report import save_grid, write_report
 from library.runs import export_step, open_run
 from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan, render
+from library.tables import SweepConfig, TrainConfig
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from library import toy
-from library.config import ModelConfig, TrainConfig, load_config
+from library.config import load_config
 from library.errors import UserError
 from library.models import load_parts, load_sd, read_state_dict
 from library.prompts import PromptEncoder
 from library.sampling import SampleSettings, generate
+from library.tables import ModelConfig, TrainConfig
 from tests.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.config import TrainConfig, load_config
+from library.config import load_config
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.infotext import parse_infotext
+from library.tables import TrainConfig
 from library.training import Trainer, TrainingStopped, run_training, setup
 from tests.helpers import make_images, tiny_checkpoint
 from train_textual_inversion import main

@@ -51,9 +51,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from library import toy  # noqa: E402
+from library.conditioning import Conditioner  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.models import ASSETS, FAMILIES, SDParts, load_tokenizer  # noqa: E402
-from library.prompts import PromptEncoder  # noqa: E402
+from library.families import ASSETS, FAMILIES  # noqa: E402
+from library.parts import SDParts, load_tokenizer  # noqa: E402
+from library.prompts import PromptTokenizer  # noqa: E402
+from library.tables import SamplerSettings  # noqa: E402
 
 SD1 = ASSETS / "configs" / "sd1"
 SCALE = 0.18215  # SD1's VAE scaling factor; the toy VAE is re-scaled to make it exact
@@ -396,10 +399,10 @@ class Bank:
 
 
 def caption_table(tokenizer, text_encoder, device) -> tuple[torch.Tensor, list[str]]:
-    """Token ids [289, 77] of every training caption, as the library's PromptEncoder tokenizes them:
+    """Token ids [289, 77] of every training caption, as the library's PromptTokenizer tokenizes them:
     row ((kind * 2 + no_background) * 6 + colour) * 6 + shape for kinds full / colour / shape / none,
     and the last row for the empty caption."""
-    encoder = PromptEncoder(tokenizer, text_encoder)
+    encoder = PromptTokenizer(tokenizer)
     texts = []
     for kind in range(4):
         for no_background in (0, 1):
@@ -622,7 +625,7 @@ def write_snapshot(trainer: DiffusionTrainer, work: Path, quick_eval: bool) -> N
 
 
 def make_parts(unet, text_encoder, vae, name: str = "toy-sd1") -> SDParts:
-    return SDParts.of("sd1", text_encoder.eval(), unet.eval(), vae.eval(), name=name)
+    return SDParts.of("sd1", [text_encoder.eval()], unet.eval(), vae.eval(), name=name)
 
 
 @torch.no_grad()
@@ -640,10 +643,10 @@ def evaluate_parts(
     from library.sampling import generate
 
     scorer = toy.load_scorer(work / "scorer.safetensors" if work else toy.SCORER_FILE).to(device)
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    conditioner = Conditioner.of(parts)
     combos = [(c, s) for c in toy.COLOURS for s in toy.SHAPES]
     prompts, seeds = sample_prompts(per_combo, per_combo, seed)
-    images = generate(parts, encoder, prompts, [""] * len(prompts), seeds, sample_settings(batch))
+    images = generate(parts, conditioner, prompts, [""] * len(prompts), seeds, SAMPLES, batch_size=batch)
     found = toy.classify(images, scorer)
     per, seen = {}, {"both": 0, "colour": 0, "shape": 0, "n": 0}
     for i, (c, s) in enumerate(combos):
@@ -681,13 +684,8 @@ def evaluate_parts(
     return report
 
 
-def sample_settings(batch: int):
-    """How the evaluation samples are rendered: DPM++ 2M Karras, 20 steps, CFG 4, 64x64."""
-    from library.sampling import SampleSettings
-
-    return SampleSettings(
-        steps=20, cfg_scale=4.0, width=64, height=64, sampler="DPM++ 2M Karras", batch_size=batch
-    )
+# How the evaluation samples are rendered: DPM++ 2M Karras, 20 steps, CFG 4, 64x64.
+SAMPLES = SamplerSettings(steps=20, cfg_scale=4.0, sampler="DPM++ 2M Karras", width=64, height=64)
 
 
 def sample_prompts(per_combo: int, count: int, seed: int) -> tuple[list[str], list[int]]:
@@ -964,39 +962,44 @@ def cmd_samples_grid(args) -> None:
     if not 1 <= args.columns <= args.per_combo:
         raise UserError(f"--columns {args.columns}: use 1 to --per-combo ({args.per_combo})")
     parts = load_sd(args.checkpoint)
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    conditioner = Conditioner.of(parts)
     prompts, seeds = sample_prompts(args.per_combo, args.columns, args.seed)
-    images = generate(parts, encoder, prompts, [""] * len(prompts), seeds, sample_settings(args.batch))
+    images = generate(parts, conditioner, prompts, [""] * len(prompts), seeds, SAMPLES, batch_size=args.batch)
     grid_image(images, args.columns, Path(args.output), args.columns)
     print(f"wrote {args.output}: {len(images)} samples, seeds {seeds[0]}..{seeds[-1]}")
 
 
 def cmd_ti_eval(args) -> None:
     """Likeness (hit rate) of a textual-inversion run: the init word (step 0), then every saved step."""
-    from library.embeddings import init_vectors, load_embedding
+    from library.embedding_set import starting_blocks
+    from library.embeddings import load_embedding
     from library.models import load_sd
-    from library.sampling import SampleSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = load_sd(args.checkpoint)
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-    settings = SampleSettings(steps=20, cfg_scale=args.cfg, width=64, height=64, batch_size=args.n)
+    conditioner = Conditioner.of(parts)
+    settings = SamplerSettings(steps=20, cfg_scale=args.cfg, width=64, height=64)
     seeds = list(range(args.seed, args.seed + args.n))
     files = sorted(Path(args.run, "embeddings").glob("*-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     if not files:
         raise SystemExit(f"{args.run}/embeddings: no NAME-N.pt files")
     name = files[0].stem.rsplit("-", 1)[0]
-    count = load_embedding(files[0]).vectors.shape[0]
-    steps = [(0, init_vectors(parts.tokenizer, parts.text_encoder, args.init_text, count, "a1111"))]
-    steps += [(int(f.stem.rsplit("-", 1)[1]), load_embedding(f).vectors) for f in files]
+    count = load_embedding(files[0]).num_vectors
+    steps = [(0, starting_blocks(parts, args.init_text, count, "a1111"))]
+    steps += [
+        (int(f.stem.rsplit("-", 1)[1]), parts.family.blocks(load_embedding(f).vectors, str(f), parts.widths))
+        for f in files
+    ]
     prompt = args.prompt.replace("[name]", name)
-    for step, vectors in steps:
+    for step, blocks in steps:
         if args.steps and step not in args.steps:
             continue
-        encoder.set_embedding(name, vectors.float())
+        conditioner.set_embedding(name, blocks)
         started = time.perf_counter()
-        rate = toy.concept_hit_rate(parts, encoder, prompt, args.concept, seeds, settings)
+        rate = toy.concept_hit_rate(
+            parts, conditioner, prompt, args.concept, seeds, settings, batch_size=args.n
+        )
         print(
             f"step {step}: likeness {rate:.3f} ({args.n} images of '{prompt}', {time.perf_counter() - started:.1f} s)",
             flush=True,

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.captions import check_caption_extension, read_caption
-from library.config import SelectConfig
 from library.errors import UserError
 from library.files import atomic_write, copy_file
 from library.pick import FLAGS_FILE
+from library.tables import SelectConfig
 
 PAGE_FILE = "review.html"
 SELECTION_FORMAT = "ti-toolkit-selection"

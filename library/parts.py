@@ -1,0 +1,109 @@
+"""The parts of a loaded model (`SDParts`): its family, tokenizer, text encoders, UNet, VAE and noise schedule,
+and where they run in which precision.
+
+Models come from library/models.py (checkpoint files and diffusers folders), library/tiny.py and
+library/toy.py (the built-in ones); everything else takes an `SDParts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTokenizer
+
+from library.families import ASSETS, Family, family
+
+# Mixed-precision setting -> the dtype of the frozen weights (the trained vectors stay float32).
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_tokenizer(name: str) -> CLIPTokenizer:
+    """The real CLIP tokenizer of a family's first text encoder, from the folder shipped with the project.
+    The family's encoders share CLIP's vocabulary; each pads its own way (`TextEncoderSpec.pad_id`)."""
+    return CLIPTokenizer.from_pretrained(
+        ASSETS / family(name).text_encoders[0].tokenizer, local_files_only=True
+    )
+
+
+@dataclass
+class SDParts:
+    """Everything a run needs from a checkpoint."""
+
+    family: Family
+    tokenizer: CLIPTokenizer
+    text_encoders: dict[str, torch.nn.Module]  # by the family's encoder keys, in its order
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    checkpoint_name: str  # file stem (or folder name), as A1111 shows it
+    checkpoint_hash: str  # A1111 short hash: first 10 hex of the file's SHA-256 ("" if unknown)
+
+    @classmethod
+    def of(
+        cls,
+        family_name: str,
+        text_encoders,
+        unet,
+        vae,
+        *,
+        name: str,
+        checkpoint_hash: str = "",
+        tokenizer=None,
+    ) -> SDParts:
+        """Parts from built modules (text encoders in the family's order), with the family's tokenizer and
+        noise schedule."""
+        described = family(family_name)
+        return cls(
+            family=described,
+            tokenizer=tokenizer or load_tokenizer(family_name),
+            text_encoders=dict(zip(described.keys, text_encoders, strict=True)),
+            unet=unet,
+            vae=vae,
+            noise_scheduler=DDPMScheduler(**described.scheduler_config),
+            checkpoint_name=name,
+            checkpoint_hash=checkpoint_hash,
+        )
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (the only one of SD 1.x and 2.x)."""
+        return next(iter(self.text_encoders.values()))
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [*self.text_encoders.values(), self.unet, self.vae]
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The width of each text encoder's token embeddings, as loaded (the built-in test models are narrow)."""
+        return {key: enc.get_input_embeddings().embedding_dim for key, enc in self.text_encoders.items()}
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def place(self, device, precision: str, *, vae: bool = True) -> None:
+        """Move the frozen models to `device` in the dtype of `precision`. SD's VAE overflows in fp16 (black
+        pictures), so under fp16 it stays float32, as A1111's --no-half-vae; `vae=False` leaves it where it is."""
+        dtype = PRECISIONS[precision]
+        for module in (*self.text_encoders.values(), self.unet):
+            module.to(device, dtype)
+        if vae:
+            self.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+
+    def pipeline(self):
+        """These parts as a diffusers `StableDiffusionPipeline` sharing the same modules (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

@@ -1,0 +1,335 @@
+"""A validation sweep as one session: render the plans on each checkpoint, save and score every cell as it
+comes, optionally a fine pass where the scores point, then the grids, the recommendation and the report.
+
+`run_sweep(config, export=...)` is what sweep_validate.py runs. The recipe: check and plan every cell before
+loading anything (library/sweep.py); load each checkpoint once and render all its cells in full batches;
+save and score each cell (library/report.py, library/scoring.py); recommend a step
+(library/recommendation.py); export one (library/run_folder.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from library import report, scoring
+from library.config import dump_config
+from library.embedding_set import blocks_from_file
+from library.errors import UserError
+from library.files import atomic_write
+from library.recommendation import BASELINE_STEP, Recommendation, recommend, step_curves
+from library.run_folder import Run, export_step, open_run
+from library.sampling import generate, resolve_seed
+from library.sweep import (
+    Plan,
+    auto_interval,
+    base_prompt,
+    checkpoint_label,
+    fine_plan,
+    parse_axis,
+    parse_interval,
+    plan,
+    step_axis_index,
+)
+from library.tables import ModelConfig, SamplerSettings, SweepConfig
+
+# The render progress bar (stderr): images done of the checkpoint's total, and images per second (tqdm's
+# default would switch to seconds per image below 1 image/s, as on a CPU).
+_PROGRESS = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} images [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+)
+
+
+def run_sweep(
+    cfg: SweepConfig, *, export: str = "", overwrite: bool = False, log=print
+) -> Recommendation | None:
+    """The sweep `cfg` describes (or, with `export` a step number, only that step's export); `export`
+    "recommended" exports the recommended step after the sweep."""
+    export = export.strip().lower()
+    if export and export != "recommended" and not export.isdigit():
+        raise UserError(f"--export {export!r}: give a saved step number, or 'recommended'")
+    if export and not cfg.export.folder:
+        raise UserError("--export needs a folder: add --export-to DIR (e.g. your A1111 embeddings/ folder)")
+    if export == "recommended" and not cfg.scoring.model:
+        raise UserError(
+            "--export recommended needs scores: set scoring.model (a local CLIP), or export a step with --export STEP"
+        )
+    run = open_run(cfg.run.folder, cfg.run.name)
+    if export.isdigit():
+        export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
+        return None
+    started = time.perf_counter()
+    sweep = Sweep.setup(cfg, run, log)
+    sweep.render(sweep.plans, log)
+    if cfg.fine.interval.strip().lower() == "auto":
+        sweep.fine_pass_where_scores_point(log)
+    page, rec = sweep.write(started, log)
+    n, total, rendering = len(sweep.rows), time.perf_counter() - started, max(sweep.render_seconds, 1e-9)
+    log(
+        f"recommendation: {rec.reason}"
+        if rec
+        else "no recommended step (scores are off or name no step): compare the grid"
+    )
+    log(f"report: {page}")
+    log(
+        f"{n} images in {total:.1f} s total ({n / total:.2f} images/s overall, loading included); "
+        f"rendering {rendering:.1f} s ({n / rendering:.2f} images/s)"
+    )
+    if export == "recommended":
+        if rec is None or rec.step is None:
+            raise UserError(
+                "--export recommended: the sweep recommends no step; export one with --export STEP"
+            )
+        export_step(run, rec.step, cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
+    return rec
+
+
+@dataclass
+class Sweep:
+    """One validation sweep: its plans, the scorer, and what has been rendered and scored so far."""
+
+    cfg: SweepConfig
+    run: Run
+    out: Path
+    axes: tuple
+    plans: list[Plan]
+    device: torch.device
+    scorer: scoring.Scorer | None = None
+    references: list = field(default_factory=list)
+    bar: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    cells: dict = field(default_factory=dict)  # (plan name, cell index) -> the cell's images as one picture
+    scored: list = field(default_factory=list)  # (checkpoint label, step, CellScores)
+    rows: list[dict] = field(default_factory=list)  # scores.csv
+    render_seconds: float = 0.0
+
+    @classmethod
+    def setup(cls, cfg: SweepConfig, run: Run, log=print) -> Sweep:
+        """Check the settings and plan every cell (every NAME-N must exist) before any model is loaded."""
+        out = (
+            Path(cfg.sweep.output_dir).expanduser()
+            if cfg.sweep.output_dir
+            else run.folder.root / "validation"
+        )
+        if (out / "report.html").exists() or (out / "cells").exists():
+            raise UserError(f"{out}: already holds a sweep; set sweep.output_dir to a new folder")
+        # One random seed for the whole sweep (coarse and fine passes), recorded in the written config.toml.
+        cfg = replace(cfg, render=replace(cfg.render, seed=resolve_seed(cfg.render.seed)))
+        prompt = base_prompt(cfg, run)
+        axes = tuple(
+            parse_axis(a, n, cfg, run, prompt) for n, a in (("x", cfg.x), ("y", cfg.y), ("z", cfg.z))
+        )
+        interval = cfg.fine.interval.strip().lower()
+        if interval == "auto" and not cfg.scoring.model:
+            raise UserError(
+                'fine.interval = "auto" follows the scores: set scoring.model, or name an interval like 40-80'
+            )
+        if not cfg.fine.coarse and interval in ("", "auto"):
+            raise UserError(
+                "fine.coarse = false renders only the fine pass: set fine.interval to FIRST-LAST, e.g. 40-80"
+            )
+        if cfg.fine.every < 1:
+            raise UserError(f"fine.every = {cfg.fine.every}: must be at least 1")
+        plans = [plan(cfg, run, axes)] if cfg.fine.coarse else []
+        if interval not in ("", "auto"):
+            plans.append(fine_plan(cfg, run, axes, parse_interval(interval)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sweep = cls(cfg, run, out, axes, plans, device)
+        if cfg.scoring.model:
+            sweep.scorer = scoring.load_scorer(cfg.scoring.model, device)
+            sweep.references = scoring.load_references(
+                cfg.scoring.reference_dir, run.config.dataset if run.config else None
+            )
+            sweep.bar = cfg.scoring.likeness_bar * scoring.reference_likeness(sweep.scorer, sweep.references)
+            log(
+                f"scores by {cfg.scoring.model}: {len(sweep.references)} training images, likeness bar {sweep.bar:.3f}"
+            )
+        else:
+            sweep.notes.append(
+                "Scores are off (scoring.model is empty): the sweep renders, but recommends no step."
+            )
+            log("scores are off: set scoring.model to a local CLIP folder to get a recommended step")
+        atomic_write(out / "config.toml", dump_config(cfg))
+        return sweep
+
+    def render(self, plans: list[Plan], log=print) -> None:
+        """Render the plans checkpoint by checkpoint; save and score each cell."""
+        by_name = {p.name: p for p in plans}
+        for _, parts, images, seconds in render(self.cfg, self.run, plans, self.device, log):
+            self.render_seconds += seconds
+            for (name, index), batch in images.items():
+                p, cell = by_name[name], by_name[name].cells[index]
+                paths = report.save_cell_images(self.out, p, cell, batch, parts)
+                self.cells[(name, index)] = batch_grid(batch)
+                result = None
+                if self.scorer is not None:
+                    clip_prompt = scoring.adherence_prompt(
+                        cell.prompt, self.run.name, self.cfg.scoring.class_word
+                    )
+                    result = scoring.score_cell(self.scorer, batch, self.references, clip_prompt)
+                    if cell.step is not None:
+                        self.scored.append((cell.checkpoint_label, cell.step, result))
+                self.rows += [
+                    report.score_row(self.out, p, cell, i, path, result) for i, path in enumerate(paths)
+                ]
+            if self.scorer is not None:
+                self.scorer.forget()
+            del parts, images  # let this checkpoint go before the next one loads
+
+    def recommendation(self) -> tuple[list, Recommendation | None]:
+        curves = step_curves(self.scored)
+        if not curves:
+            return curves, None
+        s = self.cfg.scoring
+        return curves, recommend(
+            curves, self.bar, collapse_ratio=s.collapse_ratio, adherence_drop=s.adherence_drop
+        )
+
+    def fine_pass_where_scores_point(self, log=print) -> None:
+        _, rec = self.recommendation()
+        index = step_axis_index(self.axes)
+        if rec is None or rec.step is None or index is None:
+            self.notes.append(
+                "fine.interval = auto: the coarse scores point to no step, so there is no fine pass."
+            )
+            return
+        lo, hi = auto_interval(sorted({c.step for c in self.plans[0].cells if c.step is not None}), rec.step)
+        log(
+            f"coarse-to-fine: the scores point to steps {lo}-{hi}; rendering every {self.cfg.fine.every} steps there"
+        )
+        self.plans.append(fine_plan(self.cfg, self.run, self.axes, (lo, hi)))
+        self.render(self.plans[-1:], log)
+
+    def write(self, started: float, log=print) -> tuple[Path, Recommendation | None]:
+        """The grids, scores.csv and report.html."""
+        curves, rec = self.recommendation() if self.scorer is not None else ([], None)
+        if self.scorer is not None and rec is None:
+            self.notes.append("No cell names a single embedding step, so no step is recommended.")
+        if any(c.step == BASELINE_STEP for p in self.plans for c in p.cells):
+            self.notes.append(
+                f"Step 0 ({self.run.name}-0) is the embedding before training, its starting vectors: "
+                "the baseline to compare with, never recommended."
+            )
+        grids = []
+        for p in self.plans:
+            images = {(c.x, c.y, c.z): self.cells[(p.name, i)] for i, c in enumerate(p.cells)}
+            name = "grid.png" if p.name == "coarse" else f"grid-{p.name}.png"
+            grids.append(
+                (
+                    f"{p.name.capitalize()} sweep",
+                    report.save_grid(self.out / name, p, images, self.cfg.sweep.grid_margin),
+                )
+            )
+            log(f"wrote {grids[-1][1]}")
+        report.write_scores_csv(self.out / "scores.csv", self.rows)
+        n, rendering = len(self.rows), max(self.render_seconds, 1e-9)
+        checkpoints = dict.fromkeys(c.checkpoint_label for p in self.plans for c in p.cells)
+        summary = [
+            ("run", str(self.run.folder.root)),
+            ("prompt", base_prompt(self.cfg, self.run)),
+            ("checkpoints", ", ".join(checkpoints)),
+            ("images", f"{n} in {rendering:.1f} s of rendering ({n / rendering:.2f} images/s)"),
+            ("total time", f"{time.perf_counter() - started:.1f} s"),
+        ]
+        page = report.write_report(
+            self.out / "report.html",
+            title=f"Validation sweep of {self.run.name}",
+            grids=grids,
+            loss=self.run.loss(),
+            curves=curves,
+            recommendation=rec,
+            notes=self.notes,
+            summary=summary,
+        )
+        return page, rec
+
+
+def render(
+    cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
+) -> Iterator[tuple[str, object, dict[tuple[str, int], list[Image.Image]], float]]:
+    """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan name, cell index): images}, seconds).
+
+    All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings,
+    `sweep.images_per_batch` images per UNet call.
+    """
+    from library.conditioning import Conditioner
+    from library.models import load_parts
+
+    precision = cfg.sweep.mixed_precision if device.type == "cuda" else "no"
+    checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
+    for checkpoint in checkpoints:
+        label = checkpoint_label(checkpoint)
+        log(f"{label}: loading {checkpoint}")
+        started = time.perf_counter()
+        model = ModelConfig(
+            checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
+        )
+        parts = load_parts(model, precision=precision)
+        parts.place(device, precision)
+        conditioner = Conditioner.of(parts)
+        jobs = [
+            (p.name, i, cell)
+            for p in plans
+            for i, cell in enumerate(p.cells)
+            if cell.checkpoint == checkpoint
+        ]
+        for token in {t for _, _, cell in jobs for t in run.tokens_in(cell.prompt + "\n" + cell.negative)}:
+            name, file = run.resolve(token)
+            if name not in conditioner.embedding_names:
+                blocks = blocks_from_file(parts, file)
+                conditioner.set_embedding(name, {k: v.to(device) for k, v in blocks.items()})
+        loaded = time.perf_counter() - started
+        images: dict[tuple[str, int], list[Image.Image]] = {}
+        groups: dict[SamplerSettings, list] = {}
+        for job in jobs:
+            groups.setdefault(job[2].settings, []).append(job)
+        total = sum(len(job[2].seeds) for job in jobs)
+        log(f"{label}: loaded in {loaded:.1f} s; rendering {total} images")
+        render_started = time.perf_counter()
+        with tqdm(total=total, desc=label, unit=" images", file=sys.stderr, bar_format=_PROGRESS) as progress:
+            for settings, group in groups.items():
+                flat = [(job, seed) for job in group for seed in job[2].seeds]
+                # One UNet batch per call (as generate would batch them anyway), so the bar moves per batch.
+                size = cfg.sweep.images_per_batch
+                for start in range(0, len(flat), size):
+                    batch = flat[start : start + size]
+                    out = generate(
+                        parts,
+                        conditioner,
+                        [j[2].prompt for j, _ in batch],
+                        [j[2].negative for j, _ in batch],
+                        [seed for _, seed in batch],
+                        settings,
+                        batch_size=size,
+                    )
+                    for (job, _), image in zip(batch, out, strict=True):
+                        images.setdefault((job[0], job[1]), []).append(image)
+                    progress.update(len(batch))
+        seconds = time.perf_counter() - render_started
+        count = sum(len(v) for v in images.values())
+        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
+        yield checkpoint, parts, images, seconds
+        del parts, conditioner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def batch_grid(images: list[Image.Image]) -> Image.Image:
+    """A cell's images as one picture, A1111's way: rows = sqrt(n), lowered until it divides n."""
+    rows = max(1, int(math.sqrt(len(images))))
+    while len(images) % rows:
+        rows -= 1
+    cols = len(images) // rows
+    w, h = images[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        canvas.paste(image, ((i % cols) * w, (i // cols) * h))
+    return canvas
