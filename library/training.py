@@ -484,6 +484,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         data = TrainingData(
             records, cfg.dataset, name=cfg.embedding.name, seed=cfg.train.seed, batch_size=global_batch
         )
+        data.check_the_name_is_trained()
         trainer = _build(cfg, accelerator, data, run, point, (lr_schedule, clip_schedule), log)
     except BaseException:
         if lock is not None:
