@@ -428,7 +428,6 @@ class TrainingData:
         self.records = list(records)
         self.settings, self.name, self.seed, self.batch_size = settings, name, seed, batch_size
         self.template_lines = load_template(settings.template)
-        self._check_the_name_is_trained()
         self.resolution = sizes[0]
         # Epoch stream before shuffling: record i appears repeats_i times.
         self._stream = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
@@ -438,7 +437,7 @@ class TrainingData:
         self._std: torch.Tensor | None = None  # only for "random"
         self._weights: list[torch.Tensor | None] = []
 
-    def _check_the_name_is_trained(self) -> None:
+    def check_the_name_is_trained(self) -> None:
         """Some training prompt must hold the trigger word: through `[name]` in a template line, or in a
         caption (Kohya's way: class tokens such as `sks woman`). Else training would move nothing."""
         if any("[name]" in line for line in self.template_lines):

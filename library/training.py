@@ -131,7 +131,9 @@ def _data(plan: EmbeddingPlan, records: list, global_batch: int, seed: int) -> T
             f"{where}: batch of {global_batch} is larger than its {distinct} images; lower train.batch_size "
             "or add images"
         )
-    return TrainingData(records, plan.dataset, name=plan.embedding.name, seed=seed, batch_size=global_batch)
+    data = TrainingData(records, plan.dataset, name=plan.embedding.name, seed=seed, batch_size=global_batch)
+    data.check_the_name_is_trained()
+    return data
 
 
 def _resume_point(run: RunFolder, resume: str | None, cfg: TrainConfig, log) -> ResumePoint | None:

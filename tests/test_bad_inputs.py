@@ -1700,7 +1700,7 @@ GENERATE_CASES = {
     ),
     "output folder that is a file": (
         lambda c, t: [f"generate.output_dir={write(t / 'gen', 'x')}"],
-        "gen already exists and is not empty",
+        "gen is a file; choose a new folder for generate.output_dir",
     ),
     "output folder that is not empty": (
         lambda c, t: [f"generate.output_dir={write(t / 'gen' / 'old.png', 'x').parent}"],
