@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -117,12 +118,21 @@ def check_model(model: Any, key: str = "model.checkpoint") -> None:
 
 @dataclass(frozen=True)
 class Table:
-    """A config table. Its declared ranges hold for every instance, however it was made (a preset, or code)."""
+    """A config table. Its declared ranges and choices hold for every instance, however it was made (a
+    preset, or code)."""
 
     def __post_init__(self) -> None:
+        hints = _hints(type(self))
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
+            if typing.get_origin(hints[spec.name]) is Literal:
+                _coerce(value, hints[spec.name], spec.name, type(self).__name__)
             _check_value(spec, value, value, spec.name, type(self).__name__)
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from library import convert
 from library.convert import save_diffusers, save_single_file, to_ldm_state_dict, vae_to_ldm
 from library.errors import UserError
-from library.models import ASSETS, SDParts, a1111_short_hash, is_v_prediction, load_parts, load_sd
+from library.families import ASSETS, FAMILIES
+from library.models import a1111_short_hash, is_v_prediction, load_parts, load_sd
+from library.parts import SDParts
 from library.tiny import build_tiny_parts, tiny_vae_config
 
 
@@ -81,7 +83,7 @@ def test_single_file_round_trip_is_bitwise(tiny, tmp_path, family, suffix):
     path = save_single_file(parts, tmp_path / f"my-model{suffix}", dtype=torch.float32)
     loaded = load_sd(path, family="sd2-v" if family == "sd2-v" else "auto")
 
-    assert loaded.family == family
+    assert loaded.family.name == family
     assert loaded.prediction_type == parts.prediction_type
     assert_same_weights(parts, loaded)
     assert torch.equal(unet_output(loaded), unet_output(parts))
@@ -95,7 +97,7 @@ def test_single_file_round_trip_is_bitwise(tiny, tmp_path, family, suffix):
 
 def test_sd2_v_is_recognised_from_the_files_metadata(tiny, tmp_path):
     path = save_single_file(tiny["sd2-v"], tmp_path / "v.safetensors")
-    assert load_sd(path).family == "sd2-v"
+    assert load_sd(path).family.name == "sd2-v"
 
 
 def test_fp16_file_has_original_layout_and_loads_in_the_asked_dtype(tiny, tmp_path):
@@ -141,7 +143,7 @@ def test_diffusers_folder_round_trip_is_bitwise(tiny, tmp_path, family):
     folder = save_diffusers(parts, tmp_path / "model")
     loaded = load_sd(folder)
 
-    assert loaded.family == family
+    assert loaded.family.name == family
     assert_same_weights(parts, loaded)
     assert torch.equal(unet_output(loaded), unet_output(parts))
     assert (loaded.checkpoint_name, loaded.checkpoint_hash) == ("model", "")
@@ -169,7 +171,7 @@ def test_diffusers_pipeline_runs_from_a_saved_folder(tiny, tmp_path):
 def test_a_file_from_another_tool_loads_with_sizes_read_from_the_weights(tiny, tmp_path):
     parts = tiny["sd1"]
     loaded = load_sd(write_foreign(parts, tmp_path / "foreign.safetensors"))
-    assert loaded.family == "sd1"
+    assert loaded.family.name == "sd1"
     assert list(loaded.unet.config.block_out_channels) == [32, 64]
     assert loaded.text_encoder.config.num_hidden_layers == 2
     assert_same_weights(parts, loaded)
@@ -191,8 +193,8 @@ def test_config_dir_overrides_the_shipped_configs(tiny, tmp_path):
 def test_load_parts_reads_a_model_config_table(tiny, tmp_path):
     path = save_single_file(tiny["sd1"], tmp_path / "cfg.safetensors")
     table = SimpleNamespace(checkpoint=str(path), family="auto", vae="", config_dir="")
-    parts = load_parts(table, dtype=torch.bfloat16)
-    assert parts.family == "sd1" and parts.unet.dtype == torch.bfloat16
+    parts = load_parts(table, precision="bf16")
+    assert parts.family.name == "sd1" and parts.unet.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,8 +202,8 @@ def test_load_parts_reads_a_model_config_table(tiny, tmp_path):
 
 
 def test_sd1_and_sd2_are_told_apart_by_the_text_encoder(tiny, tmp_path):
-    assert load_sd(write_foreign(tiny["sd1"], tmp_path / "a.safetensors")).family == "sd1"
-    assert load_sd(write_foreign(tiny["sd2"], tmp_path / "b.safetensors")).family == "sd2"
+    assert load_sd(write_foreign(tiny["sd1"], tmp_path / "a.safetensors")).family.name == "sd1"
+    assert load_sd(write_foreign(tiny["sd2"], tmp_path / "b.safetensors")).family.name == "sd2"
 
 
 def _sd2_with_output(tiny, value: float) -> SDParts:
@@ -218,24 +220,24 @@ def test_v_prediction_is_detected_as_a1111_does(tiny, tmp_path):
     assert is_v_prediction(v_model.unet) and not is_v_prediction(eps_model.unet)
 
     loaded = load_sd(write_foreign(v_model, tmp_path / "v.safetensors"))
-    assert loaded.family == "sd2-v" and loaded.prediction_type == "v_prediction"
+    assert loaded.family.name == "sd2-v" and loaded.prediction_type == "v_prediction"
     assert loaded.unet.config.sample_size == 96  # the 768-px SD2 model's latent size
     assert_same_weights(v_model, loaded)
-    assert load_sd(write_foreign(eps_model, tmp_path / "eps.safetensors")).family == "sd2"
-    assert load_sd(tmp_path / "v.safetensors", family="sd2").family == "sd2"  # the override wins
+    assert load_sd(write_foreign(eps_model, tmp_path / "eps.safetensors")).family.name == "sd2"
+    assert load_sd(tmp_path / "v.safetensors", family="sd2").family.name == "sd2"  # the override wins
 
 
 def test_detection_runs_in_float32_even_for_half_weights(tiny, tmp_path):
     loaded = load_sd(
         write_foreign(_sd2_with_output(tiny, -5.0), tmp_path / "v.safetensors"), dtype=torch.float16
     )
-    assert loaded.family == "sd2-v" and loaded.unet.dtype == torch.float16
+    assert loaded.family.name == "sd2-v" and loaded.unet.dtype == torch.float16
 
 
 def test_yaml_beside_the_file_decides_as_in_a1111(tiny, tmp_path):
     path = write_foreign(_sd2_with_output(tiny, 0.0), tmp_path / "wd15.safetensors")
     (tmp_path / "wd15.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert load_sd(path).family == "sd2-v"
+    assert load_sd(path).family.name == "sd2-v"
 
 
 def test_family_override_must_fit_the_text_encoder(tiny, tmp_path):
@@ -411,7 +413,7 @@ def test_lightning_bookkeeping_in_old_ckpts_loads_without_running_it(tiny, tmp_p
     assert lightning in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
 
     loaded = load_sd(path)
-    assert loaded.family == "sd1" and not marker.exists()
+    assert loaded.family.name == "sd1" and not marker.exists()
     assert_same_weights(tiny["sd1"], loaded)
 
 
@@ -423,14 +425,14 @@ def test_bad_folders_and_existing_outputs(tiny, tmp_path):
     with pytest.raises(UserError, match="out.safetensors: already exists"):
         save_single_file(tiny["sd1"], path)
     save_single_file(tiny["sd2"], path, overwrite=True)
-    assert load_sd(path).family == "sd2"
+    assert load_sd(path).family.name == "sd2"
     with pytest.raises(UserError, match=r"out\.bin: .*\.safetensors or \.ckpt"):
         save_single_file(tiny["sd1"], tmp_path / "out.bin")
     folder = save_diffusers(tiny["sd1"], tmp_path / "folder")
     with pytest.raises(UserError, match="folder: already exists"):
         save_diffusers(tiny["sd1"], folder)
     save_diffusers(tiny["sd2"], folder, overwrite=True)
-    assert load_sd(folder).family == "sd2"
+    assert load_sd(folder).family.name == "sd2"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     umask = os.umask(0)
     os.umask(umask)
@@ -456,7 +458,7 @@ def _meta_models(family: str) -> tuple[dict, SimpleNamespace]:
     }
     with accelerate.init_empty_weights():
         models = SimpleNamespace(
-            family=family,
+            family=FAMILIES[family],
             unet=UNet2DConditionModel.from_config(configs["unet"]),
             vae=AutoencoderKL.from_config(configs["vae"]),
             text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),

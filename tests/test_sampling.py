@@ -4,43 +4,44 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from PIL import Image
 
+from library.conditioning import Conditioning
 from library.errors import UserError
 from library.infotext import format_infotext, infotext_params, parse_infotext, save_png
 from library.sampling import (
     SAMPLERS,
-    SampleSettings,
     build_scheduler,
     decode_images,
     generate,
     initial_noise,
     resolve_seed,
     sample_latents,
-    vae_scale_factor,
 )
+from library.tables import Sampler, SamplerSettings
 from library.tiny import build_tiny_parts
 
 # Small enough for a CPU: the tiny VAE halves the size, so these are 16x12 latents (width x height).
-SMALL = SampleSettings(steps=4, cfg_scale=7.0, width=32, height=24, batch_size=4)
+SMALL = SamplerSettings(steps=4, cfg_scale=7.0, width=32, height=24)
 
 
 class PlainEncoder:
-    """Stand-in for library.prompts.PromptEncoder: plain token ids through the tiny text encoder."""
+    """Stand-in for library.conditioning.Conditioner: plain token ids through the tiny text encoder."""
 
     def __init__(self, parts):
         self.parts = parts
 
-    def _encode(self, texts: list[str]) -> torch.Tensor:
+    def _encode(self, texts: list[str]) -> Conditioning:
         ids = self.parts.tokenizer(
             texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
-        return self.parts.text_encoder(ids.to(self.parts.text_encoder.device)).last_hidden_state
+        return Conditioning(self.parts.text_encoder(ids.to(self.parts.text_encoder.device)).last_hidden_state)
 
     def encode_pair(self, prompts, negatives):
         return self._encode(prompts), self._encode(negatives)
@@ -50,10 +51,10 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def run(parts, seeds, settings=SMALL, prompts=None, negatives=None):
+def run(parts, seeds, settings=SMALL, prompts=None, negatives=None, batch_size=4):
     prompts = prompts or ["a photo of a cat"] * len(seeds)
     negatives = negatives or ["blurry"] * len(seeds)
-    return generate(parts, PlainEncoder(parts), prompts, negatives, seeds, settings)
+    return generate(parts, PlainEncoder(parts), prompts, negatives, seeds, settings, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,8 @@ def test_an_image_does_not_depend_on_its_batch_mates(tiny_sd1, sampler):
     # Alone, or in batches of 3 + 1: BLAS picks other kernels for other batch sizes (even the UNet's
     # first Linear differs in the last float bit), so pixels may move by one level, and rarely.
     for alone_or_split in (
-        run(tiny_sd1, [102], dataclasses.replace(settings, batch_size=1))[0],
-        run(tiny_sd1, [100, 101, 102, 103], dataclasses.replace(settings, batch_size=3))[2],
+        run(tiny_sd1, [102], settings, batch_size=1)[0],
+        run(tiny_sd1, [100, 101, 102, 103], settings, batch_size=3)[2],
     ):
         diff = np.abs(pixels(alone_or_split).astype(int) - pixels(batch[2]).astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
@@ -138,10 +139,11 @@ def test_v_prediction_model_samples_and_uses_its_prediction_type(tiny_v):
     assert images[0].size == (32, 24) and pixels(images[0]).std() > 0
     cond, uncond = PlainEncoder(tiny_v).encode_pair(["a cat"], [""])
     config = dict(tiny_v.noise_scheduler.config)
-    as_v = sample_latents(tiny_v.unet, config, cond, uncond, [3], SMALL, vae_scale_factor=2)
-    as_eps = sample_latents(
-        tiny_v.unet, dict(config, prediction_type="epsilon"), cond, uncond, [3], SMALL, vae_scale_factor=2
+    as_v = sample_latents(tiny_v, cond, uncond, [3], SMALL)
+    as_epsilon_model = dataclasses.replace(
+        tiny_v, noise_scheduler=DDPMScheduler.from_config(dict(config, prediction_type="epsilon"))
     )
+    as_eps = sample_latents(as_epsilon_model, cond, uncond, [3], SMALL)
     assert torch.isfinite(as_v).all() and not torch.allclose(as_v, as_eps)
 
 
@@ -153,10 +155,9 @@ def test_cfg_scale_changes_the_image(tiny_sd1):
 
 def test_half_precision_unet_samples_close_to_float32(tiny_sd1):
     cond, uncond = PlainEncoder(tiny_sd1).encode_pair(["a cat"], ["blurry"])
-    config = dict(tiny_sd1.noise_scheduler.config)
-    full = sample_latents(tiny_sd1.unet, config, cond, uncond, [4], SMALL, vae_scale_factor=2)
-    bf16 = copy.deepcopy(tiny_sd1.unet).to(torch.bfloat16)
-    half = sample_latents(bf16, config, cond.bfloat16(), uncond.bfloat16(), [4], SMALL, vae_scale_factor=2)
+    full = sample_latents(tiny_sd1, cond, uncond, [4], SMALL)
+    bf16 = dataclasses.replace(tiny_sd1, unet=copy.deepcopy(tiny_sd1.unet).to(torch.bfloat16))
+    half = sample_latents(bf16, cond.to(torch.bfloat16), uncond.to(torch.bfloat16), [4], SMALL)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert (half - full).abs().mean() < 0.1 * full.abs().mean()
 
@@ -165,14 +166,7 @@ def test_one_encoding_serves_many_seeds_and_progress_is_reported(tiny_sd1):
     cond, uncond = PlainEncoder(tiny_sd1).encode_pair(["a cat"], [""])
     calls = []
     latents = sample_latents(
-        tiny_sd1.unet,
-        dict(tiny_sd1.noise_scheduler.config),
-        cond,
-        uncond,
-        [1, 2, 3],
-        SMALL,
-        vae_scale_factor=vae_scale_factor(tiny_sd1.vae),
-        progress=lambda done, total: calls.append((done, total)),
+        tiny_sd1, cond, uncond, [1, 2, 3], SMALL, progress=lambda done, total: calls.append((done, total))
     )
     assert latents.shape == (3, 4, 12, 16)
     assert calls == [(i, SMALL.steps) for i in range(1, SMALL.steps + 1)]
@@ -191,24 +185,26 @@ def test_resolve_seed_follows_a1111():
 
 def test_unknown_sampler_names_the_valid_ones(tiny_sd1):
     with pytest.raises(UserError) as error:
-        SampleSettings(sampler="DPM++ 3M Turbo")
+        SamplerSettings(sampler="DPM++ 3M Turbo")
     for name in ("DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM"):
-        assert f'"{name}"' in str(error.value)
+        assert name in str(error.value)
+    assert set(SAMPLERS) == set(typing.get_args(Sampler))  # the config's names are the sampler table's
     with pytest.raises(UserError, match="Euler a"):
         build_scheduler("euler_a", tiny_sd1.noise_scheduler.config)
 
 
 def test_bad_sizes_and_counts_are_refused(tiny_sd1):
-    with pytest.raises(UserError, match="multiples of 2"):
-        run(tiny_sd1, [1], dataclasses.replace(SMALL, width=31))
+    with pytest.raises(UserError, match="'width' = 31 must be a multiple of 8"):
+        dataclasses.replace(SMALL, width=31)
     with pytest.raises(UserError, match="steps"):
-        SampleSettings(steps=0)
+        SamplerSettings(steps=0)
     with pytest.raises(ValueError, match="one prompt, negative and seed"):
         generate(tiny_sd1, PlainEncoder(tiny_sd1), ["a"], ["b"], [1, 2], SMALL)
 
 
 # ---------------------------------------------------------------- infotext
 
+A1111_DEFAULTS = SamplerSettings(steps=30, cfg_scale=7.0, width=512, height=512)  # FACTS §4's example
 FACTS_EXAMPLE = (
     "<prompt>\nNegative prompt: <negative>\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, "
     "Seed: 4240233169, Size: 512x512, Model hash: 9aba26abdf, Model: deliberate_v2"
@@ -230,14 +226,14 @@ def test_infotext_matches_a1111_layout():
 
 def test_infotext_params_from_settings_and_model():
     model = {"checkpoint_name": "deliberate_v2", "checkpoint_hash": "9aba26abdf"}
-    params = infotext_params(SampleSettings(), 4240233169, model, {"TI hashes": "sks: 0123abcd"})
+    params = infotext_params(A1111_DEFAULTS, 4240233169, model, {"TI hashes": "sks: 0123abcd"})
     assert list(params)[:7] == ["Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model"]
     text = format_infotext("<prompt>", "<negative>", params)
     assert text.startswith(FACTS_EXAMPLE + ", ")
     assert text.endswith(', RNG: CPU, TI hashes: "sks: 0123abcd"')
     # A fractional CFG keeps its decimals; an unknown hash is left out.
     unhashed = {"checkpoint_name": "tiny-sd1", "checkpoint_hash": ""}
-    params = infotext_params(SampleSettings(cfg_scale=7.5), 1, unhashed)
+    params = infotext_params(dataclasses.replace(A1111_DEFAULTS, cfg_scale=7.5), 1, unhashed)
     assert params["CFG scale"] == 7.5 and "Model hash" not in params and params["Model"] == "tiny-sd1"
 
 

@@ -15,8 +15,9 @@ from library.errors import UserError
 from library.infotext import parse_infotext
 from library.recommendation import StepScores, recommend
 from library.report import save_grid, write_report
-from library.runs import export_step, open_run
-from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan, render
+from library.run_folder import export_step, open_run
+from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan
+from library.validation import render
 from library.tables import SweepConfig, TrainConfig
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
@@ -145,7 +146,7 @@ def test_bare_name_without_a_final_file_is_an_error(tmp_path):
 
 
 def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
-    from library.prompts import PromptEncoder
+    from library.conditioning import Conditioner
     from library.sampling import generate
     from library.tiny import build_tiny_parts
 
@@ -162,10 +163,11 @@ def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
     assert captured.out == "" and "builtin:tiny: 100%" in captured.err and "6/6 images" in captured.err
     assert " images/s]" in captured.err
     parts = build_tiny_parts("sd1", seed=0)
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-    encoder.set_embedding(f"{NAME}-40", load_embedding(run_dir / "embeddings" / f"{NAME}-40.pt").vectors)
+    conditioner = Conditioner.of(parts)
+    vectors = load_embedding(run_dir / "embeddings" / f"{NAME}-40.pt").vectors
+    conditioner.set_embedding(f"{NAME}-40", {"clip_l": vectors})
     cell = coarse.cells[1]
-    expected = generate(parts, encoder, [cell.prompt] * 2, [""] * 2, list(cell.seeds), cell.settings)
+    expected = generate(parts, conditioner, [cell.prompt] * 2, [""] * 2, list(cell.seeds), cell.settings)
     for got, want in zip(images[("coarse", 1)], expected, strict=True):
         assert got.tobytes() == want.tobytes()
     assert images[("coarse", 0)][0].tobytes() != images[("coarse", 1)][0].tobytes()
