@@ -34,6 +34,13 @@ class TrainedEmbedding:
     def num_vectors(self) -> int:
         return next(iter(self.blocks.values())).shape[0]
 
+    def describe(self) -> str:
+        """Its name and shapes as a message shows them: "d3mo 1 x 768", "face clip_l 2 x 768, clip_g 2 x 1280"."""
+        shapes = [(key, " x ".join(map(str, block.shape))) for key, block in self.blocks.items()]
+        if len(shapes) == 1:
+            return f"{self.name} {shapes[0][1]}"
+        return f"{self.name} " + ", ".join(f"{key} {shape}" for key, shape in shapes)
+
 
 def starting_blocks(parts, init_text: str, num_vectors: int, rule: str) -> dict[str, torch.Tensor]:
     """New vectors for every text encoder, each copied from rows of that encoder's own token table."""

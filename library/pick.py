@@ -22,9 +22,9 @@ from library.errors import UserError
 from library.files import atomic_write
 from library.images import list_images, open_image, split_rgb_alpha
 from library.photos import detect_faces
+from library.review import FLAGS_FILE, review_items, write_review_page
 from library.tables import PickConfig
 
-FLAGS_FILE = "flags.json"
 # Sharpness is judged at the picture's own size, at most this many pixels on its long side: training
 # sizes reach 1024 (SDXL), and finer detail of larger photos is lost when they are resized for training.
 _SHARPNESS_MAX_SIDE = 1024
@@ -214,8 +214,6 @@ def run_pick(
     """Flag the images of `folder` and write flags.json and review.html beside them; returns the page.
 
     `measured`: per-image measurements already taken (see `flag_images`)."""
-    from library.review import review_items, write_review_page  # the page shows what this module finds
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give the folder of images to review")

@@ -1,4 +1,4 @@
-"""The toy world: rendered pictures, their captions, and a scorer that names what a picture shows.
+"""The toy world: rendered pictures, their captions, and a classifier that names what a picture shows.
 
 The world is 64x64 pictures of one shape (circle, square, triangle, star, hexagon, cross) in one colour
 (red, green, blue, yellow, purple, orange) at a random size, position and rotation on a neutral gray
@@ -7,7 +7,7 @@ learned it from captions such as `a photo of a red star, neutral gray background
 `HELD_OUT`, never appears in its training, to test composition.
 
 Rendering is batched tensor code (signed distances with a one-pixel anti-aliased edge), so the same
-functions render on a GPU while training and on a CPU in tests. The scorer is a small CNN that names the
+functions draw on a GPU while training and on a CPU in tests. `ShapeClassifier` is a small CNN that names the
 colour and the shape of a picture, or answers `NO_SHAPE` for blobs, smears and empty pictures;
 `likeness` turns that into the number sweeps and tests want: how often generated images are a concept.
 """
@@ -226,7 +226,7 @@ def paint(scenes: Scenes, sdf: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return ((image + noise).clamp(0, 255) / 127.5 - 1).float()
 
 
-def render(scenes: Scenes, gen: torch.Generator) -> torch.Tensor:
+def draw(scenes: Scenes, gen: torch.Generator) -> torch.Tensor:
     """Ground-truth pictures of `scenes`: [B, 3, 64, 64] in [-1, 1]."""
     return paint(scenes, shape_sdf(scenes), gen)
 
@@ -247,7 +247,7 @@ def blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.view(b, c, h, w)
 
 
-def render_no_shape(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_without_shape(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pictures with no clear shape, and their colour (-1 where there is no object): smooth random
     blobs, polygons with strongly rounded corners, heavily blurred shapes, and empty or noisy frames."""
     device = gen.device
@@ -302,10 +302,10 @@ def from_pil(images) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The scorer
+# The shape classifier (and the sweep scorer built on it)
 
 
-class Scorer(nn.Module):
+class ShapeClassifier(nn.Module):
     """A small CNN: 64x64 picture -> colour logits [6] and shape logits [7] (the last is NO_SHAPE)."""
 
     def __init__(self, width: int = 16) -> None:
@@ -335,23 +335,23 @@ class Scorer(nn.Module):
 
 
 @functools.lru_cache(maxsize=4)
-def load_scorer(path: str | Path = SCORER_FILE) -> Scorer:
-    """The committed scorer (CPU, eval mode, float32); cached."""
+def load_classifier(path: str | Path = SCORER_FILE) -> ShapeClassifier:
+    """The committed classifier (CPU, eval mode, float32); cached."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no scorer file; train one with `python tools/toy_world.py train`")
     state = {k: v.float() for k, v in load_file(path).items()}
-    scorer = Scorer(width=state["features.0.weight"].shape[0])
+    scorer = ShapeClassifier(width=state["features.0.weight"].shape[0])
     scorer.load_state_dict(state)
     return scorer.eval().requires_grad_(False)
 
 
-def classify(images, scorer: Scorer | None = None) -> list[tuple[str, str]]:
+def classify(images, scorer: ShapeClassifier | None = None) -> list[tuple[str, str]]:
     """(colour, shape) of each picture; shape is NO_SHAPE for blobs, smears and empty pictures.
 
     `images`: PIL pictures, or a tensor [B, 3, 64, 64] in [-1, 1].
     """
-    scorer = scorer or load_scorer()
+    scorer = scorer or load_classifier()
     x = images if isinstance(images, torch.Tensor) else from_pil(images)
     device = next(scorer.parameters()).device
     names = [*SHAPES, NO_SHAPE]
@@ -364,7 +364,7 @@ def classify(images, scorer: Scorer | None = None) -> list[tuple[str, str]]:
     return out
 
 
-def likeness(images, concept: str, scorer: Scorer | None = None) -> float:
+def likeness(images, concept: str, scorer: ShapeClassifier | None = None) -> float:
     """The fraction of `images` that the scorer names as `concept` ("orange star"): both attributes right."""
     target = parse_concept(concept)
     if len(images) == 0:
@@ -384,7 +384,7 @@ class ToyScorer:
     prompt that names neither, when the image shows a clear shape).
     """
 
-    def __init__(self, concept: str | None = None, scorer: Scorer | None = None) -> None:
+    def __init__(self, concept: str | None = None, scorer: ShapeClassifier | None = None) -> None:
         self.target = parse_concept(concept) if concept else None
         self.scorer = scorer
 

@@ -236,7 +236,8 @@ def _optimizer(t, embeddings: EmbeddingSet, point: ResumePoint | None, run: RunF
         if not state_fits(t.optimizer, point.state["optimizer"], embeddings.param_groups()):
             raise UserError(
                 f"{point.source.with_suffix('.optim')}: this optimizer state does not fit train.optimizer = "
-                f"{t.optimizer!r} on these embeddings' vectors; use the run's optimizer, or delete the file "
+                f"{t.optimizer!r} on the vectors {'; '.join(m.describe() for m in embeddings)}; use the run's "
+                "optimizer, or delete the file "
                 "to restart the optimizer"
             )
         optimizer.load_state_dict(point.state["optimizer"])

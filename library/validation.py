@@ -163,7 +163,7 @@ class Sweep:
     def render(self, plans: list[Plan], log=print) -> None:
         """Render the plans checkpoint by checkpoint; save and score each cell."""
         by_name = {p.name: p for p in plans}
-        for _, parts, images, seconds in render(self.cfg, self.run, plans, self.device, log):
+        for _, parts, images, seconds in render_by_checkpoint(self.cfg, self.run, plans, self.device, log):
             self.render_seconds += seconds
             for (name, index), batch in images.items():
                 p, cell = by_name[name], by_name[name].cells[index]
@@ -252,7 +252,7 @@ class Sweep:
         return page, rec
 
 
-def render(
+def render_by_checkpoint(
     cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
 ) -> Iterator[tuple[str, object, dict[tuple[str, int], list[Image.Image]], float]]:
     """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan name, cell index): images}, seconds).

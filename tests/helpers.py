@@ -6,6 +6,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from library.conditioning import Conditioner
+from library.families import FAMILIES
+
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (230, 210, 40), (150, 50, 200), (240, 140, 20)]
 
 
@@ -40,3 +43,25 @@ def tiny_checkpoint(tmp_path: Path, family: str = "sd1") -> Path:
     if not path.exists():
         save_single_file(build_tiny_parts(family, seed=0), path)
     return path
+
+
+class OneEncoder(Conditioner):
+    """A one-encoder (SD 1.x) conditioner over a text encoder, whose embeddings are bare [n, width] tensors
+    and whose encodings are the context alone, as these tests want them."""
+
+    def __init__(self, tokenizer, text_encoder, family="sd1", **options):
+        super().__init__(FAMILIES[family], tokenizer, {FAMILIES[family].keys[0]: text_encoder}, **options)
+
+    @classmethod
+    def of(cls, parts, **options):
+        return cls(parts.tokenizer, parts.text_encoder, parts.family.name, **options)
+
+    def set_embedding(self, name, vectors):
+        super().set_embedding(name, {self.family.keys[0]: vectors})
+
+    def encode(self, prompts):
+        return super().encode(prompts).context
+
+    def encode_pair(self, prompts, negatives):
+        cond, uncond = super().encode_pair(prompts, negatives)
+        return cond.context, uncond.context

@@ -38,10 +38,10 @@ def test_cuda_graphs_are_captured_once_per_batch_shape(tmp_path):
     trainer = setup(
         config(tmp_path, "model.checkpoint=builtin:tiny", "train.mixed_precision=bf16"), log=lambda *a: None
     )
-    assert trainer.graphed_unet is not None
+    assert trainer.graphs is not None
     for step in range(3):
         trainer.step(step, 1e-3, None)
-    assert len(trainer.graphed_unet.graphs) == 1
+    assert len(trainer.graphs.graphs) == 1
     off = setup(
         config(
             tmp_path / "b",
@@ -51,7 +51,7 @@ def test_cuda_graphs_are_captured_once_per_batch_shape(tmp_path):
         ),
         log=lambda *a: None,
     )
-    assert off.graphed_unet is None  # gradient checkpointing and capture do not mix
+    assert off.graphs is None  # gradient checkpointing and capture do not mix
 
 
 def test_compiled_unet_trains_like_the_eager_one(tmp_path):
@@ -71,22 +71,20 @@ def test_compiled_unet_trains_like_the_eager_one(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "DDIM"])
 def test_sampling_from_cuda_graphs_gives_the_same_images(sampler):
-    from dataclasses import replace
-
     import numpy as np
 
+    from library.conditioning import Conditioner
     from library.models import load_parts
-    from library.prompts import PromptEncoder
-    from library.sampling import SampleSettings, generate
-    from library.tables import ModelConfig
+    from library.sampling import generate
+    from library.tables import ModelConfig, SamplerSettings
 
-    parts = load_parts(ModelConfig(checkpoint="builtin:toy"), dtype=torch.float16)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.to("cuda")
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
-    settings = SampleSettings(steps=12, cfg_scale=4.0, width=64, height=64, sampler=sampler, batch_size=3)
+    parts = load_parts(ModelConfig(checkpoint="builtin:toy"), precision="fp16")
+    parts.place("cuda", "fp16")
+    conditioner = Conditioner.of(parts)
+    settings = SamplerSettings(steps=12, cfg_scale=4.0, width=64, height=64, sampler=sampler)
     prompts, seeds = ["a photo of a red star"] * 5, [7, 8, 9, 10, 11]  # batches of 3 and 2: two graphs
-    eager = generate(parts, encoder, prompts, [""] * 5, seeds, replace(settings, cuda_graphs=False))
-    graphed = generate(parts, encoder, prompts, [""] * 5, seeds, settings)
+    run = dict(batch_size=3)
+    eager = generate(parts, conditioner, prompts, [""] * 5, seeds, settings, graphs=False, **run)
+    graphed = generate(parts, conditioner, prompts, [""] * 5, seeds, settings, graphs=True, **run)
     for a, b in zip(eager, graphed, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -392,8 +392,8 @@ def test_bad_files_are_one_line_errors_and_write_nothing(tmp_path):
     cases = {
         "missing.pt": "not found",
         "empty.pt": "empty",
-        "garbage.safetensors": "corrupt",
-        "truncated.safetensors": "corrupt",
+        "garbage.safetensors": "not a readable .safetensors file",
+        "truncated.safetensors": "not a readable .safetensors file",
         "hostile.pt": "posix.mkdir",
         "hostile_raw.bin": "posix.mkdir",
         "two.pt": "2 tensors",

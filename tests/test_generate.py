@@ -26,19 +26,13 @@ from library.tables import GenerateConfig, PickConfig, SelectConfig
 from tests.faces import drawn_face
 from tests.helpers import one_error_line, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets/generate_character.toml"
 ZOOMS = ["an extreme closeup", "a medium closeup", "a closeup"]
 ANGLES = ["front shot", "side angle", "low angle shot"]
 QUIET = dict(log=lambda _: None, show_progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: threads cost more than they save
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +429,7 @@ def test_blur_flags_hold_from_64_to_1024_px(tmp_path):
     """With the shipped threshold, crisp pictures of 64, 512 and 1024 px are not flagged and really
     blurred copies of them are (64 px toy pictures used to be "blurry" at sharpness 0.3 < 40)."""
     gen = torch.Generator().manual_seed(3)
-    crisp = dict(enumerate(toy.to_pil(toy.render(toy.sample_scenes(6, gen), gen))))
+    crisp = dict(enumerate(toy.to_pil(toy.draw(toy.sample_scenes(6, gen), gen))))
     crisp = {f"toy64-{i}": picture for i, picture in crisp.items()}
     crisp["face512"] = drawn_face((512, 512), at=(56, 56))
     crisp["face1024"] = drawn_face((1024, 1024), at=(312, 312))

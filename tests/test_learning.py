@@ -38,10 +38,10 @@ from library.config import load_config
 from library.convert import save_single_file
 from library.embeddings import init_vectors, load_embedding
 from library.images import encode_images
-from library.prompts import PromptEncoder
 from library.tables import TrainConfig
 from library.tiny import build_tiny_parts
 from library.training import setup
+from tests.helpers import OneEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def teach_hidden_word(target: torch.Tensor):
         vae.quant_conv.weight[:4] *= gain
         vae.quant_conv.bias[:4] *= gain
         latents = raw * gain
-        encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+        encoder = OneEncoder.of(parts)
         encoder.set_embedding(NAME, target)
         conds = torch.cat([encoder.encode([PROMPT]), encoder.encode([OTHER_PROMPT])])
     labels = torch.tensor([0] * len(concept) + [1] * len(other))
@@ -136,7 +136,7 @@ def teach_hidden_word(target: torch.Tensor):
 
 def heldout_loss(parts, latents: torch.Tensor, vectors: torch.Tensor, draws: int = 16) -> float:
     """Mean denoising MSE of PROMPT with `vectors` on `latents`, at fixed noise and timesteps."""
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder)
+    encoder = OneEncoder.of(parts)
     encoder.set_embedding(NAME, vectors.float())
     gen = torch.Generator().manual_seed(1234)
     total = 0.0

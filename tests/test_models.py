@@ -28,14 +28,7 @@ from library.models import a1111_short_hash, is_v_prediction, load_parts, load_s
 from library.parts import SDParts
 from library.tiny import build_tiny_parts, tiny_vae_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy two-core machine more threads are 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from library.conditioning import Conditioner
 from library.errors import UserError
-from library.families import FAMILIES
 from library.parts import load_tokenizer
 from library.prompts import parse_prompt_attention
+from tests.helpers import OneEncoder
 
 BOS, EOS = 49406, 49407
 COMMA = 267
@@ -33,24 +32,6 @@ def ids(word_list: list[str]) -> list[int]:
 def chunk(body: list[int], pad: int = EOS) -> list[int]:
     """Expected 77 ids: BOS, body, EOS, then padding."""
     return [BOS] + body + [EOS] + [pad] * (75 - len(body))
-
-
-class OneEncoder(Conditioner):
-    """A one-encoder (SD 1.x) conditioner over a text encoder, whose embeddings are bare [n, width] tensors
-    and whose encodings are the context alone, as these tests want them."""
-
-    def __init__(self, tokenizer, text_encoder, family="sd1", **options):
-        super().__init__(FAMILIES[family], tokenizer, {FAMILIES[family].keys[0]: text_encoder}, **options)
-
-    def set_embedding(self, name, vectors):
-        super().set_embedding(name, {self.family.keys[0]: vectors})
-
-    def encode(self, prompts):
-        return super().encode(prompts).context
-
-    def encode_pair(self, prompts, negatives):
-        cond, uncond = super().encode_pair(prompts, negatives)
-        return cond.context, uncond.context
 
 
 @pytest.fixture

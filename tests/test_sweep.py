@@ -17,10 +17,12 @@ from library.recommendation import StepScores, recommend
 from library.report import save_grid, write_report
 from library.run_folder import export_step, open_run
 from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan
-from library.validation import render
 from library.tables import SweepConfig, TrainConfig
+from library.validation import render_by_checkpoint
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "d3mo"
@@ -72,14 +74,6 @@ def sweep_config(run: Path, *overrides: str) -> SweepConfig:
 def axes_of(cfg: SweepConfig, run) -> tuple:
     prompt = cfg.render.prompt.replace("[name]", run.name)
     return tuple(parse_axis(a, n, cfg, run, prompt) for n, a in (("x", cfg.x), ("y", cfg.y), ("z", cfg.z)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +150,9 @@ def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
     coarse = plan(cfg, run, axes_of(cfg, run))
     assert [c.step for c in coarse.cells] == [20, 40, 60]
     lines = []
-    ((_, _, images, _),) = list(render(cfg, run, [coarse], torch.device("cpu"), log=lines.append))
+    ((_, _, images, _),) = list(
+        render_by_checkpoint(cfg, run, [coarse], torch.device("cpu"), log=lines.append)
+    )
     # A line as the checkpoint loads, a progress bar of the images on stderr, nothing printed to stdout.
     assert lines[0] == "builtin:tiny: loading builtin:tiny" and "rendering 6 images" in lines[1]
     captured = capsys.readouterr()

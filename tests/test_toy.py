@@ -15,21 +15,21 @@ import pytest
 import torch
 
 from library import toy
+from library.conditioning import Conditioner
 from library.config import load_config
 from library.errors import UserError
 from library.models import load_parts, load_sd, read_state_dict
-from library.prompts import PromptEncoder
-from library.sampling import SampleSettings, generate
-from library.tables import ModelConfig, TrainConfig
+from library.sampling import generate
+from library.tables import ModelConfig, SamplerSettings, TrainConfig
 from tests.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = SampleSettings(steps=20, cfg_scale=4.0, width=64, height=64, batch_size=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
+SETTINGS = SamplerSettings(steps=20, cfg_scale=4.0, width=64, height=64)
 
 
 @pytest.fixture(scope="module")
-def toy_parts():
-    torch.set_num_threads(1)
+def toy_parts(one_thread):
     return load_sd(toy.TOY_CHECKPOINT)
 
 
@@ -48,8 +48,10 @@ def test_checkpoint_is_a_small_fp16_single_file_in_sd1_layout():
 
 def test_loads_offline_as_an_sd1_model(toy_parts):
     parts = toy_parts
-    assert parts.family == "sd1" and parts.prediction_type == "epsilon"
-    assert parts.vae_scale == pytest.approx(0.18215)  # the toy VAE's latents were scaled to fit SD1's factor
+    assert parts.family.name == "sd1" and parts.prediction_type == "epsilon"
+    assert parts.vae.config.scaling_factor == pytest.approx(
+        0.18215
+    )  # the toy VAE's latents were scaled to fit SD1's factor
     assert parts.text_encoder.get_input_embeddings().weight.shape == (49408, 64)
     assert parts.unet.config.cross_attention_dim == 64
     assert parts.tokenizer("a photo of a woman").input_ids == [49406, 320, 1125, 539, 320, 2308, 49407]
@@ -58,7 +60,7 @@ def test_loads_offline_as_an_sd1_model(toy_parts):
 
 def test_builtin_toy_is_the_committed_file_and_builtin_tiny_still_works():
     parts = load_parts(ModelConfig(checkpoint="builtin:toy"))
-    assert parts.checkpoint_name == toy.TOY_CHECKPOINT.stem and parts.family == "sd1"
+    assert parts.checkpoint_name == toy.TOY_CHECKPOINT.stem and parts.family.name == "sd1"
     assert load_parts(ModelConfig(checkpoint="builtin:tiny")).checkpoint_name == "tiny-sd1"
 
 
@@ -82,7 +84,7 @@ def test_the_held_out_combination_is_never_drawn_for_training():
 def test_scorer_names_fresh_ground_truth():
     gen = torch.Generator().manual_seed(2024)
     scenes = toy.sample_scenes(216, gen, pairs=toy.combinations(include_held_out=True))
-    found = toy.classify(toy.render(scenes, gen))
+    found = toy.classify(toy.draw(scenes, gen))
     truth = [
         (list(toy.COLOURS)[c], toy.SHAPES[s])
         for c, s in zip(scenes.colour.tolist(), scenes.shape.tolist(), strict=True)
@@ -93,7 +95,7 @@ def test_scorer_names_fresh_ground_truth():
 
 def test_scorer_says_no_clear_shape_for_blobs_and_noise():
     gen = torch.Generator().manual_seed(7)
-    blobs, _ = toy.render_no_shape(64, gen)
+    blobs, _ = toy.draw_without_shape(64, gen)
     said = [shape for _, shape in toy.classify(blobs)]
     assert said.count(toy.NO_SHAPE) / len(said) >= 0.95
     noise = torch.rand(4, 3, 64, 64, generator=gen) * 2 - 1
@@ -101,7 +103,7 @@ def test_scorer_says_no_clear_shape_for_blobs_and_noise():
 
 
 def test_likeness_hook_on_generated_images(toy_parts):
-    encoder = PromptEncoder(toy_parts.tokenizer, toy_parts.text_encoder)
+    encoder = Conditioner.of(toy_parts)
     prompt = "a photo of a red circle"
     images = generate(toy_parts, encoder, [prompt] * 4, [""] * 4, [11, 12, 13, 14], SETTINGS)
     assert toy.likeness(images, "red circle") >= 0.75
@@ -109,7 +111,7 @@ def test_likeness_hook_on_generated_images(toy_parts):
     assert toy.concept_hit_rate(toy_parts, encoder, prompt, "red circle", [11, 12], SETTINGS) >= 0.5
     # The sweep's scorer protocol: the target comes from the references (rendered red circles).
     gen = torch.Generator().manual_seed(3)
-    references = toy.to_pil(toy.render(toy.sample_scenes(3, gen, pairs=[(0, 0)]), gen))
+    references = toy.to_pil(toy.draw(toy.sample_scenes(3, gen, pairs=[(0, 0)]), gen))
     scorer = toy.ToyScorer()
     assert sum(scorer.likeness(images, references)) >= 3
     assert min(scorer.adherence(references, "a photo of a red circle")) == 1.0
@@ -161,13 +163,15 @@ def test_textual_inversion_learns_the_demo_concept(toy_parts, demo_run):
     at least 85 % after 75 steps (the same 16 seeds)."""
     from library.embeddings import init_vectors, load_embedding
 
-    encoder = PromptEncoder(toy_parts.tokenizer, toy_parts.text_encoder)
+    encoder = Conditioner.of(toy_parts)
     seeds = list(range(500, 516))
-    settings = SampleSettings(steps=20, cfg_scale=4.0, width=64, height=64, batch_size=16)
+    settings = SamplerSettings(steps=20, cfg_scale=4.0, width=64, height=64)
     start = init_vectors(toy_parts.tokenizer, toy_parts.text_encoder, "shape", 1, "a1111")
-    encoder.set_embedding("d3mo", start)
+    encoder.set_embedding("d3mo", {"clip_l": start})
     before = toy.concept_hit_rate(toy_parts, encoder, "a photo of a d3mo", "orange star", seeds, settings)
-    encoder.set_embedding("d3mo", load_embedding(demo_run / "embeddings" / "d3mo-75.pt").vectors.float())
+    encoder.set_embedding(
+        "d3mo", {"clip_l": load_embedding(demo_run / "embeddings" / "d3mo-75.pt").vectors.float()}
+    )
     after = toy.concept_hit_rate(toy_parts, encoder, "a photo of a d3mo", "orange star", seeds, settings)
     assert before < 0.2 and after >= 0.85, (before, after)
     loss = [float(row["loss"]) for row in csv.DictReader((demo_run / "loss.csv").open())]
@@ -244,7 +248,10 @@ def test_toy_world_script_trains_resumes_and_assembles_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for source in (single, diffusers_dir):
         parts = load_sd(source)
-        assert parts.family == "sd1" and parts.text_encoder.get_input_embeddings().weight.shape == (49408, 64)
+        assert parts.family.name == "sd1" and parts.text_encoder.get_input_embeddings().weight.shape == (
+            49408,
+            64,
+        )
     config = json.loads((diffusers_dir / "text_encoder" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
 
@@ -280,7 +287,7 @@ def test_samples_grid_shows_the_evaluation_samples_with_labels(tmp_path, monkeyp
     spec.loader.exec_module(toy_world)
     asked = {}
 
-    def fake_generate(parts, encoder, prompts, negatives, seeds, settings):
+    def fake_generate(parts, conditioner, prompts, negatives, seeds, settings, **_):
         """Each picture a flat colour that says which one it is, so the test can find it in the grid."""
         from PIL import Image
 

@@ -75,17 +75,18 @@ def test_demo_preset_end_to_end_writes_every_output(tmp_path, capsys):
 
 def test_only_the_new_vectors_change(tmp_path):
     trainer = setup(config(tmp_path, f"model.checkpoint={tiny_checkpoint(tmp_path)}"), log=lambda *_: None)
-    models = (trainer.parts.unet, trainer.parts.vae, trainer.parts.text_encoder)
+    models = trainer.parts.modules
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
-    start = trainer.vectors.detach().clone()
+    (vectors,) = trainer.embeddings.parameters
+    start = vectors.detach().clone()
     trainer.train()
     for model, snapshot in zip(models, before, strict=True):
         for key, value in model.state_dict().items():
             assert torch.equal(value, snapshot[key]), key
-    assert not torch.equal(trainer.vectors.detach(), start)
+    assert not torch.equal(vectors.detach(), start)
     # The optimizer holds only the vectors: no token table, no UNet weights.
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    assert len(params) == 1 and params[0] is trainer.vectors
+    assert len(params) == 1 and params[0] is vectors
 
 
 def _interrupt_after(monkeypatch, stop_at: int):
@@ -153,7 +154,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, monkeypatch)
         trainer.train()
     kept = load_embedding(tmp_path / "run" / "embeddings" / "d3mo-3.pt")
     assert kept.step == 3 and torch.isfinite(kept.vectors).all()
-    assert torch.equal(kept.vectors, trainer.vectors.detach().cpu())
+    assert torch.equal(kept.vectors, trainer.embeddings.parameters[0].detach().cpu())
 
 
 def test_existing_run_folder_is_never_overwritten(tmp_path):
@@ -297,7 +298,7 @@ def test_embedding_of_another_width_is_a_clear_error(tmp_path, capsys):
 
     wide = save_embedding(Embedding("sd2face", torch.zeros(2, 1024), step=10), tmp_path / "sd2face.pt")
     err = _bad_input_error(tmp_path, capsys, f"embedding.init_from={wide}")
-    assert "sd2face.pt" in err and "width 64" in err
+    assert "sd2face.pt: an embedding of width 1024 (SD 2.x) does not fit" in err and "[n, 64]" in err
 
 
 def test_low_memory_switch_trains_and_previews(tmp_path):
@@ -312,5 +313,5 @@ def test_compile_switch_compiles_the_unet_instead_of_graphing_it(tmp_path):
     trainer = setup(
         config(tmp_path, "model.checkpoint=builtin:tiny", "train.compile=true"), log=lambda *a: None
     )
-    assert trainer.graphed_unet is None  # on CUDA compile brings its own graphs ("reduce-overhead")
+    assert trainer.graphs is None  # on CUDA compile brings its own graphs ("reduce-overhead")
     assert hasattr(trainer.parts.unet, "_compiled_call_impl") and trainer.parts.unet._compiled_call_impl

@@ -72,7 +72,8 @@ def _poison_update(monkeypatch, at_step: int) -> None:
     def step(self, index, lr, clip):
         loss = real(self, index, lr, clip)
         if index + 1 == at_step:
-            self.vectors.data.fill_(float("nan"))
+            for vectors in self.embeddings.parameters:
+                vectors.data.fill_(float("nan"))
         return loss
 
     monkeypatch.setattr(Trainer, "step", step)

@@ -174,7 +174,7 @@ def train_scorer(
     noise and slight blur than the world has) and pictures with no clear shape."""
     gen = torch.Generator(device).manual_seed(seed)
     torch.manual_seed(seed)
-    scorer = toy.Scorer(width).to(device).to(memory_format=torch.channels_last)
+    scorer = toy.ShapeClassifier(width).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     n_none = batch // 5
@@ -216,13 +216,13 @@ def _scorer_batch(n_world: int, n_none: int, gen: torch.Generator):
         noise=(0.5, 8.0),
         background_jitter=15,
     )
-    world = toy.render(scenes, gen)
+    world = toy.draw(scenes, gen)
     soft = torch.rand(n_world, generator=gen, device=device) < 0.4
     sigma = torch.where(
         soft, 1.2 * torch.rand(n_world, generator=gen, device=device), torch.zeros(n_world, device=device)
     )
     world = toy.blur(world, sigma)
-    none, none_colour = toy.render_no_shape(n_none, gen)
+    none, none_colour = toy.draw_without_shape(n_none, gen)
     images = torch.cat([world, none])
     colours = torch.cat([scenes.colour, none_colour])
     shapes = torch.cat([scenes.shape, torch.full((n_none,), len(toy.SHAPES), device=device)])
@@ -235,12 +235,12 @@ def scorer_accuracy(scorer, device: str, seed: int, n: int) -> dict:
     gen = torch.Generator(device).manual_seed(seed)
     scorer.eval()
     scenes = toy.sample_scenes(n, gen, pairs=toy.combinations(include_held_out=True))
-    found = toy.classify(toy.render(scenes, gen), scorer)
+    found = toy.classify(toy.draw(scenes, gen), scorer)
     truth = [
         (list(toy.COLOURS)[c], toy.SHAPES[s])
         for c, s in zip(scenes.colour.tolist(), scenes.shape.tolist(), strict=True)
     ]
-    none, _ = toy.render_no_shape(n // 2, gen)
+    none, _ = toy.draw_without_shape(n // 2, gen)
     said = toy.classify(none, scorer)
     return {
         "ground_truth_both": sum(a == b for a, b in zip(found, truth, strict=True)) / n,
@@ -267,7 +267,7 @@ def train_vae(
     while (elapsed := time.perf_counter() - started) < seconds:
         for group in optimizer.param_groups:
             group["lr"] = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-        images = toy.render(toy.sample_scenes(batch, gen), gen)
+        images = toy.draw(toy.sample_scenes(batch, gen), gen)
         if crop < toy.SIZE:
             y, x = torch.randint(0, toy.SIZE - crop + 1, (2,), generator=gen, device=device).tolist()
             images = images[..., y : y + crop, x : x + crop]
@@ -298,7 +298,7 @@ def rescale_latents(vae: AutoencoderKL, device: str, seed: int, n: int = 4096) -
     zero-mean with std 1/0.18215: the decoder sees exactly the same input, and SD1's scaling factor fits."""
     gen = torch.Generator(device).manual_seed(seed)
     chunk = min(n, 512)
-    images = torch.cat([toy.render(toy.sample_scenes(chunk, gen), gen) for _ in range(n // chunk)])
+    images = torch.cat([toy.draw(toy.sample_scenes(chunk, gen), gen) for _ in range(n // chunk)])
     means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(512)])
     mu = means.mean(dim=(0, 2, 3))
     k = (1 / SCALE) / means.std(dim=(0, 2, 3))
@@ -333,7 +333,7 @@ def finetune_decoder(
     while (elapsed := time.perf_counter() - started) < seconds:
         for group in optimizer.param_groups:
             group["lr"] = 3e-5 + 0.5 * (3e-4 - 3e-5) * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-        images = toy.render(toy.sample_scenes(batch, gen), gen)
+        images = toy.draw(toy.sample_scenes(batch, gen), gen)
         with torch.no_grad():
             z = vae.encode(images).latent_dist.mean
         if crop < toy.SIZE:  # crop on the latent grid so every pixel keeps its latent cells
@@ -357,7 +357,7 @@ def finetune_decoder(
         step += 1
     vae.requires_grad_(False)
     with torch.no_grad():
-        images = toy.render(toy.sample_scenes(256, gen), gen)
+        images = toy.draw(toy.sample_scenes(256, gen), gen)
         recon = vae.decode(vae.encode(images).latent_dist.mean).sample
     return {
         "steps": step,
@@ -388,7 +388,7 @@ class Bank:
         start = self.next
         end = min(start + self.chunk, len(self.latents))
         scenes = toy.sample_scenes(end - start, self.gen)
-        images = toy.render(scenes, self.gen)
+        images = toy.draw(scenes, self.gen)
         with torch.autocast(
             device_type=self.gen.device.type, dtype=torch.bfloat16, enabled=self.gen.device.type != "cpu"
         ):
@@ -642,7 +642,7 @@ def evaluate_parts(
     red star`; DPM++ 2M Karras, 20 steps, CFG 4) and score them; a grid of the first two of each."""
     from library.sampling import generate
 
-    scorer = toy.load_scorer(work / "scorer.safetensors" if work else toy.SCORER_FILE).to(device)
+    scorer = toy.load_classifier(work / "scorer.safetensors" if work else toy.SCORER_FILE).to(device)
     conditioner = Conditioner.of(parts)
     combos = [(c, s) for c in toy.COLOURS for s in toy.SHAPES]
     prompts, seeds = sample_prompts(per_combo, per_combo, seed)
@@ -939,7 +939,7 @@ def cmd_evaluate(args) -> None:
     parts = load_sd(args.checkpoint)
     for module in (parts.unet, parts.text_encoder, parts.vae):
         module.to(args.device)
-    scorer = toy.load_scorer()
+    scorer = toy.load_classifier()
     report = {"scorer": scorer_accuracy(scorer, "cpu", args.seed, args.scorer_n)} if args.scorer_n else {}
     log("scorer", report.get("scorer"))
     work = Path(args.out) if args.out else None
@@ -1014,7 +1014,7 @@ def cmd_dataset(args) -> None:
         raise SystemExit(f"{out}: not empty; give a new folder (nothing was written)")
     gen = torch.Generator().manual_seed(args.seed)
     pair = (list(toy.COLOURS).index(colour), toy.SHAPES.index(shape))
-    images = toy.to_pil(toy.render(toy.sample_scenes(args.n, gen, pairs=[pair]), gen))
+    images = toy.to_pil(toy.draw(toy.sample_scenes(args.n, gen, pairs=[pair]), gen))
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(out / f"{i:02d}.png")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine in one command, from the repo root, with .bench/ carried (see README.md):
-# sites from the carried wheels, the random SD1.5 checkpoint and 8 images (as bench/face_cuda.sh makes them),
+# sites from the carried wheels, the random SD1.5 checkpoint and 8 images,
 # then run_compare.sh. Results land in $OUT/compare/ (compare.json, compare.txt, one log per tool, raw.tgz).
 set -uo pipefail
 RESULTS=${OUT:-/tmp/compare-out}/compare

@@ -29,8 +29,9 @@ from pathlib import Path
 from library.captions import check_caption_extension, read_caption
 from library.errors import UserError
 from library.files import atomic_write, copy_file
-from library.pick import FLAGS_FILE
 from library.tables import SelectConfig
+
+FLAGS_FILE = "flags.json"  # written by `pick` and `generate` beside the images: what the page shows
 
 PAGE_FILE = "review.html"
 SELECTION_FORMAT = "ti-toolkit-selection"
