@@ -24,7 +24,6 @@ import sys
 
 from library.cli import ArgumentParser, parse_command_line, run_script
 from library.config import load_config
-from library.errors import UserError
 from library.tables import GenerateConfig
 
 
@@ -58,28 +57,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None) -> None:
     args = parse_args(argv)
-    from library import photos, pick, review  # torch and diffusers load only for `generate`
+    from library import pick, review  # torch and diffusers load only for `generate`
 
     if args.command == "generate":
         from library import generation
-    if args.command == "generate" and args.reproduce:
-        if not args.output:
-            raise UserError("--reproduce needs --output DIR, a new folder for the images")
-        generation.reproduce(args.reproduce, args.output, files=args.only, overrides=args.overrides)
-        return
+
+        if args.reproduce:
+            generation.reproduce(args.reproduce, args.output, files=args.only, overrides=args.overrides)
+            return
     config = load_config(GenerateConfig, args.config, args.overrides)
     if args.command == "generate":
         generation.run_generate(config)  # flags the images and writes review.html too
     elif args.command == "photos":
-        pick.check_pick_config(config.pick)
-        photos.prepare_photos(config.photos)
-        pick.run_pick(config.photos.output_dir, config.pick)
+        pick.run_photos(config)
     elif args.command == "pick":
         pick.run_pick(args.folder, config.pick)
     elif args.command == "select":
-        review.check_select_config(config.select)
-        selection = review.read_selection(args.selection, args.images)
-        review.write_kohya_folder(selection, config.select)
+        review.run_select(args.selection, args.images, config.select)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,6 +351,8 @@ def reproduce(
     Each image is rendered in the same batch as before (its batch-mates are rendered and discarded), so
     on the same machine and model the pixels are identical. `overrides` may change only [model] keys.
     """
+    if not output_dir:
+        raise UserError("--reproduce needs --output DIR, a new folder for the images")
     manifest = read_manifest(manifest_path)
     config = _recorded_config(manifest, manifest_path, overrides)
     plan = planned_images(manifest, manifest_path)

@@ -21,9 +21,9 @@ from PIL import Image, ImageColor
 from library.errors import UserError
 from library.files import atomic_write
 from library.images import list_images, open_image, split_rgb_alpha
-from library.photos import detect_faces
+from library.photos import detect_faces, prepare_photos
 from library.review import FLAGS_FILE, review_items, write_review_page
-from library.tables import PickConfig
+from library.tables import GenerateConfig, PickConfig
 
 # Sharpness is judged at the picture's own size, at most this many pixels on its long side: training
 # sizes reach 1024 (SDXL), and finer detail of larger photos is lost when they are resized for training.
@@ -226,3 +226,10 @@ def run_pick(
     page = write_review_page(folder, review_items(folder, results))
     log(f"review page: {page} (open it in a browser, keep or drop, then export the selection)")
     return page
+
+
+def run_photos(config: GenerateConfig) -> Path:
+    """`generate_dataset.py photos`: face-centred crops of real photos, flagged, with their review page."""
+    check_pick_config(config.pick)
+    prepare_photos(config.photos)
+    return run_pick(config.photos.output_dir, config.pick)

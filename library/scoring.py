@@ -302,8 +302,8 @@ def score_cell(scorer: Scorer, images: Sequence[Image.Image], references, prompt
 
 def load_references(reference_dir: str, dataset=None) -> list[Image.Image]:
     """The training images as RGB: `reference_dir` (a flat or Kohya folder), else the run's [dataset] table."""
-    from library.data import scan_images
     from library.images import open_image, split_rgb_alpha
+    from library.kohya_dataset import scan_images
     from library.tables import DatasetConfig
 
     if reference_dir:

@@ -1,13 +1,11 @@
-"""Validation sweeps: render a run's saved steps side by side on several checkpoints (A1111's X/Y/Z plot).
+"""The plan of a validation sweep (A1111's X/Y/Z plot): its axes and cells, and coarse-to-fine re-planning.
 
-- the run folder is read by library/run_folder.py (`open_run`: which file `NAME-20` in a prompt stands for).
 - `parse_axis` reads one `[x]`/`[y]`/`[z]` table; `plan` lays out the cells (X columns, Y rows, Z grids);
   `fine_plan` re-plans the step axis every few steps over one interval (coarse-to-fine).
-- `render` loads each checkpoint once and renders all cells of all plans on it in full batches, with a
-  progress bar (stderr) of the images rendered.
-library/validation.py puts these together with library/run_folder.py (the run, export), library/scoring.py
-(scores), library/recommendation.py (the recommended step) and library/report.py (cell images, grids,
-scores.csv, report.html).
+library/validation.py renders the plans (each checkpoint loaded once, all its cells in full batches) and puts
+them together with library/run_folder.py (which file `NAME-20` in a prompt stands for, export),
+library/scoring.py (scores), library/recommendation.py (the recommended step) and library/report.py (cell
+images, grids, scores.csv, report.html).
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ from accelerate import Accelerator
 
 from library.conditioning import Conditioner
 from library.config import check_model, check_name, dump_config, load_config
-from library.data import TrainingData, dataset_config_batch_size, scan_images
+from library.data import TrainingData
 from library.denoiser import TrainingGraphs
 from library.embedding_set import EmbeddingSet, blocks_from_file, starting_blocks
 from library.embeddings import name_warnings
 from library.errors import UserError
 from library.files import atomic_write
+from library.kohya_dataset import dataset_config_batch_size, scan_images
 from library.models import load_parts
 from library.objectives import TextualInversion
 from library.optim import build_optimizer, state_fits

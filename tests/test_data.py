@@ -15,15 +15,10 @@ from PIL import Image
 
 from library.captions import STOCK_TEMPLATES, TEMPLATE_DIR, fill_template, load_template, process_tags
 from library.config import load_config
-from library.data import (
-    DataSettings,
-    DataWarning,
-    TrainingData,
-    dataset_config_batch_size,
-    scan_images,
-)
+from library.data import TrainingData
 from library.errors import UserError
 from library.images import load_training_image, split_rgb_alpha
+from library.kohya_dataset import DataSettings, DataWarning, dataset_config_batch_size, scan_images
 from library.tables import TrainConfig
 from library.tiny import tiny_vae_config
 

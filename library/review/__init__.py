@@ -307,3 +307,9 @@ def write_kohya_folder(selection: Selection, cfg: SelectConfig, log: Callable[[s
         f"wrote {len(plan)} pictures with captions to {target} (train with dataset.image_dir={cfg.output_dir})"
     )
     return target
+
+
+def run_select(selection_file: str | Path, images_dir: str | Path | None, cfg: SelectConfig) -> Path:
+    """`generate_dataset.py select`: the kept pictures of an exported selection, as a Kohya folder."""
+    check_select_config(cfg)
+    return write_kohya_folder(read_selection(selection_file, images_dir), cfg)
