@@ -58,10 +58,10 @@ def tiny_text_config(family: str) -> dict:
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
-        hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        hidden_act="quick_gelu" if family == "sd1" else "gelu",  # CLIP ViT-L; OpenCLIP uses gelu
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=49407 if family == "sd1" else 0,
+        pad_token_id=FAMILIES[family].text_encoders[0].pad_id,
         projection_dim=TEXT_WIDTH,
     )
 

@@ -222,7 +222,7 @@ def test_reproduce_accepts_only_model_overrides(tmp_path, checkpoint):
 
 
 @pytest.fixture(scope="module")
-def recorded_run(tmp_path_factory, checkpoint) -> Path:
+def recorded_run(tmp_path_factory, checkpoint, one_thread) -> Path:
     """A real run (2 axis values x 2 images) whose manifest.json the crafted ones below start from."""
     tmp = tmp_path_factory.mktemp("recorded")
     axes = 'generate.axes=["an extreme closeup, a closeup"]'

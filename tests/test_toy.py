@@ -313,7 +313,7 @@ def test_samples_grid_shows_the_evaluation_samples_with_labels(tmp_path, monkeyp
     from PIL import Image
 
     grid = np.asarray(Image.open(output).convert("RGB")).astype(int)
-    margin = toy_world.GRID_MARGIN
+    margin = toy_world.evaluation.GRID_MARGIN
     left = grid.shape[1] - 6 * 128 - 5 * margin  # the colour labels' column
     top = grid.shape[0] - 6 * 64 - 5 * margin  # the shape labels' row
     assert left > 0 and top > 0
