@@ -66,37 +66,10 @@ save_diffusers(load_sd(sys.argv[1], family='sd1'), sys.argv[2], overwrite=True)"
   echo "diffusers folder written in $(( $(date +%s) - t )) s"
 fi
 
-have_gpu() { command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; }
 LAUNCH=(-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$MIXED_PRECISION"
   --dynamo_backend no)
-
-# run_tool NAME SITE CWD ARGS...: time one training from command start to exit, sample GPU memory meanwhile.
-run_tool() {
-  local name=$1 site=$2 cwd=$3; shift 3
-  local mem_pid="" base=""
-  if have_gpu; then
-    base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/$name.mem" 2> /dev/null &
-    mem_pid=$!
-  fi
-  echo "== $name: $PY ${LAUNCH[*]} $*" > "$OUT_DIR/$name.log"
-  local t0 t1 rc limit=$RUN_TIMEOUT
-  [ -n "$DEADLINE" ] && limit=$(( DEADLINE - $(date +%s) < limit ? DEADLINE - $(date +%s) : limit ))
-  t0=$(date +%s.%N)
-  if [ "$limit" -lt 30 ]; then
-    echo "skipped: only $limit s left before DEADLINE" >> "$OUT_DIR/$name.log"; rc=125
-  else
-    (cd "$cwd" && COMPARE_STEP_LOG="$WORK/$name.steps" \
-      PYTHONPATH="$HERE/hook:$site${EXTRA:+:$EXTRA}" timeout -k 10 "$limit" $PY "${LAUNCH[@]}" "$@") \
-      >> "$OUT_DIR/$name.log" 2>&1
-    rc=$?
-  fi
-  t1=$(date +%s.%N)
-  [ -n "$mem_pid" ] && { kill "$mem_pid" 2> /dev/null; wait "$mem_pid" 2> /dev/null; }
-  echo "$name $rc $t0 $t1 ${base:--}" >> "$WORK/runs.txt"
-  echo "$name: rc=$rc wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s"
-  summarize > /dev/null  # compare.json after every run, in case a later one is cut off
-}
+# run_tool NAME SITE CWD ARGS...: one timed run (see run_tool.sh).
+source "$HERE/run_tool.sh"
 
 summarize() {
   local settings="steps=$STEPS resolution=$RESOLUTION batch=$BATCH mixed_precision=$MIXED_PRECISION"

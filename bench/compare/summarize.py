@@ -1,7 +1,10 @@
-"""Turn the raw records of run_compare.sh into OUT/compare.json and a printed table of ratios (ours / theirs).
+"""Turn the raw records of run_compare.sh / run_sdxl.sh into OUT/compare.json and a printed table of ratios.
 
-Inputs in the work folder: runs.txt ("tool rc t_start t_end gpu_mib_before" per run), <tool>.steps (one line
-per tqdm update, written by hook/sitecustomize.py), <tool>.mem (nvidia-smi memory.used samples, MiB).
+Inputs in the work folder: runs.txt ("run rc t_start t_end gpu_mib_before" per run), <run>.steps (one line
+per tqdm update, written by hook/sitecustomize.py), <run>.mem (nvidia-smi memory.used samples, MiB); in the
+out folder <run>.log, whose first line is the command. A run is named after its tool, optionally with a
+variant: `ours_low` is our trainer, `kohya_gc` Kohya's (the part before the first "_" picks the progress bar).
+Ratios are taken for the pairs given with --pairs ("ours/kohya ours/diffusers" by default).
 Standard library only, so it runs with any python3.
 """
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 # The steady-state rate leaves out the first steps (first-step kernels, allocator and cuDNN warm-up).
 WARMUP_STEPS = 10
-TOOLS = ("ours", "kohya", "diffusers")
+SITES = ("ours", "kohya", "diffusers")  # site folders whose packages are listed (--site-names)
 BAR_NAMES = {"kohya": "steps", "diffusers": "Steps"}  # the training bars' descriptions; ours: the token
 # tqdm's closing numbers, e.g. "150/150 [00:21<00:00,  6.98it/s, loss=0.1]" or "2/2 [00:09<00:00,  4.51s/it]"
 TQDM_RATE = re.compile(r"(\d+)/(\d+) \[[^\]]*?([\d.]+)(it/s|s/it)")
@@ -58,16 +61,20 @@ def tool_reported_rate(log: str, name: str, total: int) -> str:
 
 def summarize_tool(work: Path, out: Path, row: list[str], settings: dict) -> dict:
     name, rc, t0, t1, base = row[0], int(row[1]), float(row[2]), float(row[3]), row[4]
-    batch, total = int(settings["batch"]), int(settings["steps"])
-    desc, steps = read_steps(work / f"{name}.steps", BAR_NAMES.get(name, settings["token"]), total)
+    tool = name.split("_", 1)[0]
+    # samples per optimizer step: the batch times gradient accumulation
+    batch = int(settings["batch"]) * int(settings.get("grad_accum", 1))
+    total = int(settings["steps"])
+    desc, steps = read_steps(work / f"{name}.steps", BAR_NAMES.get(tool, settings["token"]), total)
     log_path = out / f"{name}.log"
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     result = {
         "rc": rc,
+        "command": log.split("\n", 1)[0].removeprefix(f"== {name}: ") if log.startswith("== ") else "",
         "wall_s": round(t1 - t0, 2),
         "progress_bar": desc,
         "steps_done": steps[-1][1] if steps else 0,
-        "tool_reported": tool_reported_rate(log, name, total),
+        "tool_reported": tool_reported_rate(log, tool, total),
     }
     if steps:
         result["first_step_done_s"] = round(steps[0][0] - t0, 2)  # start-up + the first step
@@ -88,9 +95,9 @@ def summarize_tool(work: Path, out: Path, row: list[str], settings: dict) -> dic
     return result
 
 
-def site_versions(sites: Path) -> dict:
+def site_versions(sites: Path, names) -> dict:
     versions = {}
-    for site in TOOLS:
+    for site in names:
         folder = sites / f"site_{site}"
         versions[site] = sorted(p.name[: -len(".dist-info")] for p in folder.glob("*.dist-info"))
     return versions
@@ -125,6 +132,7 @@ def _cell(value) -> str:
 
 
 def table(tools: dict, ratios: dict) -> str:
+    """The figures of every run side by side, then one column per ratio pair "a/b"."""
     rows = [
         ("steady steps/s", "steady_steps_per_s"),
         ("steady samples/s", "steady_samples_per_s"),
@@ -132,11 +140,11 @@ def table(tools: dict, ratios: dict) -> str:
         ("first step done at (s)", "first_step_done_s"),
         ("peak GPU memory (MiB)", "peak_gpu_mib"),
     ]
-    names = [n for n in TOOLS if n in tools]
-    lines = [f"{'':28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'ours/' + n:>16}" for n in ratios)]
+    names = list(tools)
+    lines = [f"{'':28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{pair:>18}" for pair in ratios)]
     for label, key in rows:
         cells = "".join(f"{_cell(tools[n].get(key)):>12}" for n in names)
-        cells += "".join(f"{_cell(ratios[n].get(key)):>16}" for n in ratios)
+        cells += "".join(f"{_cell(ratios[pair].get(key)):>18}" for pair in ratios)
         lines.append(f"{label:28}{cells}")
     lines.append("")
     for n in names:
@@ -148,8 +156,13 @@ def table(tools: dict, ratios: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--work", "--out", "--sites", "--settings", "--kohya", "--example", "--ckpt"):
+    for flag in ("--work", "--out", "--sites", "--settings", "--kohya", "--ckpt"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--example", default="", help="diffusers' example folder (SD1.5 comparison)")
+    parser.add_argument("--pairs", default="ours/kohya ours/diffusers", help='ratios to take: "a/b c/d"')
+    parser.add_argument("--site-names", default=" ".join(SITES), help="site_<name> folders to list")
+    parser.add_argument("--inputs", default="", help="more inputs to record, as key=value words")
+    parser.add_argument("--note", default="", help="a line on how the settings were chosen")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     settings = dict(item.split("=", 1) for item in args.settings.split())
@@ -157,20 +170,23 @@ def main() -> None:
     tools = {row[0]: summarize_tool(work, out, row, settings) for row in runs}
     ratios = {}
     keys = ("steady_steps_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")  # samples/s: as steps/s
-    if "ours" in tools:
-        for other in ("kohya", "diffusers"):
-            if other in tools:
-                both_ran = tools["ours"]["rc"] == 0 and tools[other]["rc"] == 0
-                ratios[other] = {
-                    k: ratio(tools["ours"].get(k), tools[other].get(k)) if both_ran else None for k in keys
-                }
+    for pair in args.pairs.split():
+        a, b = pair.split("/")
+        if a in tools and b in tools:
+            both_ran = tools[a]["rc"] == 0 and tools[b]["rc"] == 0
+            ratios[pair] = {k: ratio(tools[a].get(k), tools[b].get(k)) if both_ran else None for k in keys}
+    inputs = {"kohya_dir": args.kohya, "checkpoint": args.ckpt}
+    if args.example:
+        inputs["diffusers_example_dir"] = args.example
+    inputs.update(item.split("=", 1) for item in args.inputs.split())
     report = {
         "settings": settings,
+        **({"settings_note": args.note} if args.note else {}),
         "machine": machine(),
-        "inputs": {"kohya_dir": args.kohya, "diffusers_example_dir": args.example, "checkpoint": args.ckpt},
-        "site_packages": site_versions(Path(args.sites)),
+        "inputs": inputs,
+        "site_packages": site_versions(Path(args.sites), args.site_names.split()),
         "tools": tools,
-        "ratios_ours_over": ratios,
+        "ratios": ratios,
         "notes": (
             f"steady = steps after the first {WARMUP_STEPS} (or all but the first when fewer ran), timed from "
             "each tool's tqdm updates; wall = accelerate launch to exit; peak GPU memory = max of nvidia-smi "
