@@ -5,16 +5,13 @@
 
 kohya: `sdxl_model_util.load_models_from_sdxl_checkpoint`, the loader of sdxl_train_textual_inversion.py, which
 demands every key of its U-Net, both encoders and the VAE ("<All keys matched successfully>").
-ours: `library.models.load_sd(CKPT, family="sdxl")` once the library reads SDXL files (branch sdxl-load);
-until then diffusers' own single-file converters into diffusers' SDXL classes, loaded strictly (the layout our
-loader will read).
+ours: `library.models.load_sd(CKPT, family="sdxl")`, strict about every key too.
 Then, on the loaded weights in bf16: both encoders on a prompt and one UNet forward and backward at 256 px
 (32x32 latents) with SDXL's conditioning: the loss and the gradient reaching the text states must be finite.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,7 +27,7 @@ def load_kohya(ckpt: str):
     te1, te2, vae, unet, logit_scale, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
         sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, ckpt, "cpu", torch.bfloat16
     )
-    print(f"kohya: loaded; logit_scale {None if logit_scale is None else float(logit_scale):.4f}")
+    print(f"kohya: loaded; logit_scale {'absent' if logit_scale is None else f'{float(logit_scale):.4f}'}")
 
     def run_unet(x, t, context, pooled, sizes):
         from library import sdxl_train_util
@@ -41,73 +38,17 @@ def load_kohya(ckpt: str):
     return te1, te2, vae, unet, run_unet
 
 
-def _strict(model, state: dict, what: str):
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise SystemExit(f"ours: {what}: missing {missing[:5]} unexpected {unexpected[:5]}")
-    print(f"ours: {what}: all keys matched")
-    return model
-
-
 def load_ours(ckpt: str):
-    from library.errors import UserError
     from library.models import load_sd
 
-    try:
-        parts = load_sd(ckpt, family="sdxl")
-        te1, te2 = parts.text_encoders.values()
-        unet, vae = parts.unet, parts.vae
-        print("ours: library.models.load_sd read the file")
-    except UserError as error:  # the library does not read SDXL yet: the layout check through diffusers
-        print(f"ours: library.models.load_sd: {error}\nours: checking with diffusers' single-file converters")
-        te1, te2, vae, unet = _load_with_diffusers(ckpt)
+    parts = load_sd(ckpt, family="sdxl", dtype=torch.bfloat16)
+    te1, te2 = parts.text_encoders.values()
+    print(f"ours: library.models.load_sd read it as {parts.family.title}")
 
     def run_unet(x, t, context, pooled, sizes):
-        return unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+        return parts.unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
 
-    return te1, te2, vae, unet, run_unet
-
-
-def _load_with_diffusers(ckpt: str):
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint,
-    )
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from bench.make_sdxl import config_dir
-
-    folder = config_dir()
-    config = {
-        p: json.loads((folder / p / "config.json").read_text())
-        for p in ("unet", "vae", "text_encoder", "text_encoder_2")
-    }
-    sd = load_file(ckpt)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config["unet"])
-        vae = AutoencoderKL.from_config(config["vae"])
-        te1 = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
-    unet = _strict(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
-    vae_sd = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    vae = _strict(vae, convert_ldm_vae_checkpoint(vae_sd, vae.config), "VAE")
-
-    def keys_of(model, state):  # transformers 5's CLIPTextModel has no `text_model.` level (4.x's has)
-        if any(k.startswith("text_model.") for k in model.state_dict()):
-            return state
-        return {k.removeprefix("text_model."): v for k, v in state.items()}
-
-    te1_sd = convert_ldm_clip_checkpoint(sd, remove_prefix="conditioner.embedders.0.transformer.")
-    te1 = _strict(te1, keys_of(te1, te1_sd), "CLIP ViT-L")
-    te2_sd = convert_open_clip_checkpoint(te2, sd, prefix="conditioner.embedders.1.model.")
-    te2 = _strict(te2, keys_of(te2, te2_sd), "OpenCLIP bigG")
-    return te1, te2, vae, unet
+    return te1, te2, parts.vae, parts.unet, run_unet
 
 
 def check(te1, te2, vae, unet, run_unet) -> None:
