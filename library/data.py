@@ -37,6 +37,7 @@ class Batch:
     loss_weights: torch.Tensor | None  # [B, 1, h, w] (min 0, mean 1 per image) or None
     sample_ids: list[int]  # index of each sample's ImageRecord
     flipped: list[bool] = field(default_factory=list)
+    sizes: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
 
 
 class _Sample(NamedTuple):
@@ -172,6 +173,8 @@ class TrainingData:
             loss_weights=weights,
             sample_ids=[sample.index for sample in samples],
             flipped=[sample.flipped for sample in samples],
+            sizes=[(self.resolution[1], self.resolution[0], 0, 0, self.resolution[1], self.resolution[0])]
+            * size,
         )
 
     def summary(self) -> str:

@@ -144,6 +144,11 @@ class TrainSettings(Table):
     compile: bool = (
         False  # torch.compile the UNet (with cuda_graphs: mode "reduce-overhead"); slow first step
     )
+    # 0 = the model's own text-encoder layer (SD 1.x: the last; SD 2.x and SDXL: the penultimate); n = the
+    # n-th from the end, as A1111's "CLIP skip", Kohya's --clip_skip and ComfyUI's "CLIP Set Last Layer" -n.
+    # Train with what you will render with: 2 for NovelAI-derived anime SD 1.x models; on SDXL (Pony,
+    # Illustrious) 2 is what the model reads anyway.
+    clip_skip: int = at_least(0, 0)
     noise_offset: float = at_least(0, 0.0)
     min_snr_gamma: float = at_least(0, 0.0)  # 0 = off; 5 is the usual value
     seed: int = at_least(0, 42)
