@@ -1,4 +1,4 @@
-"""Convert SD 1.x / 2.x weights between the original single-file layout and diffusers.
+"""Convert SD 1.x / 2.x / XL weights between the original single-file layout and diffusers.
 
 Original -> diffusers uses diffusers' own key converters; the sizes that vary between models (channels,
 levels, layers, widths) are read from the weights' shapes over a base config of the family.
@@ -33,14 +33,19 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL's conditioner: CLIP ViT-L in the transformers layout, then OpenCLIP ViT-bigG in its own (FACTS §9).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 # Metadata key holding the few sizes the weights cannot tell (attention head counts, sample sizes).
 ARCH_KEY = "sd_ti.architecture"
 ARCH_FIELDS = {
     "unet": ("attention_head_dim", "sample_size"),
     "text_encoder": ("num_attention_heads",),
+    "text_encoder_2": ("num_attention_heads",),
     "vae": ("sample_size",),
 }
-CLIP_HEAD_WIDTH = 64  # CLIP ViT-L and OpenCLIP ViT-H both use 64-wide attention heads
+CLIP_HEAD_WIDTH = 64  # CLIP ViT-L and OpenCLIP ViT-H and bigG all use 64-wide attention heads
+SIZE_IDS = 6  # SDXL's size conditioning: original h, w, crop top, left, target h, w
 OPENCLIP_H_BLOCKS = 24  # blocks of SD2's OpenCLIP ViT-H text tower, of which SD2 runs 23
 
 # --------------------------------------------------------------------------------------------------
@@ -104,11 +109,30 @@ def unet_config_from_ldm(sd: dict, base: dict) -> dict:
         ],
         cross_attention_dim=next(u[k].shape[1] for k in attn if k.endswith("attn2.to_k.weight")),
         use_linear_projection=next(u[k].ndim for k in u if k.endswith(".proj_in.weight")) == 2,
-        transformer_layers_per_block=1 + max(_indices(u, "middle_block.1.transformer_blocks.")),
+        transformer_layers_per_block=_transformer_depths(u, firsts),
     )
     if channels != list(base["block_out_channels"]):
         config["attention_head_dim"] = _scaled_heads(base, channels)
+    if base.get("addition_embed_type") == "text_time":
+        # SDXL's `y`: bigG's pooled vector, then one sinusoidal embedding (no weights) per size id.
+        width = u["label_emb.0.0.weight"].shape[1]
+        time_width, rest = divmod(width - sd[SDXL_OPENCLIP_PREFIX + "text_projection"].shape[1], SIZE_IDS)
+        if rest or time_width <= 0:
+            raise ValueError(
+                f"label_emb.0.0.weight takes {width} inputs, not the pooled vector + {SIZE_IDS} ids"
+            )
+        config.update(projection_class_embeddings_input_dim=width, addition_time_embed_dim=time_width)
     return config
+
+
+def _transformer_depths(u: dict, firsts: list[int]) -> int | list[int]:
+    """Transformer layers of each level's attention blocks (SDXL: 1, 2, 10), one number when all levels and
+    the middle block have the same. A level without attention counts 1, as diffusers' configs write it,
+    unless it is the last: diffusers gives the middle block the last level's depth."""
+    middle = 1 + max(_indices(u, "middle_block.1.transformer_blocks."))
+    depths = [1 + max(_indices(u, f"input_blocks.{i}.1.transformer_blocks."), default=-1) for i in firsts]
+    depths = [d or 1 for d in depths[:-1]] + [depths[-1] or middle]
+    return middle if all(d == middle for d in depths) else depths
 
 
 def vae_config_from_ldm(vae_sd: dict, base: dict) -> dict:
@@ -128,19 +152,40 @@ def vae_config_from_ldm(vae_sd: dict, base: dict) -> dict:
 
 def text_config_from_ldm(sd: dict, base: dict, openclip: bool) -> dict:
     """The CLIPTextModel config of an original-layout state dict (CLIP for SD1, OpenCLIP for SD2)."""
-    if openclip:
-        t = _strip(sd, OPENCLIP_PREFIX)
-        blocks = 1 + max(_indices(t, "transformer.resblocks."))
-        # A full OpenCLIP tower (ViT-H: 24 blocks, with text_projection) has a last block that SD2 never
-        # runs: SD2 reads the penultimate layer. Files converted from diffusers hold only the used blocks.
-        layers = blocks - 1 if "text_projection" in t or blocks == OPENCLIP_H_BLOCKS else blocks
-        token, position = t["token_embedding.weight"], t["positional_embedding"]
-        intermediate = t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    else:
-        t = _strip(sd, CLIP_PREFIX)
-        layers = 1 + max(_indices(t, "encoder.layers."))
-        token, position = t["embeddings.token_embedding.weight"], t["embeddings.position_embedding.weight"]
-        intermediate = t["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    if not openclip:
+        return _clip_config(_strip(sd, CLIP_PREFIX), base)
+    t = _strip(sd, OPENCLIP_PREFIX)
+    blocks = 1 + max(_indices(t, "transformer.resblocks."))
+    # A full OpenCLIP tower (ViT-H: 24 blocks, with text_projection) has a last block that SD2 never
+    # runs: SD2 reads the penultimate layer. Files converted from diffusers hold only the used blocks.
+    layers = blocks - 1 if "text_projection" in t or blocks == OPENCLIP_H_BLOCKS else blocks
+    return _openclip_config(t, base, layers)
+
+
+def sdxl_text_configs_from_ldm(sd: dict, base_l: dict, base_g: dict) -> tuple[dict, dict]:
+    """The configs of SDXL's CLIPTextModel (CLIP ViT-L) and CLIPTextModelWithProjection (OpenCLIP bigG).
+
+    Unlike SD2's, the bigG keeps all its blocks: SDXL reads the penultimate state itself, and the last block,
+    the final norm and the projection make its pooled vector.
+    """
+    g = _strip(sd, SDXL_OPENCLIP_PREFIX)
+    config_g = _openclip_config(g, base_g, 1 + max(_indices(g, "transformer.resblocks.")))
+    config_g["projection_dim"] = g["text_projection"].shape[1]
+    return _clip_config(_strip(sd, SDXL_CLIP_PREFIX), base_l), config_g
+
+
+def _clip_config(t: dict, base: dict) -> dict:
+    token, position = t["embeddings.token_embedding.weight"], t["embeddings.position_embedding.weight"]
+    layers = 1 + max(_indices(t, "encoder.layers."))
+    return _text_config(base, token, position, t["encoder.layers.0.mlp.fc1.weight"].shape[0], layers)
+
+
+def _openclip_config(t: dict, base: dict, layers: int) -> dict:
+    intermediate = t["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return _text_config(base, t["token_embedding.weight"], t["positional_embedding"], intermediate, layers)
+
+
+def _text_config(base: dict, token, position, intermediate: int, layers: int) -> dict:
     config = dict(
         base,
         vocab_size=token.shape[0],
@@ -176,11 +221,28 @@ def vae_from_ldm(vae_sd: dict, config: dict) -> dict:
 def text_from_ldm(sd: dict, config: dict, openclip: bool) -> dict:
     """CLIPTextModel state dict from an original-layout state dict."""
     if openclip:
-        # The converter only reads the hidden size from the model, to split the fused q/k/v weights.
-        holder = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
-        state = convert_open_clip_checkpoint(holder, sd, prefix=OPENCLIP_PREFIX)
+        state = _open_clip_state(sd, config, OPENCLIP_PREFIX)
     else:
         state = convert_ldm_clip_checkpoint(sd)
+    return _clip_model_state(state, config)
+
+
+def sdxl_text_from_ldm(sd: dict, config_l: dict, config_g: dict) -> tuple[dict, dict]:
+    """The state dicts of SDXL's CLIPTextModel and CLIPTextModelWithProjection (which keeps the
+    `text_model.` level, and a `text_projection` Linear: the transpose of OpenCLIP's matrix)."""
+    clip_l = {k: v for k, v in sd.items() if k.startswith(SDXL_CLIP_PREFIX)}
+    state_g = _open_clip_state(sd, config_g, SDXL_OPENCLIP_PREFIX)
+    return _clip_model_state(convert_ldm_clip_checkpoint(clip_l), config_l), state_g
+
+
+def _open_clip_state(sd: dict, config: dict, prefix: str) -> dict:
+    # The converter only reads the hidden size from the model, to split the fused q/k/v weights.
+    holder = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
+    return convert_open_clip_checkpoint(holder, sd, prefix=prefix)
+
+
+def _clip_model_state(state: dict, config: dict) -> dict:
+    """A CLIPTextModel's keys (no `text_model.` level) up to the config's layers, without buffers."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     layers = config["num_hidden_layers"]
     return {
@@ -208,6 +270,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: the pooled vector and size ids
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -295,11 +359,10 @@ def diffusers_vae_to_ldm(state: dict) -> dict:
     return vae_to_ldm(state, levels=1 + max(_indices(state, "encoder.down_blocks.")))
 
 
-def clip_to_ldm(state: dict) -> dict:
-    """SD1 layout: the transformers CLIP keys under `cond_stage_model.transformer.text_model.`."""
-    return {
-        CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k
-    }
+def clip_to_ldm(state: dict, prefix: str = CLIP_PREFIX) -> dict:
+    """SD1 layout: the transformers CLIP keys under `cond_stage_model.transformer.text_model.` (SDXL's
+    CLIP ViT-L: under `prefix` SDXL_CLIP_PREFIX)."""
+    return {prefix + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
 
 
 def openclip_to_ldm(state: dict) -> dict:
@@ -311,8 +374,28 @@ def openclip_to_ldm(state: dict) -> dict:
     by SD) is an identity matrix.
     """
     s = {k.removeprefix("text_model."): v for k, v in state.items()}
-    layers = 1 + max(_indices(s, "encoder.layers."))
+    out, layers = _openclip_keys(s)
+    first, extra = "transformer.resblocks.0.", f"transformer.resblocks.{layers}."
+    for key in [k for k in out if k.startswith(first)]:
+        out[extra + key[len(first) :]] = torch.zeros_like(out[key])
     width = s["embeddings.token_embedding.weight"].shape[1]
+    out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
+    return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+
+
+def sdxl_openclip_to_ldm(state: dict) -> dict:
+    """SDXL's bigG (a CLIPTextModelWithProjection) in OpenCLIP keys: every block, and `text_projection` as
+    the matrix OpenCLIP multiplies from the right (`x @ text_projection`), the Linear weight transposed."""
+    s = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out, _ = _openclip_keys(s)
+    out["text_projection"] = s["text_projection.weight"].T
+    return {SDXL_OPENCLIP_PREFIX + k: v for k, v in out.items()}
+
+
+def _openclip_keys(s: dict) -> tuple[dict, int]:
+    """OpenCLIP keys (no prefix, fused q/k/v) of a CLIP text model's keys without `text_model.`, and
+    its number of blocks."""
+    layers = 1 + max(_indices(s, "encoder.layers."))
     out = {
         "token_embedding.weight": s["embeddings.token_embedding.weight"],
         "positional_embedding": s["embeddings.position_embedding.weight"],
@@ -329,29 +412,37 @@ def openclip_to_ldm(state: dict) -> dict:
             out[f"{dst}ln_2.{leaf}"] = s[f"{src}layer_norm2.{leaf}"]
             out[f"{dst}mlp.c_fc.{leaf}"] = s[f"{src}mlp.fc1.{leaf}"]
             out[f"{dst}mlp.c_proj.{leaf}"] = s[f"{src}mlp.fc2.{leaf}"]
-    first, extra = "transformer.resblocks.0.", f"transformer.resblocks.{layers}."
-    for key in [k for k in out if k.startswith(first)]:
-        out[extra + key[len(first) :]] = torch.zeros_like(out[key])
-    out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
-    return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+    return out, layers
 
 
 def to_ldm_state_dict(parts: SDParts) -> dict:
-    """The whole model in the original single-file layout (SD1: CLIP keys, SD2: OpenCLIP keys)."""
+    """The whole model in the original single-file layout (SD1: CLIP keys, SD2: OpenCLIP keys, SDXL: both
+    under `conditioner.embedders.`)."""
     unet = unet_to_ldm(parts.unet.state_dict(), parts.unet.config)
     levels = len(parts.vae.config.block_out_channels)
     vae = {VAE_PREFIX + k: v for k, v in vae_to_ldm(parts.vae.state_dict(), levels).items()}
-    te = parts.text_encoder.state_dict()
-    text = clip_to_ldm(te) if parts.family.name == "sd1" else openclip_to_ldm(te)
+    if parts.family.name == "sdxl":
+        clip_l, clip_g = (parts.text_encoders[key].state_dict() for key in parts.family.keys)
+        text = {**clip_to_ldm(clip_l, SDXL_CLIP_PREFIX), **sdxl_openclip_to_ldm(clip_g)}
+    else:
+        te = parts.text_encoder.state_dict()
+        text = clip_to_ldm(te) if parts.family.name == "sd1" else openclip_to_ldm(te)
     return {**unet, **vae, **text}
+
+
+def text_encoder_folders(parts: SDParts) -> dict[str, torch.nn.Module]:
+    """The text encoders by their diffusers folder names: text_encoder, then text_encoder_2 (SDXL)."""
+    encoders = list(parts.text_encoders.values())
+    return {"text_encoder" + (f"_{i + 1}" if i else ""): encoder for i, encoder in enumerate(encoders)}
 
 
 def architecture_metadata(parts: SDParts, title: str) -> dict[str, str]:
     """SAI ModelSpec keys (as Kohya writes them) plus the sizes the weights cannot tell."""
     resolution = parts.unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    modules = {"unet": parts.unet, **text_encoder_folders(parts), "vae": parts.vae}
     recorded = {
         name: {field: getattr(model.config, field) for field in ARCH_FIELDS[name]}
-        for name, model in (("unet", parts.unet), ("text_encoder", parts.text_encoder), ("vae", parts.vae))
+        for name, model in modules.items()
     }
     return {
         "modelspec.sai_model_spec": "1.0.0",
@@ -396,23 +487,31 @@ def save_single_file(
 
 
 def _write_text_encoder_weights(text_encoder, folder: Path) -> None:
-    """Text-encoder weights under `text_model.`, the key layout every transformers release reads."""
+    """Text-encoder weights under `text_model.` (and `text_projection.`), the key layout every transformers
+    release reads."""
     for old in folder.glob("model*.safetensors*"):
         old.unlink()
-    state = {"text_model." + k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()}
+    nested = hasattr(text_encoder, "text_model")  # CLIPTextModelWithProjection keeps the level itself
+    state = {
+        ("" if nested else "text_model.") + k: v.detach().cpu().contiguous()
+        for k, v in text_encoder.state_dict().items()
+    }
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def save_diffusers(parts: SDParts, folder, *, overwrite: bool = False) -> Path:
     """Write the model as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/) that `StableDiffusionPipeline.from_pretrained` and `load_sd` read offline.
+    scheduler/; SDXL: also text_encoder_2/, tokenizer_2/) that `StableDiffusionPipeline` (or
+    `StableDiffusionXLPipeline`) `.from_pretrained` and `load_sd` read offline.
 
-    The tokenizer folder also gets `vocab.json` and `merges.txt`, which older transformers releases need.
+    The tokenizer folders also get `vocab.json` and `merges.txt`, which older transformers releases need.
     """
 
     def write(tmp: Path) -> None:
         parts.pipeline().save_pretrained(tmp, safe_serialization=True)
-        _write_text_encoder_weights(parts.text_encoder, tmp / "text_encoder")
-        parts.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+        for name, encoder in text_encoder_folders(parts).items():
+            _write_text_encoder_weights(encoder, tmp / name)
+            tokenizer = tmp / name.replace("text_encoder", "tokenizer")
+            parts.tokenizer.backend_tokenizer.model.save(str(tokenizer))
 
     return atomic_folder(folder, write, overwrite=overwrite)

@@ -1,4 +1,4 @@
-"""Load Stable Diffusion checkpoints offline into one `SDParts` object (library/parts.py).
+"""Load Stable Diffusion checkpoints (SD 1.x, 2.x, XL) offline into one `SDParts` object (library/parts.py).
 
 Single-file checkpoints in the original (CompVis/A1111) layout and diffusers folders are both read
 without touching the network: configs and tokenizers ship in `library/assets`. Models are built on the
@@ -15,7 +15,7 @@ import accelerate
 import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library import convert
 from library.errors import UserError
@@ -62,21 +62,24 @@ def _first_line(error: BaseException) -> str:
 
 
 def _refuse_foreign(path: Path, sd: dict) -> None:
-    """Name what the file is when it is not an SD 1.x / 2.x text-to-image checkpoint."""
+    """Name what the file is when it is not an SD 1.x / 2.x / XL text-to-image checkpoint."""
     keys = list(sd)
 
     def has(part: str) -> bool:
         return any(part in k for k in keys)
 
+    sdxl = has("conditioner.embedders.")
     what = None
     if not keys:
         what = "holds no tensors (an embedding or an optimizer state?); pass a model checkpoint"
-    elif has("conditioner.embedders."):
-        what = "is an SDXL checkpoint; only SD 1.x and 2.x models are supported"
+    elif has("conditioner.embedders.0.model."):
+        what = "is an SDXL refiner (bigG text encoder only); pass an SDXL base-architecture checkpoint"
+    elif "v_pred" in sd:  # the marker NoobAI-XL's v-prediction files carry (ComfyUI and Forge read it)
+        what = "is an SDXL v-prediction model; only epsilon-prediction SDXL models are supported"
     elif has("joint_blocks."):
-        what = "is an SD3 checkpoint; only SD 1.x and 2.x models are supported"
+        what = "is an SD3 checkpoint; only SD 1.x, 2.x and XL models are supported"
     elif has("double_blocks."):
-        what = "is a Flux checkpoint; only SD 1.x and 2.x models are supported"
+        what = "is a Flux checkpoint; only SD 1.x, 2.x and XL models are supported"
     elif has("lora_") or has(".lora_down.") or has(".lora_A."):
         what = "is a LoRA, not a model; pass the base checkpoint it was trained on"
     elif "emb_params" in sd or "string_to_param" in sd:
@@ -84,8 +87,8 @@ def _refuse_foreign(path: Path, sd: dict) -> None:
     elif all(k.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv") for k in keys):
         what = "is a VAE file; pass it as the VAE beside a full SD checkpoint"
     elif f"{convert.UNET_PREFIX}input_blocks.0.0.weight" not in sd:
-        what = "is not a Stable Diffusion 1.x/2.x checkpoint (no model.diffusion_model.* UNet weights)"
-    elif has(f"{convert.UNET_PREFIX}label_emb."):
+        what = "is not a Stable Diffusion 1.x/2.x/XL checkpoint (no model.diffusion_model.* UNet weights)"
+    elif has(f"{convert.UNET_PREFIX}label_emb.") and not sdxl:
         what = "is an SD2 unCLIP or upscaler model; use a text-to-image SD 1.x/2.x checkpoint"
     else:
         channels = sd[f"{convert.UNET_PREFIX}input_blocks.0.0.weight"].shape[1]
@@ -96,8 +99,27 @@ def _refuse_foreign(path: Path, sd: dict) -> None:
         raise UserError(f"{path}: {what}")
 
 
+# What each text-encoder layout of a single file is, and the families that fit it.
+_LAYOUTS = {
+    "sd1": ("an SD 1.x checkpoint (CLIP ViT-L text encoder)", ("sd1",)),
+    "sd2": ("an SD 2.x checkpoint (OpenCLIP ViT-H text encoder)", ("sd2", "sd2-v")),
+    "sdxl": ("an SDXL checkpoint (CLIP ViT-L and OpenCLIP bigG text encoders)", ("sdxl",)),
+}
+
+
 def _text_layout(path: Path, sd: dict) -> str:
-    """ "sd1" for a CLIP ViT-L text encoder, "sd2" for OpenCLIP ViT-H."""
+    """ "sd1" for a CLIP ViT-L text encoder, "sd2" for OpenCLIP ViT-H, "sdxl" for both of SDXL's."""
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        for prefix, name in (
+            (convert.SDXL_CLIP_PREFIX, "CLIP ViT-L"),
+            (convert.SDXL_OPENCLIP_PREFIX, "OpenCLIP bigG"),
+        ):
+            if not any(k.startswith(prefix) for k in sd):
+                raise UserError(
+                    f"{path}: is an SDXL checkpoint without its {name} text encoder ({prefix}*); "
+                    "pass a complete SDXL checkpoint"
+                )
+        return "sdxl"
     if f"{convert.CLIP_PREFIX}embeddings.token_embedding.weight" in sd:
         return "sd1"
     if f"{convert.OPENCLIP_PREFIX}token_embedding.weight" in sd:
@@ -153,13 +175,13 @@ def _read_json(file: Path) -> dict:
 
 def _base_configs(family: str, config_dir) -> dict[str, dict]:
     folder = Path(config_dir) if config_dir else FAMILIES[family].config_dir
+    encoders = ("text_encoder", "text_encoder_2")[: len(FAMILIES[family].text_encoders)]
     configs = {}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", *encoders):
         file = folder / part / "config.json"
         if not file.is_file():
-            raise UserError(
-                f"{file}: missing; a config folder holds unet/, vae/ and text_encoder/ config.json files"
-            )
+            holds = ", ".join(f"{name}/" for name in ("unet", "vae", *encoders))
+            raise UserError(f"{file}: missing; a config folder holds {holds} config.json files")
         configs[part] = _read_json(file)
     return configs
 
@@ -231,12 +253,13 @@ def _single_file_family(path: Path, family: str, layout: str, metadata: dict) ->
     if family != "auto":
         if family not in FAMILIES:
             raise UserError(f"{path}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
-        if (family == "sd1") != (layout == "sd1"):
-            encoder = "CLIP ViT-L (SD1)" if layout == "sd1" else "OpenCLIP ViT-H (SD2)"
-            fits = "sd1" if layout == "sd1" else "sd2 or sd2-v"
-            raise UserError(f"{path}: family={family} does not fit its {encoder} text encoder; use {fits}")
+        what, fits = _LAYOUTS[layout]
+        if family not in fits:
+            raise UserError(f"{path}: family={family} does not fit {what}; use auto or {' or '.join(fits)}")
         return family
-    return "sd1" if layout == "sd1" else _prediction_hint(path, metadata)
+    if layout == "sd2":
+        return _prediction_hint(path, metadata)
+    return layout
 
 
 def _single_file_configs(path: Path, sd: dict, family: str, layout: str, config_dir, metadata: dict) -> dict:
@@ -245,11 +268,36 @@ def _single_file_configs(path: Path, sd: dict, family: str, layout: str, config_
     configs = _base_configs(family, config_dir)
     if not config_dir:
         configs["unet"] = _derive(path, convert.unet_config_from_ldm, sd, configs["unet"])
-        configs["text_encoder"] = _derive(
-            path, convert.text_config_from_ldm, sd, configs["text_encoder"], layout == "sd2"
-        )
+        if layout == "sdxl":
+            configs["text_encoder"], configs["text_encoder_2"] = _derive(
+                path,
+                convert.sdxl_text_configs_from_ldm,
+                sd,
+                configs["text_encoder"],
+                configs["text_encoder_2"],
+            )
+        else:
+            configs["text_encoder"] = _derive(
+                path, convert.text_config_from_ldm, sd, configs["text_encoder"], layout == "sd2"
+            )
         convert.apply_architecture(configs, metadata)
     return configs
+
+
+def _text_encoders(path: Path, sd: dict, layout: str, configs: dict, dtype: torch.dtype) -> list:
+    """The file's text encoders, in the family's order (SDXL: CLIP ViT-L, then bigG with its projection)."""
+    if layout != "sdxl":
+        state = _derive(path, convert.text_from_ldm, sd, configs["text_encoder"], layout == "sd2")
+        config = CLIPTextConfig.from_dict(configs["text_encoder"])
+        return [_build(lambda: CLIPTextModel(config), state, "text encoder", path, dtype)]
+    state_l, state_g = _derive(
+        path, convert.sdxl_text_from_ldm, sd, configs["text_encoder"], configs["text_encoder_2"]
+    )
+    config_l, config_g = (CLIPTextConfig.from_dict(configs[p]) for p in ("text_encoder", "text_encoder_2"))
+    return [
+        _build(lambda: CLIPTextModel(config_l), state_l, "CLIP ViT-L text encoder", path, dtype),
+        _build(lambda: CLIPTextModelWithProjection(config_g), state_g, "bigG text encoder", path, dtype),
+    ]
 
 
 def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dtype) -> SDParts:
@@ -273,10 +321,7 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
         if not config_dir and convert.ARCH_KEY not in metadata:  # 768-px v-models have 96x96 latents
             unet.register_to_config(sample_size=_base_configs(chosen, None)["unet"]["sample_size"])
 
-    text_state = _derive(path, convert.text_from_ldm, sd, configs["text_encoder"], layout == "sd2")
-    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
-    text_encoder = _build(lambda: CLIPTextModel(text_config), text_state, "text encoder", path, dtype)
-
+    text_encoders = _text_encoders(path, sd, layout, configs, dtype)
     vae_base = _base_configs(chosen, config_dir)["vae"]
     if vae is not None:
         vae_model = _load_vae(vae, vae_base, not config_dir, dtype)
@@ -285,7 +330,7 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     else:
         raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
     return SDParts.of(
-        chosen, [text_encoder], unet, vae_model, name=path.stem, checkpoint_hash=a1111_short_hash(path)
+        chosen, text_encoders, unet, vae_model, name=path.stem, checkpoint_hash=a1111_short_hash(path)
     )
 
 
@@ -300,26 +345,42 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
     weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
     plain = [w for w in weights if w.count(".") == 1]  # not "name.fp16.safetensors"
     variant = "fp16" if not plain and any(".fp16." in w for w in weights) else None
-    dtype_arg = {"dtype": dtype} if cls is CLIPTextModel else {"torch_dtype": dtype}
+    transformers_model = cls in (CLIPTextModel, CLIPTextModelWithProjection)
+    dtype_arg = {"dtype": dtype} if transformers_model else {"torch_dtype": dtype}
     try:
-        model = cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
+        model, info = cls.from_pretrained(
+            folder, local_files_only=True, variant=variant, output_loading_info=True, **dtype_arg
+        )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # TypeError: a config value of the
         # wrong type (`"layers_per_block": "x"`) fails inside the model's constructor
         raise UserError(f"{folder}: cannot load the {cls.__name__} ({_first_line(e)})") from None
+    if missing := sorted(info.get("missing_keys") or ()):  # transformers would start them from random values
+        raise UserError(
+            f"{folder}: cannot load the {cls.__name__} ({len(missing)} of its weights missing, e.g. {missing[0]}); "
+            "restore the model's files"
+        )
     return model.eval().requires_grad_(False)
 
 
 def _folder_family(folder: Path, family: str, text_config: dict) -> str:
-    """SD1 or SD2 from the text encoder (768 or 1024 wide; else CLIP's quick_gelu marks SD1), and
-    epsilon or v from the scheduler's prediction_type."""
+    """SDXL from its second text encoder; else SD1 or SD2 from the text encoder (768 or 1024 wide; else
+    CLIP's quick_gelu marks SD1), and epsilon or v from the scheduler's prediction_type."""
     width = text_config.get("hidden_size")
     sd1 = width == 768 or (width != 1024 and text_config.get("hidden_act") == "quick_gelu")
+    sdxl = (folder / "text_encoder_2").is_dir()
     if family != "auto":
         if family not in FAMILIES:
             raise UserError(f"{folder}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
-        if (family == "sd1") != sd1:
+        if sdxl != (family == "sdxl"):
+            what = (
+                "this SDXL model (text_encoder_2/)" if sdxl else "this SD 1.x/2.x model (no text_encoder_2/)"
+            )
+            raise UserError(f"{folder}: family={family} does not fit {what}; use auto")
+        if not sdxl and (family == "sd1") != sd1:
             raise UserError(f"{folder}: family={family} does not fit its {width}-wide text encoder")
         return family
+    if sdxl:
+        return "sdxl"
     if sd1:
         return "sd1"
     scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -332,26 +393,27 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
         raise UserError(
             f"{folder}: config_dir is for single-file checkpoints; a diffusers folder has its configs"
         )
-    if (folder / "text_encoder_2").is_dir():
-        raise UserError(f"{folder}: is an SDXL model; only SD 1.x and 2.x models are supported")
-    for part in ("unet", "text_encoder"):
+    sdxl = (folder / "text_encoder_2").is_dir()
+    for part in ("unet", "text_encoder", *(("text_encoder_2",) if sdxl else ())):
         if not (folder / part / "config.json").is_file():
             raise UserError(
                 f"{folder}: not a diffusers SD folder (no {part}/config.json); pass the folder with model_index.json"
             )
     chosen = _folder_family(folder, family, _read_json(folder / "text_encoder" / "config.json"))
     tokenizer_dir = folder / "tokenizer"
-    if (tokenizer_dir / "tokenizer_config.json").is_file():
+    if not sdxl and (tokenizer_dir / "tokenizer_config.json").is_file():
         tokenizer = tokenizer_from_folder(tokenizer_dir)
-    else:
+    else:  # SDXL's two tokenizers are CLIP's, padded two ways: the family's own, as the conditioner pads
         tokenizer = load_tokenizer(chosen)
     if vae is not None:
         vae_model = _load_vae(vae, _base_configs(chosen, None)["vae"], True, dtype)
     else:
         vae_model = _from_pretrained(AutoencoderKL, folder / "vae", dtype)
-    text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder", dtype)
+    text_encoders = [_from_pretrained(CLIPTextModel, folder / "text_encoder", dtype)]
+    if sdxl:
+        text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype))
     unet = _from_pretrained(UNet2DConditionModel, folder / "unet", dtype)
-    return SDParts.of(chosen, [text_encoder], unet, vae_model, name=folder.name, tokenizer=tokenizer)
+    return SDParts.of(chosen, text_encoders, unet, vae_model, name=folder.name, tokenizer=tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,16 +423,19 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
 def load_sd(
     path, *, family: str = "auto", vae=None, config_dir=None, dtype: torch.dtype = torch.float32
 ) -> SDParts:
-    """Load an SD 1.x / 2.x model offline: a single-file checkpoint or a diffusers folder.
+    """Load an SD 1.x / 2.x / XL model offline: a single-file checkpoint or a diffusers folder.
 
     path: `.safetensors`, or `.ckpt`/`.pt` (read weights-only: a pickle that would run code is refused),
-        in the original CompVis/A1111 layout; or a diffusers folder.
-    family: "auto" tells SD1 (CLIP text encoder) from SD2 (OpenCLIP), and SD2 epsilon from v-prediction
-        by a `<name>.yaml` beside the file (as A1111), ModelSpec metadata, or A1111's test run of the UNet;
-        "sd1" / "sd2" / "sd2-v" overrides that for files the detection gets wrong.
-    vae: an optional separate VAE (A1111 file such as vae-ft-mse-840000-ema-pruned, diffusers file or folder).
-    config_dir: a diffusers-style folder of unet/vae/text_encoder config.json used as is, instead of the
-        shipped configs with sizes read from the weights.
+        in the original CompVis/A1111 (SDXL: SGM) layout; or a diffusers folder.
+    family: "auto" tells SD1 (CLIP text encoder) from SD2 (OpenCLIP) from SDXL (both, under
+        `conditioner.`), and SD2 epsilon from v-prediction by a `<name>.yaml` beside the file (as A1111),
+        ModelSpec metadata, or A1111's test run of the UNet; "sd1" / "sd2" / "sd2-v" / "sdxl" name it
+        outright (for SD2 files the detection gets wrong); one that does not fit the text encoders is a
+        UserError.
+    vae: an optional separate VAE (A1111 file such as vae-ft-mse-840000-ema-pruned or sdxl_vae, diffusers
+        file or folder).
+    config_dir: a diffusers-style folder of unet/vae/text_encoder(_2) config.json used as is, instead of the
+        shipped configs with sizes read from the weights (SDXL, Pony, Illustrious, NoobAI share one).
     dtype: the dtype of the loaded weights. Models come back in eval mode with gradients off.
     """
     path = Path(path)

@@ -7,6 +7,7 @@ library/toy.py (the built-in ones); everything else takes an `SDParts`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,25 @@ class SDParts:
             self.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
 
     def pipeline(self):
-        """These parts as a diffusers `StableDiffusionPipeline` sharing the same modules (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        """These parts as a diffusers `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) sharing the
+        same modules (no safety checker, no watermark). SDXL's second tokenizer is a copy of the first that
+        pads as bigG does, so that each can take its own new tokens (diffusers' `load_textual_inversion`)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.family.name == "sdxl":
+            tokenizer_2 = copy.deepcopy(self.tokenizer)
+            tokenizer_2.pad_token = tokenizer_2.convert_ids_to_tokens(self.family.text_encoders[1].pad_id)
+            text_encoder, text_encoder_2 = self.text_encoders.values()
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=tokenizer_2,
+                unet=self.unet,
+                scheduler=self.noise_scheduler,
+                add_watermarker=False,
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
