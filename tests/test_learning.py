@@ -15,8 +15,8 @@ Construction (every number seeded, so the test is deterministic on a CPU):
 3. A held-out loss (the denoising MSE at fixed noise and timesteps on orange pictures that neither the
    teaching nor the training saw) is computed identically for the init, learned and target vectors.
    Measured on a CPU, SD1: init 0.229, learned 0.190, target 0.190 (and on teal pictures 0.203, 0.218,
-   0.222). SDXL: init 0.256, learned 0.204, target
-   0.205 (teal: 0.214, 0.261, 0.259). Each family takes about 25 s on two free cores; teaching is half of it.
+   0.222). SDXL: init 0.256, learned 0.204, target 0.205 (teal: 0.214, 0.261, 0.259). Each family takes
+   about 25 s on two free cores; teaching is half of it.
 
 Why not generate the pictures with the random tiny model and the hidden target, as one would with a
 real model? We measured it: a random UNet is no denoiser, so its samples are its initial noise, and
