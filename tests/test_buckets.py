@@ -379,7 +379,7 @@ def _legacy_dataset(root: Path) -> list:
 
 def _cache_as_committed(records, vae, seed: int, method: str) -> dict:
     """The latent cache as the code before buckets made it: every (image, flipped) in record order, encoded
-    in VAE batches of 4, one "once" draw over them all."""
+    in VAE batches of 4, one "once" draw over them all; (image, flipped) -> (latent or mean, std)."""
     jobs = [(i, flipped) for i, r in enumerate(records) for flipped in (False, True)[: 1 + r.flip_aug]]
     means = []
     with torch.no_grad():
@@ -390,11 +390,10 @@ def _cache_as_committed(records, vae, seed: int, method: str) -> dict:
             dist = vae.encode(torch.stack(pixels)).latent_dist
             scale = float(vae.config.scaling_factor)
             means.append(((dist.mean.float() - 0.0) * scale, dist.std.float() * scale))
-    mean = torch.cat([m for m, _ in means])
+    mean, std = torch.cat([m for m, _ in means]), torch.cat([s for _, s in means])
     if method == "once":
-        std = torch.cat([s for _, s in means])
         mean = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    return {job: mean[slot] for slot, job in enumerate(jobs)}
+    return {job: (mean[slot], std[slot]) for slot, job in enumerate(jobs)}
 
 
 @pytest.mark.parametrize("method", ["once", "deterministic", "random"])
@@ -423,11 +422,14 @@ def test_buckets_off_gives_the_same_latents_and_batches_as_before(tmp_path, vae,
     steps = [[b.sample_ids, [int(f) for f in b.flipped], b.prompts] for b in batches]
     assert hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:16] == "97ffb1d88d762504"
     assert steps[0][:2] == [[0, 3, 1], [0, 0, 0]] and steps[1][:2] == [[3, 1, 0], [1, 1, 1]]
-    if method != "random":
-        cached = _cache_as_committed(records, vae, derive_seed(11, 3), method)
-        for batch in batches:
-            keys = zip(batch.sample_ids, batch.flipped, strict=True)
-            assert torch.equal(batch.latents, torch.stack([cached[key] for key in keys]))
+    cached = _cache_as_committed(records, vae, derive_seed(11, 3), method)
+    for step, batch in enumerate(batches):
+        for position, (index, flipped) in enumerate(zip(batch.sample_ids, batch.flipped, strict=True)):
+            latent, std = cached[(index, flipped)]
+            if method == "random":  # a draw seeded with (seed, step, position)
+                generator = torch.Generator().manual_seed(derive_seed(11, 2, step, position))
+                latent = latent + std * torch.randn(latent.shape, generator=generator)
+            assert torch.equal(batch.latents[position], latent)
     alpha = load_training_image(records[4].path, 16)[1]
     weight = alpha_loss_weight(alpha, (8, 8))
     for batch in batches:
