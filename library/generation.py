@@ -287,7 +287,9 @@ def _render_plan(
             for planned, image in zip(batch, images, strict=True):
                 if keep is None or planned.file in keep:
                     extra = {"TI hashes": renderer.used_embeddings(planned.prompt, planned.negative_prompt)}
-                    params = infotext_params(sample, planned.seed, renderer.parts, extra)
+                    params = infotext_params(
+                        sample, planned.seed, renderer.parts, extra, clip_skip=settings.clip_skip
+                    )
                     writer.add(
                         planned, image, format_infotext(planned.prompt, planned.negative_prompt, params)
                     )

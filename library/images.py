@@ -1,4 +1,5 @@
-"""Load training images: any PIL mode to RGB, EXIF orientation, cover-resize and centre crop, alpha.
+"""Load training images: any PIL mode to RGB, EXIF orientation, cover-resize and centre crop (or the cut of
+an aspect-ratio bucket, library/buckets.py), alpha.
 
 Colour follows A1111 and Kohya, which both train on `Image.convert("RGB")`: the RGB stored under a
 transparent pixel is kept as it is (no compositing onto a background). Alpha is returned separately so that
@@ -8,6 +9,7 @@ Flatten images yourself beforehand if you want them on a particular background.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from library.buckets import Crop
 from library.config import as_size
 from library.errors import UserError
 
@@ -42,10 +45,26 @@ def list_images(folder: Path) -> list[Path]:
 
 def open_image(path: Path) -> Image.Image:
     """Open and fully decode an image with EXIF orientation applied; UserError if it is unreadable."""
+    with _reading(path), Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as training sees it (EXIF orientation applied), from its header; a PNG
+    is decoded when its header holds no EXIF, since PNG allows the EXIF after the pixels."""
+    with _reading(path), Image.open(path) as image:
+        width, height = image.size
+        # Orientations 5-8 turn the picture by 90 degrees (as ImageOps.exif_transpose does).
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Errors of reading an image file become one-line UserErrors naming it."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
+        yield
     except Image.DecompressionBombError as error:  # PIL's guard against files that decode to gigabytes
         raise UserError(
             f"{path}: too large to open safely ({error}); downscale it (training needs far less) or remove it"
@@ -105,23 +124,38 @@ def cover_crop_box(width: int, height: int, size: tuple[int, int]) -> tuple[floa
 
 
 def load_training_image(
-    path: str | Path, size: int | tuple[int, int]
+    path: str | Path, size: int | tuple[int, int] | Crop
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Load an image as a training tensor.
 
     Returns `(pixels, alpha)`: pixels `[3, H, W]` float32 in [-1, 1]; alpha `[H, W]` float32 in [0, 1],
-    or None when the image has no alpha channel. `size` is an int (square) or (width, height).
+    or None when the image has no alpha channel. `size` is an int (square) or (width, height), cut from the
+    centre of the image scaled to cover it; or a `Crop` (an aspect-ratio bucket's cut) of this image.
     """
-    path = Path(path)
-    width, height = as_size(size)
+    pixels, alpha, _ = _load(Path(path), size)
+    return pixels, alpha
+
+
+def _load(path: Path, size: int | tuple[int, int] | Crop) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """(pixels, alpha, the upright image's (width, height))."""
     rgb, alpha = split_rgb_alpha(open_image(path))
-    box = cover_crop_box(rgb.width, rgb.height, (width, height))
+    original = (rgb.width, rgb.height)
+    if isinstance(size, Crop):
+        if size.original != original:
+            raise UserError(
+                f"{path}: the image is {original[0]}x{original[1]} now but was {size.original[0]}x"
+                f"{size.original[1]} when the dataset was read; leave the images alone while training starts"
+            )
+        (width, height), box = size.target, size.box()
+    else:
+        width, height = as_size(size)
+        box = cover_crop_box(rgb.width, rgb.height, (width, height))
     rgb = rgb.resize((width, height), Image.Resampling.LANCZOS, box=box)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     if alpha is None:
-        return pixels, None
+        return pixels, None, original
     alpha = alpha.resize((width, height), Image.Resampling.LANCZOS, box=box)
-    return pixels, torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+    return pixels, torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0), original
 
 
 def alpha_loss_weight(alpha: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
@@ -148,11 +182,12 @@ class LatentCache:
     std: torch.Tensor | None  # [slots, C, h, w] float32, kept only for "random" sampling
     alphas: list[torch.Tensor | None]  # per record: alpha [H, W] at training size, or None
     latent_size: tuple[int, int]  # (h, w)
+    original_sizes: list[tuple[int, int]]  # per record: the upright image's (width, height)
 
 
 @torch.no_grad()
 def encode_images(
-    items: list[tuple[Path, tuple[int, int], bool]],
+    items: list[tuple[Path, tuple[int, int] | Crop, bool]],
     vae: torch.nn.Module,
     *,
     device: torch.device | str,
@@ -163,7 +198,8 @@ def encode_images(
     want_alpha: bool,
     progress: Callable[[int, int], None] | None = None,
 ) -> LatentCache:
-    """Encode images `(path, (width, height), also_flipped)` with the VAE, in batches of `batch_size`.
+    """Encode images `(path, (width, height) or Crop, also_flipped)` with the VAE, in batches of `batch_size`;
+    every item must give pictures of one size.
 
     `method` is A1111's latent sampling: "once" caches one sample (its noise comes from a generator
     seeded with `seed`, so it is reproducible), "deterministic" the mean, "random" the mean and std.
@@ -175,6 +211,7 @@ def encode_images(
         (index, flipped) for index, (_, _, flip) in enumerate(items) for flipped in (False, True)[: 1 + flip]
     ]
     alphas: list[torch.Tensor | None] = [None] * len(items)
+    originals: list[tuple[int, int]] = [(0, 0)] * len(items)
     means, stds = [], []
     loaded: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # the mirror job reuses the decoded image
     for first in range(0, len(jobs), batch_size):
@@ -183,7 +220,7 @@ def encode_images(
         for index, flipped in chunk:
             if loaded[0] != index:
                 path, size, _ = items[index]
-                image, alpha = load_training_image(path, size)
+                image, alpha, originals[index] = _load(Path(path), size)
                 loaded = (index, image)
                 alphas[index] = alpha if want_alpha else None
             pixels.append(loaded[1].flip(-1) if flipped else loaded[1])
@@ -208,4 +245,5 @@ def encode_images(
         std=std if method == "random" else None,
         alphas=alphas,
         latent_size=(mean.shape[-2], mean.shape[-1]),
+        original_sizes=originals,
     )

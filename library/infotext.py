@@ -109,14 +109,20 @@ def _model_info(model: Any) -> tuple[str, str]:
 
 
 def infotext_params(
-    settings: SamplerSettings, seed: int, parts_or_model_info: Any, extra: Mapping[str, Any] | None = None
+    settings: SamplerSettings,
+    seed: int,
+    parts_or_model_info: Any,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    clip_skip: int = 0,
 ) -> dict[str, Any]:
     """The ordered parameters A1111 writes for one image, ready for `format_infotext`.
 
     `parts_or_model_info` is an SDParts or a mapping with `checkpoint_name` and `checkpoint_hash`;
     an empty name or hash is left out. "RNG: CPU" is included because our noise is drawn the way
     A1111's CPU RNG draws it, so pasting the infotext into A1111 reproduces the initial noise.
-    `extra` entries (e.g. "TI hashes") follow, as A1111's extra generation parameters do.
+    `extra` entries (e.g. "TI hashes") follow, as A1111's extra generation parameters do. A `clip_skip`
+    above 1 is written as A1111's "Clip skip" (1, the last layer, is A1111's default and left out).
     """
     name, short_hash = _model_info(parts_or_model_info)
     params: dict[str, Any] = {
@@ -127,6 +133,7 @@ def infotext_params(
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": short_hash or None,
         "Model": name or None,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
         "RNG": "CPU",
     }
     params.update(extra or {})

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.buckets import BucketSettings, check_buckets
 from library.captions import caption_from_stem, check_caption_extension, read_caption, read_text_file
 from library.config import as_size
 from library.errors import UserError
@@ -45,6 +46,7 @@ class ImageRecord:
     resolution: tuple[int, int] = (512, 512)  # (width, height)
     caption_prefix: str = ""  # Kohya subset options, added around the caption after tag processing
     caption_suffix: str = ""
+    buckets: BucketSettings | None = None  # aspect-ratio buckets of its dataset; None = cut to resolution
 
 
 def scan_images(settings: DataSettings) -> list[ImageRecord]:
@@ -57,6 +59,8 @@ def scan_images(settings: DataSettings) -> list[ImageRecord]:
         return records_from_dataset_config(Path(settings.dataset_config).expanduser(), settings)
     if not settings.image_dir:
         raise UserError("no training images: set image_dir (a folder of images) or dataset_config (a TOML)")
+    for note in settings.bucket_settings()[1]:
+        _warn(f"{note}, as Kohya does")
     return scan_folder(Path(settings.image_dir).expanduser(), settings)
 
 
@@ -118,6 +122,7 @@ def make_record(
         tag_dropout=settings.tag_dropout,
         resolution=as_size(settings.resolution),
         caption_extension=settings.caption_extension,
+        buckets=settings.bucket_settings()[0],
     )
     values.update(options)
     extension = values.pop("caption_extension")
@@ -159,9 +164,15 @@ _SUBSET_KEYS = {
     "caption_prefix": str,
     "caption_suffix": str,
 }
-_DATASET_KEYS = {"resolution": list, "batch_size": int}
+_BUCKET_KEYS = {
+    "enable_bucket": bool,
+    "min_bucket_reso": int,
+    "max_bucket_reso": int,
+    "bucket_reso_steps": int,
+    "bucket_no_upscale": bool,
+}
+_DATASET_KEYS = {"resolution": list, "batch_size": int, **_BUCKET_KEYS}
 _SUBSET_ONLY_KEYS = {"image_dir": str, "is_reg": bool}
-_NO_BUCKETS = "no aspect-ratio buckets here: every image is resized and centre-cropped to resolution"
 # Accepted so that Kohya configs load, but not implemented: key -> (Kohya's default, why). A value other
 # than the default gives a DataWarning.
 _IGNORED_SUBSET_KEYS = {
@@ -179,11 +190,6 @@ _IGNORED_SUBSET_KEYS = {
     "cache_info": (False, "the image list is read at every start"),
 }
 _IGNORED_DATASET_KEYS = {
-    "enable_bucket": (False, _NO_BUCKETS),
-    "min_bucket_reso": (256, _NO_BUCKETS),
-    "max_bucket_reso": (1024, _NO_BUCKETS),
-    "bucket_reso_steps": (64, _NO_BUCKETS),
-    "bucket_no_upscale": (False, _NO_BUCKETS),
     "network_multiplier": (1.0, "it applies to LoRA networks only"),
 }
 _UNSUPPORTED_KEYS = {
@@ -273,17 +279,38 @@ def records_from_dataset_config(path: Path, settings: DataSettings) -> list[Imag
     )
     records = []
     for dataset in config["datasets"]:
+        buckets = _dataset_buckets(path, settings, (dataset, general))
         for subset in dataset["subsets"]:
-            records += _subset_records(path, settings, (subset, dataset, general))
+            records += _subset_records(path, settings, (subset, dataset, general), buckets)
     if not records:
         raise UserError(f"dataset_config {path}: its subsets hold no training images")
     sizes = sorted({record.resolution for record in records})
-    if len(sizes) > 1:  # Kohya would bucket them; here every image is cropped to one size
+    if len(sizes) > 1:  # one base size for all: previews render at it, and the buckets share its area
         raise UserError(f"dataset_config {path}: datasets use different resolutions {sizes}; set one for all")
     return records
 
 
-def _subset_records(path: Path, settings: DataSettings, tables: tuple[dict, ...]) -> list[ImageRecord]:
+def _dataset_buckets(path: Path, settings: DataSettings, tables: tuple[dict, ...]) -> BucketSettings | None:
+    """The aspect-ratio buckets of one [[datasets]] (its keys fall back to [general], then `settings`)."""
+
+    def value(key: str):
+        return next((table[key] for table in tables if key in table), getattr(settings, key))
+
+    if not value("enable_bucket"):
+        return None
+    keys = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+    try:
+        buckets, notes = check_buckets(as_size(value("resolution")), *(value(key) for key in keys))
+    except UserError as error:
+        raise UserError(f"dataset_config {path}: {error}") from None
+    for note in notes:
+        _warn(f"{path}: {note}, as Kohya does")
+    return buckets
+
+
+def _subset_records(
+    path: Path, settings: DataSettings, tables: tuple[dict, ...], buckets: BucketSettings | None
+) -> list[ImageRecord]:
     def value(key: str, default):
         return next((table[key] for table in tables if key in table), default)
 
@@ -320,6 +347,7 @@ def _subset_records(path: Path, settings: DataSettings, tables: tuple[dict, ...]
         resolution=as_size(value("resolution", settings.resolution)),
         caption_prefix=value("caption_prefix", ""),
         caption_suffix=value("caption_suffix", ""),
+        buckets=buckets,
     )
     class_tokens = value("class_tokens", "")
     return [make_record(p, settings, repeats=repeats, class_tokens=class_tokens, **options) for p in images]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import accelerate
+import safetensors
 import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -442,6 +444,36 @@ def load_sd(
     if path.is_dir():
         return _load_folder(path, family, vae, config_dir, dtype)
     return _load_single_file(path, family, vae, config_dir, dtype)
+
+
+def native_resolution(model) -> int:
+    """The side the model of a `[model]` table was trained at (SD 1.x/2.x 512, SD 2.x-v 768, SDXL 1024),
+    found without loading it: the family if named, else the keys of the file (a safetensors header, a
+    memory-mapped .ckpt) or a diffusers folder's configs. Anything it cannot tell gives 512 (SD 1.x), and a
+    broken file is left to the loader to name."""
+    if model.family != "auto":
+        return FAMILIES[model.family].resolution
+    path = Path(model.checkpoint).expanduser()
+    if model.checkpoint.startswith("builtin:") or not path.exists():
+        return FAMILIES["sd1"].resolution
+    try:
+        if path.is_dir():
+            text_config = _read_json(path / "text_encoder" / "config.json")
+            return FAMILIES[_folder_family(path, "auto", text_config)].resolution
+        if path.suffix.lower() == ".safetensors":
+            with safetensors.safe_open(str(path), "pt") as file:
+                keys, metadata = list(file.keys()), file.metadata() or {}
+        else:
+            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            data = data.get("state_dict", data) if isinstance(data, dict) else {}
+            keys, metadata = [key for key in data if isinstance(key, str)], {}
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, safetensors.SafetensorError):
+        return FAMILIES["sd1"].resolution  # the loader names what is wrong with the file
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        return FAMILIES["sdxl"].resolution
+    if any(key.startswith(convert.OPENCLIP_PREFIX) for key in keys):
+        return FAMILIES[_prediction_hint(path, metadata) or "sd2"].resolution
+    return FAMILIES["sd1"].resolution
 
 
 def load_parts(model, *, precision: str = "no") -> SDParts:

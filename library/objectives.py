@@ -25,6 +25,8 @@ class TrainingBatch:
     prompts: list[str]
     loss_weights: torch.Tensor | None  # [B, 1, h, w] (PNG alpha, min 0 mean 1 per image) or None
     sources: list[tuple[int, int]]  # rows [start, end) of each source, in order
+    # SDXL: each sample's (original h, w, crop top, left, target h, w), as the UNet's size ids [B, 6]
+    size_ids: torch.Tensor | None = None
 
 
 @dataclass

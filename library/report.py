@@ -54,12 +54,15 @@ def cell_paths(out: Path, plan, cell) -> list[Path]:
     return [out / "cells" / plan.name / f"{stem}_{seed}.png" for seed in cell.seeds]
 
 
-def save_cell_images(out: Path, plan, cell, images: Sequence[Image.Image], parts) -> list[Path]:
+def save_cell_images(
+    out: Path, plan, cell, images: Sequence[Image.Image], parts, clip_skip: int = 0
+) -> list[Path]:
     """Each image of a cell as a PNG with the infotext A1111 would write for it."""
     paths = cell_paths(out, plan, cell)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for path, image, seed in zip(paths, images, cell.seeds, strict=True):
-        info = format_infotext(cell.prompt, cell.negative, infotext_params(cell.settings, seed, parts))
+        params = infotext_params(cell.settings, seed, parts, clip_skip=clip_skip)
+        info = format_infotext(cell.prompt, cell.negative, params)
         save_png(image, path, info)
     return paths
 

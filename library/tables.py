@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from library.buckets import BucketSettings, check_buckets
 from library.captions import check_caption_extension
 from library.config import Table, above, as_size, at_least, between, check_name, image_side
 from library.errors import UserError
@@ -112,11 +113,35 @@ class DatasetConfig(Table):
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
     filename_word_regex: str = ""
     filename_join_string: str = " "
+    # Aspect-ratio buckets, as Kohya's keys (library/buckets.py): each image is cut to the bucket nearest its
+    # aspect ratio instead of a centre square; buckets are multiples of bucket_reso_steps with an area of at
+    # most resolution², sides in [min_bucket_reso, max_bucket_reso]. Off: every image is cut to resolution.
+    enable_bucket: bool = False
+    min_bucket_reso: int = at_least(8, 256)
+    max_bucket_reso: int = at_least(8, 1024)
+    bucket_reso_steps: int = field(
+        default=64,
+        metadata={
+            "test": lambda v: v >= 8 and v % 8 == 0,
+            "problem": "must be a positive multiple of 8 (the VAE's factor); Kohya uses 64, or 32 for SDXL",
+        },
+    )
+    bucket_no_upscale: bool = False  # small images keep their size: a bucket no larger than the image
 
     def __post_init__(self) -> None:
         super().__post_init__()
         as_size(self.resolution)
         check_caption_extension(self.caption_extension, "dataset.caption_extension")
+        self.bucket_settings()
+
+    def bucket_settings(self) -> tuple[BucketSettings | None, list[str]]:
+        """The checked bucket settings (None when enable_bucket is off) and notes on adjusted values."""
+        if not self.enable_bucket:
+            return None, []
+        return check_buckets(
+            as_size(self.resolution), self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
+            self.bucket_no_upscale, where="dataset.",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,11 @@ class TrainSettings(Table):
     compile: bool = (
         False  # torch.compile the UNet (with cuda_graphs: mode "reduce-overhead"); slow first step
     )
+    # 0 = the model's own text-encoder layer (SD 1.x: the last; SD 2.x and SDXL: the penultimate); n = the
+    # n-th from the end, as A1111's "CLIP skip", Kohya's --clip_skip and ComfyUI's "CLIP Set Last Layer" -n.
+    # Train with what you will render with: 2 for NovelAI-derived anime SD 1.x models; on SDXL (Pony,
+    # Illustrious) 2 is what the model reads anyway.
+    clip_skip: int = at_least(0, 0)
     noise_offset: float = at_least(0, 0.0)
     min_snr_gamma: float = at_least(0, 0.0)  # 0 = off; 5 is the usual value
     seed: int = at_least(0, 42)

@@ -26,7 +26,7 @@ from library.cli import INTERRUPTED
 from library.conditioning import Conditioner
 from library.config import dump_config
 from library.data import TrainingData
-from library.denoiser import TrainingGraphs, UNetCall
+from library.denoiser import TrainingGraphs, UNetCall, size_ids
 from library.embedding_set import EmbeddingSet
 from library.embeddings import TRAINING_SETTINGS_KEY, Embedding, save_embedding
 from library.errors import UserError
@@ -125,53 +125,83 @@ class Trainer:
     lock: IO | None = None  # the run folder's lock (RunFolder.lock), closed when the run ends
 
     # ------------------------------------------------------------------ one optimizer update
-    def batch_for(self, micro_step: int) -> tuple[TrainingBatch, torch.Tensor, torch.Tensor]:
-        """This process's share of micro-batch `micro_step` of every source, with its noise and timesteps."""
+    def batch_for(self, micro_step: int) -> list[tuple[list[int], TrainingBatch, torch.Tensor, torch.Tensor]]:
+        """This process's share of micro-batch `micro_step` of every source, with its noise and timesteps:
+        one (source indices, batch, noise, timesteps) per latent shape (with aspect-ratio buckets the sources
+        of a cast may draw different shapes at one step; each shape is one UNet call)."""
         acc, cfg = self.accelerator, self.config.train
         size, rank, world = cfg.batch_size, acc.process_index, acc.num_processes
         rows = slice(rank * size, (rank + 1) * size)
-        latents, prompts, weights, noises, times, sources = [], [], [], [], [], []
-        for data in self.sources:
+        by_shape: dict[tuple, list[int]] = {}
+        drawn = []
+        for index, data in enumerate(self.sources):
             batch = data.batch(micro_step, rank * size, size)
-            latents.append(batch.latents.to(acc.device, torch.float32))
+            latents = batch.latents.to(acc.device, torch.float32)
             # Each source draws as it would alone, for the whole global batch, then takes this rank's rows:
             # the same draws for any process count.
             gen = torch.Generator(acc.device).manual_seed(_mix(cfg.seed, micro_step))
-            shape = (size * world, *latents[-1].shape[1:])
+            shape = (size * world, *latents.shape[1:])
             noise = torch.randn(shape, generator=gen, device=acc.device)
             timesteps = torch.randint(0, 1000, (size * world,), generator=gen, device=acc.device)
             offsets = torch.randn((*shape[:2], 1, 1), generator=gen, device=acc.device)
-            noises.append(noise[rows] + cfg.noise_offset * offsets[rows])
-            times.append(timesteps[rows])
-            sources.append((len(prompts), len(prompts) + size))
+            drawn.append((batch, latents, noise[rows] + cfg.noise_offset * offsets[rows], timesteps[rows]))
+            by_shape.setdefault(tuple(latents.shape[1:]), []).append(index)
+        return [self._joined([drawn[i] for i in indices], indices) for indices in by_shape.values()]
+
+    def _joined(
+        self, drawn: list, indices: list[int]
+    ) -> tuple[list[int], TrainingBatch, torch.Tensor, torch.Tensor]:
+        """Sources of one latent shape as one batch."""
+        device = self.accelerator.device
+        prompts, sources = [], []
+        for batch, *_ in drawn:
+            sources.append((len(prompts), len(prompts) + len(batch.prompts)))
             prompts += batch.prompts
-            weights.append(batch.loss_weights)
+        weights = [batch.loss_weights for batch, *_ in drawn]
         loss_weights = None
         if any(w is not None for w in weights):  # sources without alpha weigh 1 everywhere: one batch shape
-            ones = [
-                torch.ones_like(x[:, :1]) if w is None else w for w, x in zip(weights, latents, strict=True)
-            ]
-            loss_weights = _cat(ones)
-        joined = TrainingBatch(_cat(latents), prompts, loss_weights, sources)
-        return joined, _cat(noises), _cat(times)
+            loss_weights = _cat(
+                [
+                    torch.ones_like(x[:, :1]) if w is None else w
+                    for w, (_, x, *_) in zip(weights, drawn, strict=True)
+                ]
+            )
+        time_ids = None
+        if self.parts.family.size_conditioning:
+            time_ids = size_ids([s for batch, *_ in drawn for s in batch.sizes], device)
+        joined = TrainingBatch(_cat([x for _, x, _, _ in drawn]), prompts, loss_weights, sources, time_ids)
+        return indices, joined, _cat([n for _, _, n, _ in drawn]), _cat([t for *_, t in drawn])
 
     def loss_for(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss of this process's share of micro-batch `micro_step`, each source's mean loss)."""
-        batch, noise, timesteps = self.batch_for(micro_step)
+        total, each = 0.0, [None] * len(self.sources)
+        for indices, batch, noise, timesteps in self.batch_for(micro_step):
+            loss, means = self._loss_of(batch, noise, timesteps)
+            total = total + loss
+            for index, mean in zip(indices, means, strict=True):
+                each[index] = mean
+        return total, torch.stack(each)
+
+    def _loss_of(self, batch: TrainingBatch, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         scheduler, parts = self.parts.noise_scheduler, self.parts
         noisy = scheduler.add_noise(batch.latents, noise, timesteps)
         epsilon = parts.prediction_type == "epsilon"
         target = noise if epsilon else scheduler.get_velocity(batch.latents, noise, timesteps)
         sets = self.objective.prompt_sets(batch)
         dtype = parts.unet.dtype
+        time_ids = batch.size_ids
         if len(sets) > 1:  # every prompt set asks about the same noisy latents, in one UNet call
             noisy, timesteps = noisy.repeat(len(sets), 1, 1, 1), timesteps.repeat(len(sets))
+            time_ids = None if time_ids is None else time_ids.repeat(len(sets), 1)
+        time_ids = None if time_ids is None else time_ids.to(dtype)
         with self.accelerator.autocast():
             cond = self.conditioner.encode([prompt for prompts in sets for prompt in prompts]).to(dtype)
             if self.graphs is None:
-                pred = UNetCall(parts.unet, parts.family)(noisy.to(dtype), timesteps, *cond.tensors())
+                pred = UNetCall(parts.unet, parts.family)(
+                    noisy.to(dtype), timesteps, *cond.tensors(), time_ids
+                )
         if self.graphs is not None:
-            pred = self.graphs(noisy.to(dtype), timesteps, cond)
+            pred = self.graphs(noisy.to(dtype), timesteps, cond, time_ids)
         predictions = list(pred.chunk(len(sets))) if len(sets) > 1 else [pred]
         return self.objective.loss(batch, predictions, target, timesteps[: len(batch.prompts)])
 
@@ -391,7 +421,7 @@ class Trainer:
             parts.vae.to("cpu")
         paths = files_of(self.run.previews_dir, step, images)
         for path, image in zip(paths, images, strict=True):
-            params = infotext_params(image.settings, image.seed, parts)
+            params = infotext_params(image.settings, image.seed, parts, clip_skip=t.clip_skip)
             save_png(
                 pictures[id(image)],
                 path,

@@ -189,7 +189,7 @@ def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules,
     embeddings = EmbeddingSet.of(
         [(p.embedding.name, _starting(p, parts, point), p.lr_factor) for p in plans], device
     )
-    conditioner = Conditioner.of(parts)
+    conditioner = Conditioner.of(parts, clip_skip=t.clip_skip)
     embeddings.register(conditioner)
     for plan in plans:
         others = [p.embedding.name for p in plans if p is not plan]

@@ -167,7 +167,8 @@ class Sweep:
             self.render_seconds += seconds
             for (name, index), batch in images.items():
                 p, cell = by_name[name], by_name[name].cells[index]
-                paths = report.save_cell_images(self.out, p, cell, batch, parts)
+                clip_skip = self.run.config.train.clip_skip if self.run.config else 0
+                paths = report.save_cell_images(self.out, p, cell, batch, parts, clip_skip)
                 self.cells[(name, index)] = batch_grid(batch)
                 result = None
                 if self.scorer is not None:
@@ -264,17 +265,22 @@ def render_by_checkpoint(
     from library.models import load_parts
 
     precision = cfg.sweep.mixed_precision if device.type == "cuda" else "no"
+    trained = run.config  # render as the run trained: its CLIP skip, and its family for its own checkpoint
+    clip_skip = trained.train.clip_skip if trained else 0
     checkpoints = list(dict.fromkeys(c for p in plans for c in p.checkpoints))
     for checkpoint in checkpoints:
         label = checkpoint_label(checkpoint)
         log(f"{label}: loading {checkpoint}")
         started = time.perf_counter()
+        family = cfg.model.family
+        if family == "auto" and trained and checkpoint == trained.model.checkpoint:
+            family = trained.model.family
         model = ModelConfig(
-            checkpoint=checkpoint, vae=cfg.model.vae, family=cfg.model.family, config_dir=cfg.model.config_dir
+            checkpoint=checkpoint, vae=cfg.model.vae, family=family, config_dir=cfg.model.config_dir
         )
         parts = load_parts(model, precision=precision)
         parts.place(device, precision)
-        conditioner = Conditioner.of(parts)
+        conditioner = Conditioner.of(parts, clip_skip=clip_skip)
         jobs = [
             (p.name, i, cell)
             for p in plans

@@ -238,9 +238,9 @@ def test_dataset_toml_warns_about_ignored_keys_and_skips_reg_images(tmp_path):
         tmp_path,
         """
 [general]
-enable_bucket = false
+network_multiplier = 1.0
 [[datasets]]
-enable_bucket = true
+network_multiplier = 0.5
   [[datasets.subsets]]
   image_dir = "imgs"
   color_aug = true
@@ -255,7 +255,7 @@ enable_bucket = true
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     assert [r.path.name for r in records] == ["a.png"]
     assert any("color_aug = True is ignored" in m for m in messages)
-    assert sum("enable_bucket" in m for m in messages) == 1  # only the non-default value
+    assert sum("network_multiplier" in m for m in messages) == 1  # only the non-default value
     assert any("is_reg" in m and "reg" in m for m in messages)
 
 

@@ -1,0 +1,235 @@
+"""SDXL textual inversion on the tiny SDXL built in code: how prompts become the UNet's conditioning (both
+penultimate states, bigG's pooled vector at the true end token, each encoder's pad id), size ids that
+reach the UNet, the embedding files other tools load (A1111's pair, ComfyUI's keys, diffusers' two calls),
+and one-line refusals of embeddings made for the other family. FACTS §9 holds the rules."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPTokenizer
+
+from library.conditioning import Conditioner
+from library.config import load_config
+from library.denoiser import UNetCall
+from library.families import ASSETS, FAMILIES
+from library.parts import load_tokenizer
+from library.tables import TrainConfig
+from library.tiny import build_tiny_parts
+from library.training import setup
+from tests.a1111 import a1111_reads
+from tests.helpers import make_images, one_error_line
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAME = "n3w"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build_tiny_parts("sdxl", seed=0)
+
+
+def token_ids(parts, text: str) -> list[int]:
+    return parts.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def rows_of(parts, word: str) -> dict[str, torch.Tensor]:
+    """The token-table rows of `word` in each encoder: an embedding that means exactly `word`."""
+    ids = token_ids(parts, word)
+    return {key: enc.get_input_embeddings().weight[ids].clone() for key, enc in parts.text_encoders.items()}
+
+
+def transformers_encoding(parts, text: str, pad: dict[str, int]):
+    """The encoders' own outputs for `text` (no embedding), padded as SDXL pads: per encoder (ids, output)."""
+    ids = [parts.tokenizer.bos_token_id, *token_ids(parts, text), parts.tokenizer.eos_token_id]
+    out = {}
+    for key, encoder in parts.text_encoders.items():
+        padded = torch.tensor([ids + [pad[key]] * (77 - len(ids))])
+        out[key] = (padded, encoder(input_ids=padded, output_hidden_states=True))
+    return out
+
+
+def test_context_is_both_penultimate_states_and_pooled_is_at_the_end_token(parts):
+    """An embedding holding the rows of "dog" must encode exactly as the word "dog": the context is CLIP-L's
+    and bigG's penultimate states side by side (no final norm), the pooled vector is bigG's projected output at
+    the end token. Taken at the new word's slot (what transformers' argmax pooling does once a new token id
+    exceeds the end token's) it would be another vector, and this test fails."""
+    conditioner = Conditioner.of(parts)
+    conditioner.set_embedding(NAME, rows_of(parts, "dog"))
+    ours = conditioner.encode([f"a photo of {NAME}"])
+    theirs = transformers_encoding(parts, "a photo of dog", {"clip_l": 49407, "clip_g": 0})
+    context = torch.cat([theirs[key][1].hidden_states[-2] for key in ("clip_l", "clip_g")], dim=-1)
+    assert ours.context.shape == (1, 77, 32 + 48)
+    torch.testing.assert_close(ours.context, context, rtol=0, atol=1e-6)
+    # The end token is the largest id of this prompt, so transformers' own pooling is right here.
+    ids, output = theirs["clip_g"]
+    assert int(ids[0].argmax()) == len(token_ids(parts, "a photo of dog")) + 1
+    torch.testing.assert_close(ours.pooled, output.text_embeds, rtol=0, atol=1e-6)
+    # At the new word's slot (position 4: BOS a photo of dog) the projected state is something else.
+    final = parts.text_encoders["clip_g"].text_model.final_layer_norm(output.last_hidden_state)
+    at_word = parts.text_encoders["clip_g"].text_projection(final[:, 4])
+    assert (ours.pooled - at_word).abs().max() > 0.1
+
+
+def test_each_encoder_pads_its_own_way(parts):
+    """CLIP-L pads with the end token 49407, bigG with 0 (A1111, Kohya, ComfyUI)."""
+    seen = {}
+    hooks = [
+        encoder.register_forward_pre_hook(
+            lambda module, args, kwargs, key=key: seen.__setitem__(key, kwargs["input_ids"]), with_kwargs=True
+        )
+        for key, encoder in parts.text_encoders.items()
+    ]
+    try:
+        Conditioner.of(parts).encode(["a cat"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    end = len(token_ids(parts, "a cat")) + 1
+    for key, pad in (("clip_l", 49407), ("clip_g", 0)):
+        row = seen[key][0].tolist()
+        assert row[end] == 49407 and set(row[end + 1 :]) == {pad}, key
+
+
+def test_each_block_goes_to_its_own_encoder(parts):
+    """The clip_l block changes only the first 32 columns of the context, the clip_g block the last 48 and
+    the pooled vector."""
+    conditioner = Conditioner.of(parts)
+    blocks = rows_of(parts, "dog")
+    conditioner.set_embedding(NAME, blocks)
+    base = conditioner.encode([f"a photo of {NAME}"])
+    conditioner.set_embedding(NAME, {"clip_l": blocks["clip_l"] + 1.0, "clip_g": blocks["clip_g"]})
+    moved_l = conditioner.encode([f"a photo of {NAME}"])
+    assert not torch.equal(moved_l.context[..., :32], base.context[..., :32])
+    assert torch.equal(moved_l.context[..., 32:], base.context[..., 32:])
+    assert torch.equal(moved_l.pooled, base.pooled)
+
+
+def small_run(tmp_path, *overrides):
+    images = make_images(tmp_path / "img", count=4, size=32)
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "model.checkpoint=builtin:tiny",
+            "model.family=sdxl",
+            f"embedding.name={NAME}",
+            "embedding.init_text=dog",
+            "embedding.num_vectors=2",
+            f"dataset.image_dir={images}",
+            "dataset.resolution=32",
+            "dataset.template=a photo of [name]",
+            "train.batch_size=2",
+            "train.max_steps=2",
+            "train.lr=0.01",
+            "save.save_every_steps=0",
+            f"save.output_dir={tmp_path / 'run'}",
+            *overrides,
+        ],
+    )
+
+
+def test_training_hands_the_unet_pooled_vectors_and_size_ids(tmp_path, monkeypatch):
+    seen = []
+    forward = UNetCall.forward
+
+    def spy(self, latents, timesteps, context, pooled=None, time_ids=None):
+        seen.append((context.shape, None if pooled is None else pooled.shape, time_ids))
+        return forward(self, latents, timesteps, context, pooled, time_ids)
+
+    monkeypatch.setattr(UNetCall, "forward", spy)
+    trainer = setup(small_run(tmp_path), log=lambda *_: None)
+    final = trainer.train()
+    assert seen and all(shape == (2, 77, 80) and pooled == (2, 48) for shape, pooled, _ in seen)
+    # 32x32 pictures trained at 32x32: original size, no crop, target size (height, width first).
+    assert all(ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2 for *_, ids in seen)
+    saved = safetensors.torch.load_file(final.with_suffix(".safetensors"))
+    assert {key: tuple(v.shape) for key, v in saved.items()} == {"clip_l": (2, 32), "clip_g": (2, 48)}
+
+
+def test_the_files_load_in_a1111_comfyui_and_diffusers(tmp_path, parts):
+    """The saved pair: A1111 reads both keys of the .pt and .safetensors (width 32 + 48 here, 768 + 1280 on
+    real SDXL), ComfyUI takes each half by its key, diffusers loads it with one call per encoder and then
+    encodes the word as we do."""
+    trainer = setup(small_run(tmp_path, "save.formats=['safetensors', 'pt']"), log=lambda *_: None)
+    final = trainer.train()
+    ours = {m.name: {k: v.detach().cpu() for k, v in m.blocks.items()} for m in trainer.embeddings}[NAME]
+    for suffix in (".safetensors", ".pt"):
+        keyword, vectors, *_ = a1111_reads(final.with_suffix(suffix))
+        assert keyword == NAME and torch.equal(vectors["clip_l"], ours["clip_l"])
+        assert sum(v.shape[-1] for v in vectors.values()) == 32 + 48
+    # ComfyUI's load_embed: safetensors.torch.load_file, then embed[embed_key] for "clip_l" / "clip_g".
+    state = safetensors.torch.load_file(final.with_suffix(".safetensors"))
+    assert set(state) == {"clip_l", "clip_g"} and torch.equal(state["clip_g"], ours["clip_g"])
+
+    pipe = StableDiffusionXLPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoders["clip_l"],
+        text_encoder_2=parts.text_encoders["clip_g"],
+        tokenizer=load_tokenizer("sdxl"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer_sd2", local_files_only=True),
+        unet=parts.unet,
+        scheduler=parts.noise_scheduler,
+    )
+    pipe.load_textual_inversion(
+        state["clip_l"], token=NAME, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        state["clip_g"], token=NAME, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    try:
+        prompt = f"a photo of {NAME}"
+        context, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+        conditioner = Conditioner.of(parts)
+        conditioner.set_embedding(NAME, ours)
+        mine = conditioner.encode([prompt])
+        # The same context (diffusers pads bigG with its tokenizer's "!" = 0 as we do) ...
+        torch.testing.assert_close(context, mine.context, rtol=0, atol=1e-5)
+        # ... and diffusers' pooled vector is the EOS trap of FACTS §9: taken at the new token, not at the end.
+        assert (pooled - mine.pooled).abs().max() > 1e-3
+    finally:
+        pipe.unload_textual_inversion(NAME, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        pipe.unload_textual_inversion(NAME, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+
+
+@pytest.mark.parametrize(
+    "family, vectors, message",
+    [
+        (
+            "sdxl",
+            torch.ones(2, 32),
+            "an embedding of width 32 does not fit this SDXL model (clip_l [n, 32], clip_g [n, 48])",
+        ),
+        (
+            "sd1",
+            {"clip_l": torch.ones(2, 32), "clip_g": torch.ones(2, 48)},
+            "an embedding of clip_l [2, 32], clip_g [2, 48] (SDXL) does not fit this SD 1.x model (clip_l [n, 32])",
+        ),
+    ],
+)
+def test_an_embedding_of_the_other_family_is_one_line(tmp_path, capsys, family, vectors, message):
+    import train_textual_inversion
+
+    file = tmp_path / "start.safetensors"
+    safetensors.torch.save_file(vectors if isinstance(vectors, dict) else {"emb_params": vectors}, file)
+    images = make_images(tmp_path / "img", count=2, size=32)
+    code = train_textual_inversion.main(
+        [
+            "model.checkpoint=builtin:tiny",
+            f"model.family={family}",
+            f"embedding.name={NAME}",
+            f"embedding.init_from={file}",
+            f"dataset.image_dir={images}",
+            "dataset.resolution=32",
+            "dataset.template=a photo of [name]",
+            f"save.output_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"error: {file}: {message}; use an embedding made for this model family"
+    assert FAMILIES[family].title in line
+    assert not (tmp_path / "run" / f"{NAME}.safetensors").exists()
