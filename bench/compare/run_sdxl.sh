@@ -21,8 +21,8 @@
 # schedule, seed (sdxl_settings.py reads them); STEPS steps; bf16; AdamW; latents cached; SDPA; no
 # intermediate saves, previews or samples; one final embedding.
 # Environment knobs (defaults = the GPU benchmark; sdxl_cpu_check.sh uses small ones):
-#   PRESET=presets/sdxl_face.toml STEPS=60 MIXED_PRECISION=bf16 WORKERS=8 RUNS="ours kohya ours_low kohya_gc"
-#   FORCE_RESOLUTION= FORCE_BATCH= (override the preset's for both tools: the CPU check's 256 px, batch 1)
+#   PRESET=presets/sdxl_face.toml STEPS=40 WARMUP_STEPS=3 MIXED_PRECISION=bf16 WORKERS=8 RUNS="ours kohya ours_low kohya_gc"
+#   FORCE_RESOLUTION= FORCE_BATCH= FORCE_GRAD_ACCUM= (override the preset's for both tools: the CPU check's)
 #   SITE_ROOT=/tmp WORK_DIR=/tmp/sdxl-work RUN_TIMEOUT=180 (s per run) PYTHON=python3
 #   DEADLINE= (unix time: each run's limit shrinks to end before it; a run with < 30 s left is skipped)
 #   EXTRA_PYTHONPATH= (appended after each tool's site; the CPU check puts stand-ins there)
@@ -30,7 +30,7 @@ set -uo pipefail
 if [ $# -ne 4 ]; then sed -n 5,9p "$0"; exit 2; fi
 KOHYA=$(realpath "$1"); CKPT=$(realpath "$2"); IMAGES=$(realpath "$3"); OUT_DIR=$4
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
-PRESET=${PRESET:-presets/sdxl_face.toml} STEPS=${STEPS:-60} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+PRESET=${PRESET:-presets/sdxl_face.toml} STEPS=${STEPS:-40} WARMUP_STEPS=${WARMUP_STEPS:-3} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 WORKERS=${WORKERS:-8} RUNS=${RUNS:-ours kohya ours_low kohya_gc} SITE_ROOT=${SITE_ROOT:-/tmp}
 WORK=${WORK_DIR:-/tmp/sdxl-work} RUN_TIMEOUT=${RUN_TIMEOUT:-180} PY=${PYTHON:-python3} DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA_PYTHONPATH:-}
@@ -47,13 +47,20 @@ done
 SETTINGS=$(cd "$REPO" && $PY "$HERE/sdxl_settings.py" "$PRESET") || { echo "cannot read $PRESET"; exit 2; }
 eval "$SETTINGS"  # PRESET_USED OURS_EXTRA NOTE TOKEN INIT VECTORS WIDTH HEIGHT BATCH GRAD_ACCUM LR ...
 read -r -a OURS_EXTRA <<< "$OURS_EXTRA"
-if [ -n "${FORCE_RESOLUTION:-}" ]; then
-  WIDTH=$FORCE_RESOLUTION HEIGHT=$FORCE_RESOLUTION; OURS_EXTRA+=("dataset.resolution=$FORCE_RESOLUTION")
+if [ -n "${FORCE_RESOLUTION:-}" ]; then  # bucket limits follow: half to twice the side
+  WIDTH=$FORCE_RESOLUTION HEIGHT=$FORCE_RESOLUTION
+  MIN_BUCKET_RESO=$(( FORCE_RESOLUTION / 2 )) MAX_BUCKET_RESO=$(( FORCE_RESOLUTION * 2 ))
+  OURS_EXTRA+=("dataset.resolution=$FORCE_RESOLUTION" "dataset.min_bucket_reso=$MIN_BUCKET_RESO"
+    "dataset.max_bucket_reso=$MAX_BUCKET_RESO")
 fi
 if [ -n "${FORCE_BATCH:-}" ]; then BATCH=$FORCE_BATCH; OURS_EXTRA+=("train.batch_size=$FORCE_BATCH"); fi
-echo "settings from $PRESET_USED: token $TOKEN, init '$INIT', $VECTORS vectors, ${WIDTH}x$HEIGHT, batch $BATCH," \
-  "grad accum $GRAD_ACCUM, lr $LR ($LR_SCHEDULER, warm-up $WARMUP), seed $SEED, $STEPS steps, $MIXED_PRECISION" \
-  "${NOTE:+; note: $NOTE}"
+if [ -n "${FORCE_GRAD_ACCUM:-}" ]; then
+  GRAD_ACCUM=$FORCE_GRAD_ACCUM; OURS_EXTRA+=("train.gradient_accumulation_steps=$FORCE_GRAD_ACCUM")
+fi
+echo "settings from $PRESET_USED: token $TOKEN, init '$INIT', $VECTORS vectors, ${WIDTH}x$HEIGHT" \
+  "(buckets $ENABLE_BUCKET: $MIN_BUCKET_RESO-$MAX_BUCKET_RESO step $BUCKET_RESO_STEPS), batch $BATCH," \
+  "grad accum $GRAD_ACCUM, lr $LR ($LR_SCHEDULER, warm-up $WARMUP), clip skip $CLIP_SKIP, seed $SEED," \
+  "$STEPS steps, $MIXED_PRECISION${NOTE:+; note: $NOTE}"
 
 # ---- inputs every tool reads the same way ------------------------------------------------------------
 rm -rf "$WORK/images" "$WORK/kohya_data" "$WORK"/out_* "$WORK"/*.steps "$WORK"/*.mem "$WORK/runs.txt"
@@ -79,9 +86,9 @@ summarize() {
   local settings="steps=$STEPS resolution=${WIDTH}x$HEIGHT batch=$BATCH grad_accum=$GRAD_ACCUM"
   settings="$settings mixed_precision=$MIXED_PRECISION vectors=$VECTORS token=$TOKEN init=$INIT lr=$LR"
   settings="$settings lr_scheduler=$LR_SCHEDULER seed=$SEED workers=$WORKERS images=$N_IMAGES"
-  settings="$settings kohya_repeats=$REPEATS preset=$PRESET_USED"
+  settings="$settings kohya_repeats=$REPEATS preset=$PRESET_USED buckets=$ENABLE_BUCKET clip_skip=$CLIP_SKIP"
   $PY "$HERE/summarize.py" --work "$WORK" --out "$OUT_DIR" --sites "$SITE_ROOT" --settings "$settings" \
-    --kohya "$KOHYA" --ckpt "$CKPT" --site-names "ours kohya" --note "$NOTE" \
+    --kohya "$KOHYA" --ckpt "$CKPT" --site-names "ours kohya" --note "$NOTE" --warmup-steps "$WARMUP_STEPS" \
     --pairs "ours/kohya ours_low/kohya ours_low/kohya_gc ours_low/ours kohya_gc/kohya" \
     --inputs "kohya_commit=$(cat "$KOHYA/COMMIT" 2> /dev/null || echo unknown)"
 }
@@ -125,6 +132,12 @@ kohya_args() {
     --output_name "$TOKEN"                        # no --sample_* options
     --save_model_as safetensors
   )
+  if [ "$ENABLE_BUCKET" = 1 ]; then               # the preset's aspect-ratio buckets, Kohya's own keys
+    KOHYA_ARGS+=(--enable_bucket --min_bucket_reso "$MIN_BUCKET_RESO" --max_bucket_reso "$MAX_BUCKET_RESO"
+      --bucket_reso_steps "$BUCKET_RESO_STEPS")
+    [ "$BUCKET_NO_UPSCALE" = 1 ] && KOHYA_ARGS+=(--bucket_no_upscale)
+  fi
+  [ "$CLIP_SKIP" != 0 ] && KOHYA_ARGS+=(--clip_skip "$CLIP_SKIP")  # 0: both tools' SDXL default
   # Gradient checkpointing only where ours has it: the preset's train.gradient_checkpointing, or the
   # kohya_gc run that stands beside ours_low (Kohya's switch takes the UNet and both text encoders).
   if [ "$PRESET_GC" = 1 ] || [ "${2:-}" = gc ]; then KOHYA_ARGS+=(--gradient_checkpointing); fi

@@ -58,13 +58,13 @@ step "5. each loader on it, and a finite bf16 forward/backward"
 PYTHONPATH=/tmp/site_ours:/tmp/site_cpu:. $PY bench/compare/sdxl_load_check.py ours "$CKPT" 2>&1 |
   grep -E "ours:|text states|latents|UNet|finite|Error|NOT"
 
-step "6. run_sdxl.sh on the CPU: ${RUNS:=ours kohya}, 2 steps, 256 px, batch 1, bf16"
+step "6. run_sdxl.sh on the CPU: ${RUNS:=ours kohya}, 2 steps, 256 px, batch 1 (no accumulation), bf16"
 $PY -c "
 from PIL import Image; import numpy as np
 rng = np.random.default_rng(0)
 for i in range(8):
     Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(f'$BASE/images/{i}.png', compress_level=1)
 "
-RUNS="$RUNS" STEPS=2 FORCE_RESOLUTION=256 FORCE_BATCH=1 MIXED_PRECISION=bf16 WORKERS=1 RUN_TIMEOUT=1800 PYTHON=$PY \
+RUNS="$RUNS" STEPS=2 WARMUP_STEPS=0 FORCE_RESOLUTION=256 FORCE_BATCH=1 FORCE_GRAD_ACCUM=1 MIXED_PRECISION=bf16 WORKERS=1 RUN_TIMEOUT=1800 PYTHON=$PY \
   EXTRA_PYTHONPATH=/tmp/site_cpu WORK_DIR="$BASE/work" \
   bash bench/compare/run_sdxl.sh $KOHYA "$CKPT" "$BASE/images" "$BASE/out"

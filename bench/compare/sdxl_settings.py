@@ -2,8 +2,9 @@
 
     eval "$(python3 bench/compare/sdxl_settings.py presets/sdxl_face.toml)"
 
-Kohya gets the preset's own values (trigger word, init word, vectors, resolution, batch, gradient accumulation,
-learning rate and its schedule, seed, gradient checkpointing), so both tools train the same way. Should the
+Kohya gets the preset's own values (trigger word, init word, vectors, resolution, aspect-ratio buckets, batch,
+gradient accumulation, learning rate and its schedule, seed, gradient checkpointing, CLIP skip), so both tools
+train the same way. Should the
 preset be missing, presets/face.toml stands in with `model.family=sdxl dataset.resolution=1024` (and the run
 records that). A preset value Kohya cannot take is overridden for ours too, and said in NOTE: an A1111 lr
 schedule string (then the first rate, constant), an optimizer other than AdamW. Standard library only.
@@ -51,6 +52,7 @@ def settings(preset: str) -> dict[str, str]:
     warmup = int(tr.get("lr_warmup_steps", 0))
     if warmup:  # Kohya: constant_with_warmup for a constant rate after warm-up
         scheduler = "constant_with_warmup" if scheduler == "constant" else scheduler
+    clip_skip = int(tr.get("clip_skip", 0))  # 0: SDXL's own penultimate layers, Kohya's default too
     name = emb.get("name", "")
     if not name:
         raise SystemExit(f"{used}: embedding.name is empty: the trigger word is needed for Kohya's folder")
@@ -70,6 +72,13 @@ def settings(preset: str) -> dict[str, str]:
         "WARMUP": str(warmup),
         "SEED": str(tr.get("seed", 42)),
         "PRESET_GC": "1" if tr.get("gradient_checkpointing", False) else "0",
+        "CLIP_SKIP": str(clip_skip),
+        # Kohya's own keys, the same names in our [dataset] (library/tables.py defaults when left out)
+        "ENABLE_BUCKET": "1" if ds.get("enable_bucket", False) else "0",
+        "MIN_BUCKET_RESO": str(ds.get("min_bucket_reso", 256)),
+        "MAX_BUCKET_RESO": str(ds.get("max_bucket_reso", 1024)),
+        "BUCKET_RESO_STEPS": str(ds.get("bucket_reso_steps", 64)),
+        "BUCKET_NO_UPSCALE": "1" if ds.get("bucket_no_upscale", False) else "0",
     }
 
 

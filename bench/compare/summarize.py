@@ -16,7 +16,8 @@ import re
 import subprocess
 from pathlib import Path
 
-# The steady-state rate leaves out the first steps (first-step kernels, allocator and cuDNN warm-up).
+# The steady-state rate leaves out the first steps (first-step kernels, allocator and cuDNN warm-up, CUDA-graph
+# capture); --warmup-steps changes it (the SDXL comparison: 3 updates of 8 accumulated samples).
 WARMUP_STEPS = 10
 SITES = ("ours", "kohya", "diffusers")  # site folders whose packages are listed (--site-names)
 BAR_NAMES = {"kohya": "steps", "diffusers": "Steps"}  # the training bars' descriptions; ours: the token
@@ -59,7 +60,7 @@ def tool_reported_rate(log: str, name: str, total: int) -> str:
     return f"tqdm {last.group(1)}/{last.group(2)} at {last.group(3)}{last.group(4)} = {per_s:.3f} steps/s"
 
 
-def summarize_tool(work: Path, out: Path, row: list[str], settings: dict) -> dict:
+def summarize_tool(work: Path, out: Path, row: list[str], settings: dict, warmup: int = WARMUP_STEPS) -> dict:
     name, rc, t0, t1, base = row[0], int(row[1]), float(row[2]), float(row[3]), row[4]
     tool = name.split("_", 1)[0]
     # samples per optimizer step: the batch times gradient accumulation
@@ -80,7 +81,7 @@ def summarize_tool(work: Path, out: Path, row: list[str], settings: dict) -> dic
         result["first_step_done_s"] = round(steps[0][0] - t0, 2)  # start-up + the first step
         result["after_last_step_s"] = round(t1 - steps[-1][0], 2)  # final save + teardown
     if len(steps) >= 2:
-        k = min(WARMUP_STEPS, len(steps) - 2)
+        k = min(warmup, len(steps) - 2)
         (ta, na), (tb, nb) = steps[k], steps[-1]
         rate = (nb - na) / (tb - ta)
         result["steady_steps_per_s"] = round(rate, 3)
@@ -163,11 +164,12 @@ def main() -> None:
     parser.add_argument("--site-names", default=" ".join(SITES), help="site_<name> folders to list")
     parser.add_argument("--inputs", default="", help="more inputs to record, as key=value words")
     parser.add_argument("--note", default="", help="a line on how the settings were chosen")
+    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="steps left out of steady")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     settings = dict(item.split("=", 1) for item in args.settings.split())
     runs = [line.split() for line in (work / "runs.txt").read_text().splitlines() if line.strip()]
-    tools = {row[0]: summarize_tool(work, out, row, settings) for row in runs}
+    tools = {row[0]: summarize_tool(work, out, row, settings, args.warmup_steps) for row in runs}
     ratios = {}
     keys = ("steady_steps_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")  # samples/s: as steps/s
     for pair in args.pairs.split():
@@ -188,7 +190,7 @@ def main() -> None:
         "tools": tools,
         "ratios": ratios,
         "notes": (
-            f"steady = steps after the first {WARMUP_STEPS} (or all but the first when fewer ran), timed from "
+            f"steady = steps after the first {args.warmup_steps} (or all but the first when fewer ran), timed from "
             "each tool's tqdm updates; wall = accelerate launch to exit; peak GPU memory = max of nvidia-smi "
             "memory.used sampled every 200 ms (whole device, CUDA context included)."
         ),
