@@ -17,11 +17,12 @@
 #             after caching, no CUDA graphs)
 #   kohya_gc  kohya with --gradient_checkpointing, Kohya's nearest to low_memory (it checkpoints the UNet and
 #             both text encoders); left out when the preset checkpoints anyway (kohya is then the same run)
-# Settings: the preset's trigger word, init word, vectors, resolution, batch, gradient accumulation, lr and
-# schedule, seed (sdxl_settings.py reads them); STEPS steps; bf16; AdamW; latents cached; SDPA; no
-# intermediate saves, previews or samples; one final embedding.
+# Settings: the preset's trigger word, init word, vectors, resolution, buckets, batch, gradient accumulation,
+# lr and schedule, seed, CLIP skip (sdxl_settings.py reads them); STEPS updates; bf16; AdamW; latents cached;
+# SDPA; no intermediate saves, previews or samples; one final embedding.
 # Environment knobs (defaults = the GPU benchmark; sdxl_cpu_check.sh uses small ones):
-#   PRESET=presets/sdxl_face.toml STEPS=40 WARMUP_STEPS=3 MIXED_PRECISION=bf16 WORKERS=8 RUNS="ours kohya ours_low kohya_gc"
+#   PRESET=presets/sdxl_face.toml STEPS=30 WARMUP_STEPS=3 (updates left out of the steady rate)
+#   MIXED_PRECISION=bf16 WORKERS=8 RUNS="ours kohya ours_low kohya_gc"
 #   FORCE_RESOLUTION= FORCE_BATCH= FORCE_GRAD_ACCUM= (override the preset's for both tools: the CPU check's)
 #   SITE_ROOT=/tmp WORK_DIR=/tmp/sdxl-work RUN_TIMEOUT=180 (s per run) PYTHON=python3
 #   DEADLINE= (unix time: each run's limit shrinks to end before it; a run with < 30 s left is skipped)
@@ -30,7 +31,7 @@ set -uo pipefail
 if [ $# -ne 4 ]; then sed -n 5,9p "$0"; exit 2; fi
 KOHYA=$(realpath "$1"); CKPT=$(realpath "$2"); IMAGES=$(realpath "$3"); OUT_DIR=$4
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
-PRESET=${PRESET:-presets/sdxl_face.toml} STEPS=${STEPS:-40} WARMUP_STEPS=${WARMUP_STEPS:-3} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+PRESET=${PRESET:-presets/sdxl_face.toml} STEPS=${STEPS:-30} WARMUP_STEPS=${WARMUP_STEPS:-3} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 WORKERS=${WORKERS:-8} RUNS=${RUNS:-ours kohya ours_low kohya_gc} SITE_ROOT=${SITE_ROOT:-/tmp}
 WORK=${WORK_DIR:-/tmp/sdxl-work} RUN_TIMEOUT=${RUN_TIMEOUT:-180} PY=${PYTHON:-python3} DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA_PYTHONPATH:-}
