@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 from library.conditioning import Conditioner
 from library.config import load_config
 from library.denoiser import UNetCall
+from library.embeddings import load_embedding
 from library.families import ASSETS, FAMILIES
 from library.parts import load_tokenizer
 from library.tables import TrainConfig
@@ -336,3 +337,108 @@ def test_sdxl_trains_at_1024_unless_told_otherwise(tmp_path, monkeypatch):
     trainer = setup(config, log=lambda *_: None)
     assert trainer.sources[0].resolution == (1024, 1024)
     assert "resolution = 1024" in (tmp_path / "run" / "config.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory) -> tuple:
+    """An SDXL run trained 4 steps on an SDXL single file, saving every 2, with CLIP skip 2."""
+    from library.convert import save_single_file
+
+    tmp = tmp_path_factory.mktemp("sdxl_run")
+    checkpoint = save_single_file(build_tiny_parts("sdxl"), tmp / "xl.safetensors")
+    config = small_run(
+        tmp,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=4",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    setup(config, log=lambda *_: None).train()
+    return tmp / "run", checkpoint
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM"])
+def test_generate_renders_sdxl_with_every_sampler(tmp_path, sdxl_run, sampler):
+    """txt2img on an SDXL file with our SDXL embedding in the prompt, a negative prompt and CFG; A1111's
+    infotext names the embedding and the CLIP skip."""
+    from PIL import Image
+
+    from library.generation import run_generate
+    from library.infotext import parse_infotext
+    from library.tables import GenerateConfig
+
+    run, checkpoint = sdxl_run
+    config = load_config(
+        GenerateConfig,
+        None,
+        [f"model.checkpoint={checkpoint}", f"generate.output_dir={tmp_path / 'out'}", "generate.width=32",
+         "generate.height=48", "generate.steps=2", f"generate.sampler={sampler}", "generate.batch_size=2",
+         f"generate.prompt=a photo of {NAME}", "generate.negative_prompt=blurry", "generate.clip_skip=2",
+         f"generate.embeddings=['{run / (NAME + '.safetensors')}']", "generate.seed=7"],
+    )  # fmt: skip
+    out = run_generate(config, log=lambda *_: None, show_progress=False)
+    files = sorted(out.glob("0*.png"))
+    assert len(files) == 2
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 48)
+        prompt, negative, params = parse_infotext(image.text["parameters"])
+    assert (prompt, negative, params["Sampler"], params["Clip skip"]) == (
+        f"a photo of {NAME}",
+        "blurry",
+        sampler,
+        "2",
+    )
+    assert NAME in params["TI hashes"] and params["Model"] == "xl"
+
+
+def test_the_sweep_renders_an_sdxl_run_and_names_an_sd1_checkpoint_it_cannot_use(tmp_path, sdxl_run, capsys):
+    import sweep_validate
+    from library.infotext import parse_infotext
+    from tests.helpers import tiny_checkpoint
+
+    run, _ = sdxl_run
+    base = [
+        "--config", "presets/validate.toml", f"run.folder={run}", 'model.checkpoints=["run:checkpoint"]',
+        "render.steps=1", "render.width=32", "render.height=32", "render.batch_size=1", "x.values=every 2",
+        "render.prompt=a photo of [name]-2",
+    ]  # fmt: skip
+    assert sweep_validate.main([*base, f"sweep.output_dir={tmp_path / 'ok'}"]) == 0, capsys.readouterr().err
+    cells = sorted((tmp_path / "ok" / "cells").rglob("*.png"))
+    assert len(cells) == 3  # steps 0, 2, 4
+    from PIL import Image
+
+    with Image.open(cells[0]) as image:
+        assert parse_infotext(image.text["parameters"])[2]["Clip skip"] == "2"
+    sd1 = tiny_checkpoint(tmp_path)
+    code = sweep_validate.main(
+        [*base, f"sweep.output_dir={tmp_path / 'mixed'}", f'model.checkpoints=["run:checkpoint", "{sd1}"]']
+    )
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        "(SDXL) does not fit this SD 1.x model" in line
+        and "use an embedding made for this model family" in line
+    )
+
+
+def test_an_sdxl_run_resumes_to_the_same_vectors(tmp_path, sdxl_run):
+    """Stopped after step 2 and resumed, an SDXL run ends with the vectors of the uninterrupted run."""
+    run, checkpoint = sdxl_run
+    again = small_run(
+        tmp_path,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=4",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    first = small_run(
+        tmp_path,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=2",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    setup(first, log=lambda *_: None).train()
+    resumed = setup(again, resume=str(tmp_path / "run"), log=lambda *_: None).train()
+    whole = load_embedding(run / f"{NAME}.safetensors").vectors
+    assert all(torch.equal(load_embedding(resumed).vectors[key], whole[key]) for key in ("clip_l", "clip_g"))
