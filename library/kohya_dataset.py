@@ -120,7 +120,7 @@ def make_record(
         shuffle_tags=settings.shuffle_tags,
         keep_tokens=settings.keep_tokens,
         tag_dropout=settings.tag_dropout,
-        resolution=as_size(settings.resolution),
+        resolution=settings.size,
         caption_extension=settings.caption_extension,
         buckets=settings.bucket_settings()[0],
     )
@@ -300,7 +300,9 @@ def _dataset_buckets(path: Path, settings: DataSettings, tables: tuple[dict, ...
         return None
     keys = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
     try:
-        buckets, notes = check_buckets(as_size(value("resolution")), *(value(key) for key in keys))
+        buckets, notes = check_buckets(
+            as_size(value("resolution") or settings.size), *(value(key) for key in keys)
+        )
     except UserError as error:
         raise UserError(f"dataset_config {path}: {error}") from None
     for note in notes:
@@ -344,7 +346,7 @@ def _subset_records(
         shuffle_tags=value("shuffle_caption", settings.shuffle_tags),
         keep_tokens=keep_tokens,
         tag_dropout=dropout,
-        resolution=as_size(value("resolution", settings.resolution)),
+        resolution=as_size(value("resolution", settings.resolution) or settings.size),
         caption_prefix=value("caption_prefix", ""),
         caption_suffix=value("caption_suffix", ""),
         buckets=buckets,

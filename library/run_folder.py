@@ -91,6 +91,11 @@ class RunFolder:
         found = {int(m.group(1)) for p in self.embeddings_dir.iterdir() if (m := pattern.match(p.name))}
         return sorted(found)
 
+    def step_of(self, file: Path, name: str | None = None) -> int | None:
+        """The step in the name of a save `NAME-STEP.fmt` of `name` (the primary), or None."""
+        match = re.fullmatch(rf"{re.escape(name or self.name)}-(\d+)\.\w+", file.name)
+        return int(match.group(1)) if match else None
+
     def complete_steps(self, formats: tuple[str, ...]) -> list[int]:
         """Saved steps whose save finished (every embedding's first-format file exists), ascending."""
         steps = {s for name in self.names for s in self.saved_steps(name)}
@@ -189,7 +194,7 @@ def find_resume_point(
             files[other] = target.with_name(target.name.replace(f"{run.name}-", f"{other}-", 1))
     else:
         raise UserError(f"{target}: not found; give a run folder or a NAME-N embedding file to --resume")
-    embeddings = {name: _step_embedding(file) for name, file in files.items()}
+    embeddings = {name: _step_embedding(file, run.step_of(file, name)) for name, file in files.items()}
     step = embeddings[run.name].step
     if any(e.step != step for e in embeddings.values()):
         raise UserError(
@@ -202,10 +207,14 @@ def find_resume_point(
     return ResumePoint(embeddings, step, state, files[run.name])
 
 
-def _step_embedding(file: Path) -> Embedding:
+def _step_embedding(file: Path, named_step: int | None) -> Embedding:
+    """A save to resume from, with its step: recorded in the file, or else in its run-folder name (an SDXL
+    `.pt` holds only the `clip_l`/`clip_g` pair, since A1111 fails on anything beside it)."""
     if not file.is_file():
         raise UserError(f"{file}: missing; --resume needs every embedding of the run at that step")
     embedding = load_embedding(file)
+    if embedding.step is None and embedding.is_sdxl:
+        embedding.step = named_step
     if embedding.step is None:
         raise UserError(
             f"{file}: this embedding does not record its step; it can seed a run (embedding.init_from) but not resume one"

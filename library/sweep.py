@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from library.config import as_size
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
@@ -327,7 +326,7 @@ def _step_of(names: set[str], run: Run) -> int | None:
 
 
 def _default_size(cfg: SweepConfig, run: Run) -> tuple[int, int]:
-    trained = as_size(run.config.dataset.resolution) if run.config else (512, 512)
+    trained = run.config.dataset.size if run.config else (512, 512)
     return cfg.render.width or trained[0], cfg.render.height or trained[1]
 
 

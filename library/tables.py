@@ -100,7 +100,9 @@ class DatasetConfig(Table):
 
     image_dir: str = ""  # a Kohya parent folder (`100_name class/`) or a flat folder of images
     dataset_config: str = ""  # a Kohya dataset TOML; when set, folder names are not parsed
-    resolution: int | tuple[int, int] = 512  # square side, or [width, height]; multiples of 8
+    # Square side, or [width, height]; multiples of 8. 0 = the model's own: SD 1.x/2.x 512, SD 2.x-v 768, SDXL
+    # 1024 (training reads it from the model before anything loads, and records it in the run's config.toml).
+    resolution: int | tuple[int, int] = 0
     caption_extension: str = ".txt"
     template: str = "subject_filewords"  # stock template name, a file path, or an inline "...[name]..." line
     shuffle_tags: bool = False
@@ -130,16 +132,22 @@ class DatasetConfig(Table):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        as_size(self.resolution)
         check_caption_extension(self.caption_extension, "dataset.caption_extension")
-        self.bucket_settings()
+        if self.resolution != 0:  # else checked once the model's own size is known (training.setup)
+            as_size(self.resolution)
+            self.bucket_settings()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height); a resolution of 0 not yet resolved to the model's own counts as SD 1.x's 512."""
+        return as_size(self.resolution or 512)
 
     def bucket_settings(self) -> tuple[BucketSettings | None, list[str]]:
         """The checked bucket settings (None when enable_bucket is off) and notes on adjusted values."""
         if not self.enable_bucket:
             return None, []
         return check_buckets(
-            as_size(self.resolution), self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
+            self.size, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
             self.bucket_no_upscale, where="dataset.",
         )  # fmt: skip
 

@@ -8,6 +8,7 @@ or restored, and one optimizer built over it. library/trainer.py runs the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from library.embeddings import name_warnings
 from library.errors import UserError
 from library.files import atomic_write
 from library.kohya_dataset import dataset_config_batch_size, scan_images
-from library.models import load_parts
+from library.models import load_parts, native_resolution
 from library.objectives import TextualInversion
 from library.optim import build_optimizer, state_fits
 from library.parts import PRECISIONS, SDParts
@@ -72,11 +73,14 @@ def run_training(config: TrainConfig, resume: str | None = None, log=print) -> P
 
 def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     """Load the model and data, create or restore the embeddings and optimizer, prepare the run folder."""
+    check_model(config.model)
+    if config.dataset.resolution == 0:  # the model's own size (SDXL 1024), recorded in the run's config.toml
+        side = native_resolution(config.model)
+        config = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, resolution=side))
     cfg, t = config, config.train
     plans = cfg.plans()
     for plan in plans:
         check_name(plan.embedding.name, "embedding.name")
-    check_model(cfg.model)
     schedules = (
         build_schedule(t.lr, t.max_steps, t.lr_scheduler, t.lr_warmup_steps),
         build_schedule(t.clip_grad_value, t.max_steps, what="clip_grad_value")

@@ -1,5 +1,5 @@
 """CUDA paths (run on the GPU machine; skipped elsewhere): CUDA graphs and torch.compile give the same
-training as the eager UNet, in bf16 and fp16."""
+training as the eager UNet, in bf16 and fp16, for SD 1.x and SDXL (pooled vector and size ids)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ def train(tmp_path, name: str, *overrides: str) -> torch.Tensor:
     )
     from library.embeddings import load_embedding
 
-    return load_embedding(run_training(cfg, log=lambda *a: None)).vectors
+    vectors = load_embedding(run_training(cfg, log=lambda *a: None)).vectors
+    return torch.cat(list(vectors.values()), dim=1) if isinstance(vectors, dict) else vectors
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
-def test_cuda_graphs_train_exactly_like_the_eager_unet(tmp_path, precision):
-    eager = train(tmp_path, "eager", f"train.mixed_precision={precision}", "train.cuda_graphs=false")
-    graphed = train(tmp_path, "graphed", f"train.mixed_precision={precision}", "train.cuda_graphs=true")
+def test_cuda_graphs_train_exactly_like_the_eager_unet(tmp_path, precision, family):
+    run = (f"train.mixed_precision={precision}", f"model.family={family}")
+    eager = train(tmp_path, "eager", *run, "train.cuda_graphs=false")
+    graphed = train(tmp_path, "graphed", *run, "train.cuda_graphs=true")
     # bf16/fp16 replay the very kernels of the eager step; fp32 convolutions may pick other TF32 algorithms.
     tolerance = 1e-4 if precision == "no" else 1e-6
     assert torch.allclose(graphed, eager, rtol=0, atol=tolerance), (graphed - eager).abs().max()
@@ -69,8 +72,9 @@ def test_compiled_unet_trains_like_the_eager_one(tmp_path):
     assert cosine > 0.99 and (moved_compiled.norm() / moved.norm() - 1).abs() < 0.05, cosine
 
 
+@pytest.mark.parametrize("model", ["builtin:toy", "builtin:tiny sdxl"])
 @pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "DDIM"])
-def test_sampling_from_cuda_graphs_gives_the_same_images(sampler):
+def test_sampling_from_cuda_graphs_gives_the_same_images(sampler, model):
     import numpy as np
 
     from library.conditioning import Conditioner
@@ -78,7 +82,8 @@ def test_sampling_from_cuda_graphs_gives_the_same_images(sampler):
     from library.sampling import generate
     from library.tables import ModelConfig, SamplerSettings
 
-    parts = load_parts(ModelConfig(checkpoint="builtin:toy"), precision="fp16")
+    checkpoint, _, family = model.partition(" ")
+    parts = load_parts(ModelConfig(checkpoint=checkpoint, family=family or "auto"), precision="fp16")
     parts.place("cuda", "fp16")
     conditioner = Conditioner.of(parts)
     settings = SamplerSettings(steps=12, cfg_scale=4.0, width=64, height=64, sampler=sampler)

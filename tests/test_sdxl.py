@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 from library.conditioning import Conditioner
 from library.config import load_config
 from library.denoiser import UNetCall
+from library.embeddings import load_embedding
 from library.families import ASSETS, FAMILIES
 from library.parts import load_tokenizer
 from library.tables import TrainConfig
@@ -233,3 +234,211 @@ def test_an_embedding_of_the_other_family_is_one_line(tmp_path, capsys, family, 
     assert line == f"error: {file}: {message}; use an embedding made for this model family"
     assert FAMILIES[family].title in line
     assert not (tmp_path / "run" / f"{NAME}.safetensors").exists()
+
+
+def pictures(folder, count: int, width: int, height: int):
+    """`count` plain pictures of width x height with a caption."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (width, height), (40 * i, 120, 200)).save(folder / f"{i}.png")
+    return folder
+
+
+def spy_unet(monkeypatch) -> list:
+    seen = []
+    forward = UNetCall.forward
+
+    def spy(self, latents, timesteps, context, pooled=None, time_ids=None):
+        seen.append((tuple(latents.shape), time_ids.tolist()))
+        return forward(self, latents, timesteps, context, pooled, time_ids)
+
+    monkeypatch.setattr(UNetCall, "forward", spy)
+    return seen
+
+
+def test_a_cropped_picture_is_conditioned_as_cropped(tmp_path, monkeypatch):
+    """48 x 32 pictures trained at 32 x 32 lose 8 columns on each side: original (h 32, w 48), crop (top 0,
+    left 8), target (32, 32), as SDXL was trained on its crops."""
+    seen = spy_unet(monkeypatch)
+    images = pictures(tmp_path / "wide", 2, 48, 32)
+    setup(small_run(tmp_path, f"dataset.image_dir={images}"), log=lambda *_: None).train()
+    assert seen and all(ids == [[32, 48, 0, 8, 32, 32]] * 2 for _, ids in seen)
+
+
+def test_a_cast_in_different_buckets_runs_one_unet_call_per_shape(tmp_path, monkeypatch):
+    """Two characters, one photographed upright, one lying down: with buckets each keeps its framing, so
+    their batches differ in shape and go to the UNet separately, each with its own size ids."""
+    seen = spy_unet(monkeypatch)
+    tall, wide = pictures(tmp_path / "tall", 2, 32, 96), pictures(tmp_path / "wide", 2, 96, 32)
+    preset = tmp_path / "cast.toml"
+    preset.write_text(
+        f"""
+[model]
+checkpoint = "builtin:tiny"
+family = "sdxl"
+[dataset]
+resolution = 32
+enable_bucket = true
+min_bucket_reso = 16
+max_bucket_reso = 64
+bucket_reso_steps = 16
+template = "a photo of [name]"
+[train]
+batch_size = 2
+max_steps = 2
+[save]
+save_every_steps = 0
+output_dir = "{(tmp_path / "run").as_posix()}"
+[[embeddings]]
+name = "t4ll"
+image_dir = "{tall.as_posix()}"
+[[embeddings]]
+name = "w1de"
+image_dir = "{wide.as_posix()}"
+"""
+    )
+    trainer = setup(load_config(TrainConfig, preset), log=lambda *_: None)
+    trainer.train()
+    shapes = {shape for shape, _ in seen}
+    # 32 x 96 pictures get the 16 x 48 bucket (area <= 32²), 96 x 32 ones the 48 x 16 bucket; latents are half.
+    assert shapes == {(2, 4, 24, 8), (2, 4, 8, 24)}, shapes
+    assert {tuple(ids[0]) for _, ids in seen} == {(96, 32, 0, 0, 48, 16), (32, 96, 0, 0, 16, 48)}
+    assert all(trainer.run.final_file("safetensors", name).exists() for name in ("t4ll", "w1de"))
+
+
+def test_sdxl_trains_at_1024_unless_told_otherwise(tmp_path, monkeypatch):
+    """No dataset.resolution: the model's own size, read from its weights before it loads (SDXL 1024, SD 1.x
+    512), used for the images and recorded in the run's config.toml. (The latents are not cached here:
+    the tiny VAE takes minutes on 1024-pixel pictures on a CPU.)"""
+    from library.convert import save_single_file
+    from library.data import TrainingData
+    from library.models import native_resolution
+    from library.tables import ModelConfig
+
+    files = {
+        family: save_single_file(build_tiny_parts(family), tmp_path / f"{family}.safetensors")
+        for family in ("sd1", "sdxl")
+    }
+    assert {f: native_resolution(ModelConfig(checkpoint=str(p))) for f, p in files.items()} == {
+        "sd1": 512,
+        "sdxl": 1024,
+    }
+    images = make_images(tmp_path / "img", count=2, size=32)
+    config = load_config(
+        TrainConfig,
+        None,
+        [f"model.checkpoint={files['sdxl']}", f"embedding.name={NAME}", f"dataset.image_dir={images}",
+         "dataset.template=a photo of [name]", "train.max_steps=1", f"save.output_dir={tmp_path / 'run'}"],
+    )  # fmt: skip
+    assert config.dataset.resolution == 0
+    monkeypatch.setattr(TrainingData, "cache_latents", lambda *args, **kwargs: None)
+    trainer = setup(config, log=lambda *_: None)
+    assert trainer.sources[0].resolution == (1024, 1024)
+    assert "resolution = 1024" in (tmp_path / "run" / "config.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory) -> tuple:
+    """An SDXL run trained 4 steps on an SDXL single file, saving every 2, with CLIP skip 2."""
+    from library.convert import save_single_file
+
+    tmp = tmp_path_factory.mktemp("sdxl_run")
+    checkpoint = save_single_file(build_tiny_parts("sdxl"), tmp / "xl.safetensors")
+    config = small_run(
+        tmp,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=4",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    setup(config, log=lambda *_: None).train()
+    return tmp / "run", checkpoint
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "DDIM"])
+def test_generate_renders_sdxl_with_every_sampler(tmp_path, sdxl_run, sampler):
+    """txt2img on an SDXL file with our SDXL embedding in the prompt, a negative prompt and CFG; A1111's
+    infotext names the embedding and the CLIP skip."""
+    from PIL import Image
+
+    from library.generation import run_generate
+    from library.infotext import parse_infotext
+    from library.tables import GenerateConfig
+
+    run, checkpoint = sdxl_run
+    config = load_config(
+        GenerateConfig,
+        None,
+        [f"model.checkpoint={checkpoint}", f"generate.output_dir={tmp_path / 'out'}", "generate.width=32",
+         "generate.height=48", "generate.steps=2", f"generate.sampler={sampler}", "generate.batch_size=2",
+         f"generate.prompt=a photo of {NAME}", "generate.negative_prompt=blurry", "generate.clip_skip=2",
+         f"generate.embeddings=['{run / (NAME + '.safetensors')}']", "generate.seed=7"],
+    )  # fmt: skip
+    out = run_generate(config, log=lambda *_: None, show_progress=False)
+    files = sorted(out.glob("0*.png"))
+    assert len(files) == 2
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 48)
+        prompt, negative, params = parse_infotext(image.text["parameters"])
+    assert (prompt, negative, params["Sampler"], params["Clip skip"]) == (
+        f"a photo of {NAME}",
+        "blurry",
+        sampler,
+        "2",
+    )
+    assert NAME in params["TI hashes"] and params["Model"] == "xl"
+
+
+def test_the_sweep_renders_an_sdxl_run_and_names_an_sd1_checkpoint_it_cannot_use(tmp_path, sdxl_run, capsys):
+    import sweep_validate
+    from library.infotext import parse_infotext
+    from tests.helpers import tiny_checkpoint
+
+    run, _ = sdxl_run
+    base = [
+        "--config", "presets/validate.toml", f"run.folder={run}", 'model.checkpoints=["run:checkpoint"]',
+        "render.steps=1", "render.width=32", "render.height=32", "render.batch_size=1", "x.values=every 2",
+        "render.prompt=a photo of [name]-2",
+    ]  # fmt: skip
+    assert sweep_validate.main([*base, f"sweep.output_dir={tmp_path / 'ok'}"]) == 0, capsys.readouterr().err
+    cells = sorted((tmp_path / "ok" / "cells").rglob("*.png"))
+    assert len(cells) == 3  # steps 0, 2, 4
+    from PIL import Image
+
+    with Image.open(cells[0]) as image:
+        assert parse_infotext(image.text["parameters"])[2]["Clip skip"] == "2"
+    sd1 = tiny_checkpoint(tmp_path)
+    code = sweep_validate.main(
+        [*base, f"sweep.output_dir={tmp_path / 'mixed'}", f'model.checkpoints=["run:checkpoint", "{sd1}"]']
+    )
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert (
+        "(SDXL) does not fit this SD 1.x model" in line
+        and "use an embedding made for this model family" in line
+    )
+
+
+def test_an_sdxl_run_resumes_to_the_same_vectors(tmp_path, sdxl_run):
+    """Stopped after step 2 and resumed, an SDXL run ends with the vectors of the uninterrupted run."""
+    run, checkpoint = sdxl_run
+    again = small_run(
+        tmp_path,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=4",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    first = small_run(
+        tmp_path,
+        f"model.checkpoint={checkpoint}",
+        "train.max_steps=2",
+        "save.save_every_steps=2",
+        "train.clip_skip=2",
+    )
+    setup(first, log=lambda *_: None).train()
+    resumed = setup(again, resume=str(tmp_path / "run"), log=lambda *_: None).train()
+    whole = load_embedding(run / f"{NAME}.safetensors").vectors
+    assert all(torch.equal(load_embedding(resumed).vectors[key], whole[key]) for key in ("clip_l", "clip_g"))
