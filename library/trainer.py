@@ -409,8 +409,9 @@ class Trainer:
         if t.low_memory:
             parts.vae.to(self.accelerator.device)
         pictures = {}
-        # Graph capture keeps its own memory (not for low_memory) and does not mix with torch.compile.
-        graphs = t.cuda_graphs and not (t.low_memory or t.compile)
+        # Graph capture keeps its own memory for good (not for low_memory; and not beside the training graphs
+        # of a large model, whose room it would take) and does not mix with torch.compile.
+        graphs = t.cuda_graphs and not (t.low_memory or t.compile or parts.family.size_conditioning)
         for settings, group in _by_settings(images).items():
             rendered = generate(
                 parts, self.conditioner, [i.prompt for i in group], [i.negative for i in group],

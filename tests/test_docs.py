@@ -3,8 +3,8 @@
 The commands are read from the documents themselves: each fenced `bash` block (continuation lines joined,
 comments left out) and each inline `python ...` span, in the order a reader meets them. `make` lines are the two
 commands themselves (CI runs them). They run with bash in a folder that holds the project's files and, as the
-documents assume, a few things of the user's: `models/v1-5-pruned-emaonly.safetensors` and the other checkpoints
-the commands name (tiny models built in code), `models/clip-vit-large-patch14/` (a tiny CLIP), `datasets/my_face/`
+documents assume, a few things of the user's: `models/v1-5-pruned-emaonly.safetensors`, the SDXL files and the
+other checkpoints the commands name (tiny models built in code), `models/clip-vit-large-patch14/` (a tiny CLIP), `datasets/my_face/`
 and `raw_photos/` (pictures), and the selection a browser exports from review.html (in `~/Downloads`, HOME being
 the folder's own). `.venv/bin` comes first on PATH, as after `source .venv/bin/activate`.
 
@@ -35,7 +35,10 @@ MADE = "20261201-115900"  # `make demo` names its run output/demo-<time>: the ru
 PLACEHOLDERS = {"<time>": "20261201-120000", "--run RUN": f"--run output/demo-{MADE}"}
 # Small sizes, appended after the command as overrides (the scripts take them anywhere on the line).
 SMALLER = {
-    "train_textual_inversion.py": ["dataset.resolution=32", "train.batch_size=2", "preview.steps=1"],
+    "train_textual_inversion.py": [
+        *("dataset.resolution=32", "train.batch_size=2", "preview.steps=1"),
+        *("dataset.min_bucket_reso=16", "dataset.max_bucket_reso=64", "dataset.bucket_reso_steps=16"),
+    ],
     "generate_dataset.py generate": [
         *("generate.width=32", "generate.height=32", "generate.steps=1"),
         *("generate.batch_count=1", "generate.batch_size=2"),
@@ -80,8 +83,11 @@ def world(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     save_single_file(build_tiny_parts("sd1", seed=0), models / "v1-5-pruned-emaonly.safetensors")
     for other in ("deliberate_v2.safetensors", "second_checkpoint.safetensors"):
         save_single_file(build_tiny_parts("sd1", seed=1), models / other)
+    for sdxl in ("sd_xl_base_1.0.safetensors", "ponyDiffusionV6XL.safetensors"):
+        save_single_file(build_tiny_parts("sdxl", seed=0), models / sdxl)
     shutil.move(tiny_clip_folder(tmp_path), models / "clip-vit-large-patch14")
     make_images(here / "datasets" / "my_face", count=8, size=32)
+    make_images(here / "datasets" / "m1ku", count=4, size=32, caption="1girl, solo, blue hair")
     for folder in ("raw", "raw_photos"):
         (here / folder).mkdir()
         for i in range(3):
