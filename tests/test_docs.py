@@ -10,7 +10,8 @@ the folder's own). `.venv/bin` comes first on PATH, as after `source .venv/bin/a
 
 Two things are not as written: a placeholder such as `<time>` is filled in, and the sizes are made small
 (overrides appended to the command line, which every script accepts anywhere) so that a CPU runs them in minutes:
-pictures of 32 px and 1 sampling step, every other setting as the command and its preset say.
+pictures of 32 px, 1 sampling step and no gradient accumulation, every other setting as the command and its
+preset say.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ PLACEHOLDERS = {"<time>": "20261201-120000", "--run RUN": f"--run output/demo-{M
 # Small sizes, appended after the command as overrides (the scripts take them anywhere on the line).
 SMALLER = {
     "train_textual_inversion.py": [
-        *("dataset.resolution=32", "train.batch_size=2", "preview.steps=1"),
+        *(
+            "dataset.resolution=32",
+            "train.batch_size=2",
+            "train.gradient_accumulation_steps=1",
+            "preview.steps=1",
+        ),
         *("dataset.min_bucket_reso=16", "dataset.max_bucket_reso=64", "dataset.bucket_reso_steps=16"),
     ],
     "generate_dataset.py generate": [
