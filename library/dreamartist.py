@@ -187,9 +187,37 @@ def offset(blocks: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor
 
 
 def attach(trainer, cfg, point) -> None:
-    """Hook DreamArtist's EMA of the vectors (when `cfg.ema_rate` > 0) onto a Trainer."""
+    """Hook DreamArtist's EMA of the vectors (when `cfg.ema_rate` > 0) onto a Trainer. With mode "copy" the
+    average is saved at every save as `NAME-ema` (`NAME-ema-neg`) and a resumed run continues it from there;
+    with mode "overwrite" a resumed run restarts the average from the resumed vectors."""
     if cfg.ema_rate <= 0:
         return
+    members = list(trainer.embeddings)
     ema = VectorEMA(trainer.embeddings.parameters, cfg.ema_rate, cfg.ema_mode, cfg.ema_every)
     trainer.after_update.append(lambda updates: ema.update(trainer.embeddings.parameters, updates))
     trainer.ema = ema
+    if cfg.ema_mode != "copy":
+        return
+    names = [ema_name(m.name) for m in members]
+    if point is not None:
+        run, fmt = trainer.run, point.source.suffix.lstrip(".")
+        files = [run.step_file(point.step, fmt, name) for name in names]
+        if all(f.is_file() for f in files):
+            from library.embedding_set import blocks_from_file
+
+            averages = [b for f in files for b in blocks_from_file(trainer.parts, f).values()]
+            for average, saved in zip(ema.average, averages, strict=True):
+                average.copy_(saved.to(average.device))
+
+    def copies() -> dict[str, dict[str, torch.Tensor]]:
+        averages = iter(ema.average)
+        return {name: {k: next(averages) for k in m.blocks} for name, m in zip(names, members, strict=True)}
+
+    trainer.extra_saves.append(copies)
+
+
+def ema_name(name: str) -> str:
+    """`NAME` -> `NAME-ema`, `NAME-neg` -> `NAME-ema-neg` (the copy's pair keeps DreamArtist's shape)."""
+    if name.endswith(NEGATIVE_SUFFIX):
+        return name.removesuffix(NEGATIVE_SUFFIX) + "-ema" + NEGATIVE_SUFFIX
+    return name + "-ema"

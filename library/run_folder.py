@@ -5,6 +5,7 @@ output_dir/
   NAME.pt, NAME.safetensors    final embedding of each trained NAME (file stem = trigger word)
   embeddings/NAME-N.pt ...     the embedding after exactly N optimizer updates (N = 0: the start)
   embeddings/NAME-N-neg.pt     DreamArtist's negative NAME-neg after N updates (A1111 DreamArtist's name)
+  embeddings/NAME-ema-N.pt     the EMA copy of the vectors (and NAME-ema-N-neg), with ema_mode = "copy"
   embeddings/NAME-N.optim      optimizer state after N updates, beside the first embedding's save (resume)
   previews/NAME-N.png ...      preview images with A1111 infotext; previews/index.html shows them all
   loss.csv, logs/              loss per step (A1111's columns), TensorBoard events
@@ -36,6 +37,7 @@ from library.files import atomic_write, ensure_folder, read_torch
 from library.tables import TrainConfig
 
 NEGATIVE_SUFFIX = "-neg"  # DreamArtist's negative of NAME is NAME-neg
+EMA_SUFFIX = "-ema"  # the saved EMA copy of NAME ([dreamartist] ema_mode = "copy") is NAME-ema
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 SUFFIXES = ("pt", "safetensors")  # the formats a step can be read from, in order of preference
 
@@ -82,7 +84,10 @@ class RunFolder:
     def negative_of(self, name: str) -> str | None:
         """The positive NAME when `name` is DreamArtist's negative `NAME-neg` beside it in this run, else None."""
         base = name.removesuffix(NEGATIVE_SUFFIX)
-        return base if base != name and base in self.names else None
+        known = (
+            base in self.names or base.removesuffix(EMA_SUFFIX) in self.names
+        )  # NAME-ema-neg: an EMA copy's
+        return base if base != name and known else None
 
     def step_name(self, name: str, step: int) -> str:
         """`NAME-N`, and `NAME-N-neg` for DreamArtist's negative (A1111's DreamArtist names them so, and its

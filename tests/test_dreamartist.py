@@ -314,3 +314,68 @@ def test_an_interrupted_pair_resumes_to_the_same_vectors(tmp_path, monkeypatch):
     again = run_training(other, resume=str(tmp_path / "a" / "run" / "embeddings" / f"{NAME}-2.pt"), **QUIET)
     for name in (f"{NAME}.pt", f"{NAME}-neg.pt"):
         assert torch.equal(vectors(again.with_name(name)), vectors(straight.with_name(name)))
+
+
+# ------------------------------------------------------------------ EMA, reconstruction
+
+
+def test_ema_overwrite_makes_the_live_vectors_the_average(tmp_path):
+    cfg = config(tmp_path, "dreamartist.ema_rate=0.5", "dreamartist.ema_every=2", "train.max_steps=2")
+    trainer = setup(cfg, **QUIET)
+    average = [p.detach().clone() for p in trainer.embeddings.parameters]
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):  # follow the average by hand: ema = ema * 0.5 + live * 0.5 after each update
+        result = real_step(*args, **kwargs)
+        for a, p in zip(average, trainer.embeddings.parameters, strict=True):
+            a.mul_(0.5).add_(p.detach() * 0.5)
+        return result
+
+    trainer.optimizer.step = step
+    trainer.train()
+    for a, p in zip(average, trainer.embeddings.parameters, strict=True):
+        assert torch.allclose(p.detach(), a)  # after 2 updates the live vectors became the average
+
+
+def test_ema_copy_is_saved_beside_the_live_vectors_and_resumes(tmp_path, monkeypatch):
+    import signal
+
+    from library.trainer import Trainer
+
+    settings = ("dreamartist.ema_rate=0.5", "dreamartist.ema_mode=copy", "train.max_steps=4")
+    final = run_training(config(tmp_path / "a", *settings), **QUIET)
+    run = tmp_path / "a" / "run"
+    for step in (0, 2, 4):
+        assert (run / "embeddings" / f"{NAME}-ema-{step}.pt").exists()
+        assert (run / "embeddings" / f"{NAME}-ema-{step}-neg.pt").exists()
+    ema, live = vectors(run / f"{NAME}-ema.pt"), vectors(final)
+    assert ema.shape == live.shape and not torch.equal(ema, live)
+    assert vectors(run / f"{NAME}-ema-neg.pt").shape == (6, 64)
+    # the EMA copy resumes with the pair
+    cfg = config(tmp_path / "b", *settings)
+    real_step = Trainer.step
+
+    def step(self, index, lr, clip):
+        result = real_step(self, index, lr, clip)
+        if index + 1 == 2:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, **QUIET)
+    monkeypatch.undo()
+    resumed = run_training(cfg, resume=str(tmp_path / "b" / "run"), **QUIET)
+    assert torch.equal(vectors(resumed.with_name(f"{NAME}-ema.pt")), ema)
+
+
+def test_reconstruction_loss_adds_the_decoded_l1(tmp_path):
+    plain = setup(config(tmp_path, run="plain"), **QUIET).loss_for(0)[0]
+    trainer = setup(config(tmp_path, "dreamartist.reconstruction_loss=true", run="rec"), **QUIET)
+    loss = trainer.loss_for(0)[0]
+    assert loss.item() > plain.item()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainer.embeddings.parameters)
+    trainer.optimizer.zero_grad()
+    trainer.train()
+    assert (tmp_path / "rec" / f"{NAME}-neg.pt").exists()
