@@ -401,6 +401,18 @@ class Run:
             )
         return self.folder.step_name(name, int(suffix)), steps[int(suffix)]
 
+    def at_step(self, text: str, step: int) -> str:
+        """`text` with every embedding word of the run naming `step`: `NAME` -> `NAME-20`, and DreamArtist's
+        negative `NAME-neg` (or `NAME-5-neg`) -> `NAME-20-neg`, the word its file gives it."""
+
+        def named(match: re.Match) -> str:
+            name = next(n for n in self.names if n.lower() == match["name"].lower())
+            if match["neg"] and not self.folder.negative_of(name):
+                name = next((n for n in self.names if n.lower() == (name + NEGATIVE_SUFFIX).lower()), name)
+            return self.folder.step_name(name, step)
+
+        return self.pattern().sub(named, text)
+
     def tokens_in(self, text: str) -> list[str]:
         return [m.group(0) for m in self.pattern().finditer(text)]
 

@@ -379,3 +379,51 @@ def test_reconstruction_loss_adds_the_decoded_l1(tmp_path):
     trainer.optimizer.zero_grad()
     trainer.train()
     assert (tmp_path / "rec" / f"{NAME}-neg.pt").exists()
+
+
+# ------------------------------------------------------------------ the sweep understands pairs
+
+
+def test_the_sweep_renders_and_exports_the_pair_together(tmp_path):
+    import shutil
+
+    from library.run_folder import export_step, open_run
+    from library.sweep import parse_axis, plan
+    from library.tables import SweepConfig
+    from library.validation import render_by_checkpoint
+
+    ROOT = Path(__file__).resolve().parent.parent
+    run_training(config(tmp_path, checkpoint="builtin:tiny"), **QUIET)
+    run_dir = tmp_path / "run"
+    run = open_run(str(run_dir))
+    assert run.names == (NAME, f"{NAME}-neg")
+    assert run.resolve(f"{NAME}-2-neg") == (f"{NAME}-2-neg", run_dir / "embeddings" / f"{NAME}-2-neg.pt")
+    assert run.tokens_in(f"a {NAME}-2 x, {NAME}-2-neg") == [f"{NAME}-2", f"{NAME}-2-neg"]
+    with pytest.raises(UserError, match="not a saved step"):
+        run.resolve(f"{NAME}-3-neg")
+    for x in ("prompt_sr", "step"):
+        overrides = [f"run.folder={run_dir}", 'model.checkpoints=["run:checkpoint"]', "y.type=none",
+                     "render.steps=1", "render.width=16", "render.height=16", "render.batch_size=1",
+                     "render.prompt='a photo of [name]-2'", f"render.negative_prompt='{NAME}-2-neg, blurry'",
+                     f"x.type={x}", "x.values='every 2'" if x == "prompt_sr" else "x.values='2, 4'",
+                     f"sweep.output_dir={tmp_path / 'out'}"]  # fmt: skip
+        cfg = load_config(SweepConfig, ROOT / "presets/validate.toml", overrides)
+        prompt = cfg.render.prompt.replace("[name]", run.name)
+        axes = tuple(
+            parse_axis(a, n, cfg, run, prompt) for n, a in (("x", cfg.x), ("y", cfg.y), ("z", cfg.z))
+        )
+        cells = plan(cfg, run, axes).cells
+        assert [c.step for c in cells][-2:] == [2, 4]
+        assert cells[-1].prompt == f"a photo of {NAME}-4" and cells[-1].negative == f"{NAME}-4-neg, blurry"
+    ((_, _, images, _),) = list(
+        render_by_checkpoint(cfg, run, [plan(cfg, run, axes)], torch.device("cpu"), log=print)
+    )
+    assert len(images) == 2
+    # --export writes both, named as A1111 users load them
+    paths = export_step(run, 4, tmp_path / "webui", ("pt",), log=lambda *_: None)
+    assert [p.name for p in paths] == [f"{NAME}.pt", f"{NAME}-neg.pt"]
+    assert torch.equal(vectors(paths[1]), vectors(run_dir / "embeddings" / f"{NAME}-4-neg.pt"))
+    # An A1111 DreamArtist folder (no config.toml): the pair is found from its file names
+    a1111 = tmp_path / "a1111"
+    shutil.copytree(run_dir / "embeddings", a1111 / "embeddings")
+    assert open_run(str(a1111)).names == (NAME, f"{NAME}-neg")
