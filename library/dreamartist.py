@@ -13,7 +13,7 @@ from `low` at t = 0 to `high` at t = T−1 (`ln` linearly in t/(T−1), `cos` = 
 1 − cos(r·π/2)). With the negative switched off the negative prompt is the empty prompt, the unconditional
 of every A1111 render (DreamArtist itself crashes there: it doubles the latents but not the prompts).
 Optional extras: a reconstruction loss (x̂0 from ε̂, decoded by the VAE with gradients, L1 against the
-training image) and per-image attention maps (weights on the loss, library/data.py reads `<img>_att.png`).
+training image). DreamArtist's per-image attention maps (`<img>_att.png` loss weights) are not implemented yet.
 """
 
 from __future__ import annotations

@@ -427,3 +427,26 @@ def test_the_sweep_renders_and_exports_the_pair_together(tmp_path):
     a1111 = tmp_path / "a1111"
     shutil.copytree(run_dir / "embeddings", a1111 / "embeddings")
     assert open_run(str(a1111)).names == (NAME, f"{NAME}-neg")
+
+
+def test_the_presets_load_and_the_demo_runs_as_shipped(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    full = load_config(TrainConfig, root / "presets/dreamartist.toml")
+    da = full.dreamartist
+    assert (full.embedding.num_vectors, da.neg_num_vectors, full.train.lr, da.cfg_scale) == (3, 6, 0.003, 3.0)
+    assert (full.train.clip_grad_mode, full.train.clip_grad_value, full.preview.cfg_scale) == (
+        "norm",
+        1.0,
+        7.0,
+    )
+    demo = load_config(
+        TrainConfig,
+        root / "presets/dreamartist_demo.toml",
+        ["train.max_steps=2", "save.save_every_steps=2", "preview.every_steps=2", "preview.steps=2",
+         f"save.output_dir={tmp_path / 'demo'}"],
+    )  # fmt: skip
+    final = run_training(demo, **QUIET)
+    assert final.name == "h3x.pt" and final.with_name("h3x-neg.pt").exists()
+    assert (tmp_path / "demo" / "embeddings" / "h3x-2-neg.pt").exists()
+    with pytest.raises(UserError, match="attention_maps is not implemented"):
+        load_config(TrainConfig, root / "presets/dreamartist.toml", ["dreamartist.attention_maps=true"])
