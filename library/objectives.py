@@ -41,6 +41,10 @@ class TextualInversion:
     def prompt_sets(self, batch: TrainingBatch) -> list[list[str]]:
         return [batch.prompts]
 
+    def preview_negative(self, prompt: str, negative: str) -> str:
+        """The negative prompt a preview of `prompt` renders with."""
+        return negative
+
     def loss(
         self, batch: TrainingBatch, predictions: list[torch.Tensor], target: torch.Tensor, timesteps
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ output_dir/
   config.toml                  the resolved config (the run's record, with its format_version)
   NAME.pt, NAME.safetensors    final embedding of each trained NAME (file stem = trigger word)
   embeddings/NAME-N.pt ...     the embedding after exactly N optimizer updates (N = 0: the start)
+  embeddings/NAME-N-neg.pt     DreamArtist's negative NAME-neg after N updates (A1111 DreamArtist's name)
+  embeddings/NAME-ema-N.pt     the EMA copy of the vectors (and NAME-ema-N-neg), with ema_mode = "copy"
   embeddings/NAME-N.optim      optimizer state after N updates, beside the first embedding's save (resume)
   previews/NAME-N.png ...      preview images with A1111 infotext; previews/index.html shows them all
   loss.csv, logs/              loss per step (A1111's columns), TensorBoard events
@@ -34,6 +36,8 @@ from library.errors import UserError
 from library.files import atomic_write, ensure_folder, read_torch
 from library.tables import TrainConfig
 
+NEGATIVE_SUFFIX = "-neg"  # DreamArtist's negative of NAME is NAME-neg
+EMA_SUFFIX = "-ema"  # the saved EMA copy of NAME ([dreamartist] ema_mode = "copy") is NAME-ema
 LOSS_COLUMNS = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
 SUFFIXES = ("pt", "safetensors")  # the formats a step can be read from, in order of preference
 
@@ -77,15 +81,38 @@ class RunFolder:
     def final_file(self, fmt: str, name: str | None = None) -> Path:
         return self.root / f"{name or self.name}.{fmt}"
 
+    def negative_of(self, name: str) -> str | None:
+        """The positive NAME when `name` is DreamArtist's negative `NAME-neg` beside it in this run, else None."""
+        base = name.removesuffix(NEGATIVE_SUFFIX)
+        known = (
+            base in self.names or base.removesuffix(EMA_SUFFIX) in self.names
+        )  # NAME-ema-neg: an EMA copy's
+        return base if base != name and known else None
+
+    def step_name(self, name: str, step: int) -> str:
+        """`NAME-N`, and `NAME-N-neg` for DreamArtist's negative (A1111's DreamArtist names them so, and its
+        users write `NAME-N` in the prompt beside `NAME-N-neg` in the negative prompt)."""
+        base = self.negative_of(name)
+        return f"{base}-{step}{NEGATIVE_SUFFIX}" if base else f"{name}-{step}"
+
+    def _step_pattern(self, name: str) -> str:
+        base = self.negative_of(name)
+        return rf"{re.escape(base)}-(\d+){NEGATIVE_SUFFIX}" if base else rf"{re.escape(name)}-(\d+)"
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The embeddings with a loss of their own (each with its images; not DreamArtist's negative)."""
+        return tuple(n for n in self.names if not self.negative_of(n))
+
     def step_file(self, step: int, fmt: str, name: str | None = None) -> Path:
-        return self.embeddings_dir / f"{name or self.name}-{step}.{fmt}"
+        return self.embeddings_dir / f"{self.step_name(name or self.name, step)}.{fmt}"
 
     def optim_file(self, step: int) -> Path:
         return self.embeddings_dir / f"{self.name}-{step}.optim"
 
     def saved_steps(self, name: str | None = None) -> list[int]:
         """Steps that have an embedding file of `name` (the primary) in embeddings/, ascending."""
-        pattern = re.compile(rf"^{re.escape(name or self.name)}-(\d+)\.(pt|safetensors)$")
+        pattern = re.compile(rf"^{self._step_pattern(name or self.name)}\.(pt|safetensors)$")
         if not self.embeddings_dir.is_dir():
             return []
         found = {int(m.group(1)) for p in self.embeddings_dir.iterdir() if (m := pattern.match(p.name))}
@@ -93,7 +120,7 @@ class RunFolder:
 
     def step_of(self, file: Path, name: str | None = None) -> int | None:
         """The step in the name of a save `NAME-STEP.fmt` of `name` (the primary), or None."""
-        match = re.fullmatch(rf"{re.escape(name or self.name)}-(\d+)\.\w+", file.name)
+        match = re.fullmatch(rf"{self._step_pattern(name or self.name)}\.\w+", file.name)
         return int(match.group(1)) if match else None
 
     def complete_steps(self, formats: tuple[str, ...]) -> list[int]:
@@ -106,7 +133,7 @@ class RunFolder:
         return [
             p
             for name in self.names
-            for p in self.embeddings_dir.glob(f"{glob.escape(name)}-{step}.*")
+            for p in self.embeddings_dir.glob(f"{glob.escape(self.step_name(name, step))}.*")
             if p.is_file()
         ]
 
@@ -190,8 +217,13 @@ def find_resume_point(
         files = {name: here.step_file(complete[-1], formats[0], name) for name in run.names}
     elif target.is_file():
         files = {run.name: target}
+        step = run.step_of(target)
         for other in run.names[1:]:
-            files[other] = target.with_name(target.name.replace(f"{run.name}-", f"{other}-", 1))
+            if step is None:
+                raise UserError(
+                    f"{target}: not a {run.name}-N save; give a run folder or a {run.name}-N file"
+                )
+            files[other] = target.with_name(run.step_file(step, target.suffix.lstrip("."), other).name)
     else:
         raise UserError(f"{target}: not found; give a run folder or a NAME-N embedding file to --resume")
     embeddings = {name: _step_embedding(file, run.step_of(file, name)) for name, file in files.items()}
@@ -272,7 +304,7 @@ def trim_loss_log(run: RunFolder, step: int) -> None:
         return
     rows = [r for r in read_loss_rows(run.loss_csv) if int(r["step"]) <= step]
     out = io.StringIO()
-    writer = csv.DictWriter(out, loss_columns(run.names), extrasaction="ignore")
+    writer = csv.DictWriter(out, loss_columns(run.loss_names), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(run.loss_csv, out.getvalue())
@@ -287,7 +319,7 @@ class LossLog:
         self.handle = run.loss_csv.open("a", newline="")
         self.writer = csv.writer(self.handle)
         if new:
-            self.writer.writerow(loss_columns(run.names))
+            self.writer.writerow(loss_columns(run.loss_names))
 
     def write(self, step: int, epoch: int, epoch_step: int, loss: float, lr: float, each=()) -> None:
         self.writer.writerow(
@@ -335,7 +367,9 @@ class Run:
         """Any embedding's `NAME` or `NAME-<suffix>` as a whole word, case-insensitive (CLIP lowercases
         prompts); longer names first, so one that continues another (`NAME-neg`) is read whole."""
         names = "|".join(re.escape(n) for n in sorted(self.names, key=len, reverse=True))
-        return re.compile(rf"(?<![\w-])(?P<name>{names})(?:-(?P<step>\w+))?(?![\w])", re.IGNORECASE)
+        # DreamArtist's negative of a step is `NAME-N-neg` (its file's name), so `-neg` may follow the step.
+        negative = f"(?P<neg>{NEGATIVE_SUFFIX})?"
+        return re.compile(rf"(?<![\w-])(?P<name>{names})(?:-(?P<step>\w+){negative})?(?![\w])", re.IGNORECASE)
 
     def resolve(self, token: str) -> tuple[str, Path]:
         """The embedding name a prompt word stands for and its file: `NAME-20` -> embeddings/NAME-20.pt."""
@@ -344,6 +378,13 @@ class Run:
             raise UserError(f"{token!r} is none of this run's embeddings ({', '.join(self.names)})")
         name = next(n for n in self.names if n.lower() == match["name"].lower())
         suffix = match["step"]
+        if match["neg"]:
+            negative = next((n for n in self.names if n.lower() == (name + NEGATIVE_SUFFIX).lower()), None)
+            if negative is None or not self.folder.negative_of(negative):
+                raise UserError(
+                    f"{token!r}: this run has no negative {name}{NEGATIVE_SUFFIX}; write {name}-N"
+                )
+            name = negative
         if suffix is None:
             final = self.final_file(name)
             if final is None:
@@ -358,7 +399,19 @@ class Run:
                 f"'{token}' is not a saved step of {self.folder.embeddings_dir}; saved steps: "
                 f"{describe_steps(sorted(steps))}; write {name}-N with one of them"
             )
-        return f"{name}-{int(suffix)}", steps[int(suffix)]
+        return self.folder.step_name(name, int(suffix)), steps[int(suffix)]
+
+    def at_step(self, text: str, step: int) -> str:
+        """`text` with every embedding word of the run naming `step`: `NAME` -> `NAME-20`, and DreamArtist's
+        negative `NAME-neg` (or `NAME-5-neg`) -> `NAME-20-neg`, the word its file gives it."""
+
+        def named(match: re.Match) -> str:
+            name = next(n for n in self.names if n.lower() == match["name"].lower())
+            if match["neg"] and not self.folder.negative_of(name):
+                name = next((n for n in self.names if n.lower() == (name + NEGATIVE_SUFFIX).lower()), name)
+            return self.folder.step_name(name, step)
+
+        return self.pattern().sub(named, text)
 
     def tokens_in(self, text: str) -> list[str]:
         return [m.group(0) for m in self.pattern().finditer(text)]
@@ -389,11 +442,7 @@ def open_run(folder: str, name: str = "") -> Run:
         raise UserError(f"{root}: run folder not found; set run.folder to the folder training wrote")
     config = load_config(TrainConfig, root / "config.toml") if (root / "config.toml").is_file() else None
     names = (
-        (name,)
-        if name
-        else tuple(p.embedding.name for p in config.plans())
-        if config
-        else (_only_name(root),)
+        (name,) if name else tuple(p.embedding.name for p in config.plans()) if config else _only_names(root)
     )
     run = RunFolder(root, names)
     files = {n: {} for n in names}
@@ -408,16 +457,22 @@ def open_run(folder: str, name: str = "") -> Run:
     return found
 
 
-def _only_name(root: Path) -> str:
-    names = {
-        m.group(1)
+def _only_names(root: Path) -> tuple[str, ...]:
+    """The one NAME of a folder of embeddings/NAME-N files, with NAME-neg when NAME-N-neg files are there
+    (an A1111 DreamArtist run)."""
+    found = [
+        m.groups()
         for p in (root / "embeddings").glob("*")
-        if (m := re.match(r"(.+)-\d+\.(pt|safetensors)$", p.name))
-    }
+        if (m := re.match(rf"(.+)-\d+({NEGATIVE_SUFFIX})?\.(pt|safetensors)$", p.name))
+    ]
+    names = {name for name, _, _ in found}
     if len(names) != 1:
-        found = ", ".join(sorted(names)) or "none"
-        raise UserError(f"{root}: no config.toml and embeddings of {found}; set run.name to the trigger word")
-    return names.pop()
+        listed = ", ".join(sorted(names)) or "none"
+        raise UserError(
+            f"{root}: no config.toml and embeddings of {listed}; set run.name to the trigger word"
+        )
+    name = names.pop()
+    return (name, name + NEGATIVE_SUFFIX) if any(neg for _, neg, _ in found) else (name,)
 
 
 def export_step(
@@ -437,7 +492,7 @@ def export_step(
     folder = Path(folder).expanduser()
     plans = []
     for name in run.names:
-        _, source = run.resolve(f"{name}-{step}")
+        _, source = run.resolve(run.folder.step_name(name, step))
         targets = [folder / f"{name}.{fmt.lstrip('.')}" for fmt in formats]
         plans.append((name, source, targets))
     existing = [str(t) for _, _, targets in plans for t in targets if t.exists()]

@@ -21,7 +21,7 @@ from library.embeddings import load_embedding
 from library.errors import UserError
 from library.grid import apply_prompt_sr, prompt_sr_values
 from library.prompts import check_attention
-from library.run_folder import Run, describe_steps
+from library.run_folder import NEGATIVE_SUFFIX, Run, describe_steps
 from library.sampling import check_sampler, resolve_seed
 from library.tables import SamplerSettings, SweepAxis, SweepConfig
 
@@ -307,7 +307,7 @@ def _apply(state: dict, axis: Axis, i: int, run: Run) -> None:
         if not run.tokens_in(state["prompt"] + state["negative"]):
             raise UserError(f"a step axis needs '{run.name}' (or {run.name}-N) in render.prompt to replace")
         for key in ("prompt", "negative"):
-            state[key] = run.pattern().sub(lambda m: f"{m['name']}-{value}", state[key])
+            state[key] = run.at_step(state[key], value)
     elif axis.type == "checkpoint":
         state["checkpoint"], state["checkpoint_label"] = value, axis.labels[i]
     elif axis.type == "size":
@@ -317,12 +317,18 @@ def _apply(state: dict, axis: Axis, i: int, run: Run) -> None:
 
 
 def _step_of(names: set[str], run: Run) -> int | None:
-    if len(names) != 1:
+    """The step a cell shows: that of its one embedding, or of its one DreamArtist pair (`NAME-20` in the
+    prompt, `NAME-20-neg` in the negative prompt)."""
+    steps = set()
+    for name in names:
+        if name in run.names:  # the final embedding
+            steps.add(load_embedding(run.final_file(name)).step)
+        else:
+            steps.add(int(name.removesuffix(NEGATIVE_SUFFIX).rsplit("-", 1)[1]))
+    positives = {name for name in names if not (name.endswith(NEGATIVE_SUFFIX) and len(names) > 1)}
+    if len(positives) != 1 or len(steps) != 1:
         return None
-    (name,) = names
-    if name in run.names:  # the final embedding
-        return load_embedding(run.final_file(name)).step
-    return int(name.rsplit("-", 1)[1])
+    return steps.pop()
 
 
 def _default_size(cfg: SweepConfig, run: Run) -> tuple[int, int]:

@@ -244,12 +244,51 @@ class EmbeddingEntry(Table):
 
 
 @dataclass(frozen=True)
+class DreamArtistConfig(Table):
+    """[dreamartist]: DreamArtist's APT (library/dreamartist.py, FACTS §10): a positive embedding NAME and a
+    negative NAME-neg trained together, with classifier-free guidance inside the training step."""
+
+    enabled: bool = False
+    # false = only NAME is trained; the training CFG then guides against the empty prompt
+    negative: bool = True
+    neg_num_vectors: int = between(1, 75, 6)  # DreamArtist: 3 positive, 6 negative vectors
+    neg_init_text: str = (
+        "*"  # the negative starts from these words, plus a tiny random offset (as DreamArtist)
+    )
+    neg_lr_factor: float = above(0, 1.0)  # the negative's learning rate is train.lr times this, at every step
+    # Training CFG: a number, or "low-high:curve" (curve ln, cos or cos2): low at t = 0, high at t = 999.
+    cfg_scale: float | str = 3.0
+    reconstruction_loss: bool = False  # L1 of the decoded x̂0 against the image (needs the VAE on the device)
+    reconstruction_weight: float = at_least(0, 1.0)
+    attention_maps: bool = False  # DreamArtist's <image>_att.png loss weights: not implemented yet
+    # EMA of the vectors after every update; 0 = off (0.97 is DreamArtist's suggestion). "overwrite" = the live
+    # vectors become the average every ema_every updates (DreamArtist); "copy" = saved apart as NAME-ema.
+    ema_rate: float = field(
+        default=0.0,
+        metadata={"test": lambda v: 0 <= v < 1, "problem": "must be at least 0 and below 1 (0 = off)"},
+    )
+    ema_mode: Literal["overwrite", "copy"] = "overwrite"
+    ema_every: int = at_least(1, 25)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from library.dreamartist import parse_cfg_scale  # checked now, before anything loads
+
+        parse_cfg_scale(self.cfg_scale)
+        if self.attention_maps:
+            raise UserError(
+                "dreamartist.attention_maps is not implemented yet (<image>_att.png weights); set it to false"
+            )
+
+
+@dataclass(frozen=True)
 class EmbeddingPlan:
     """One embedding of a run, resolved: what it is, what it learns from, how fast."""
 
     embedding: EmbeddingConfig
     dataset: DatasetConfig
     lr_factor: float = 1.0
+    own_images: bool = True  # False: it learns from the images of another embedding (DreamArtist's NAME-neg)
 
 
 @dataclass(frozen=True)
@@ -266,13 +305,32 @@ class TrainConfig(Table):
     train: TrainSettings = field(default_factory=TrainSettings)
     save: SaveConfig = field(default_factory=SaveConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    dreamartist: DreamArtistConfig = field(default_factory=DreamArtistConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.plans()  # a cast that cannot be resolved fails now, before anything loads
 
     def plans(self) -> list[EmbeddingPlan]:
-        """The embeddings this run trains, each with its own dataset and learning-rate factor."""
+        """The embeddings this run trains, each with its own dataset and learning-rate factor (DreamArtist's
+        NAME-neg after NAME, learning from NAME's images)."""
+        da = self.dreamartist
+        if da.enabled:
+            if self.embeddings:
+                raise UserError(
+                    "dreamartist.enabled trains one pair NAME / NAME-neg: use [embedding], not [[embeddings]]"
+                )
+            plans = [EmbeddingPlan(self.embedding, self.dataset)]
+            if da.negative and self.embedding.name:
+                negative = dataclasses.replace(
+                    self.embedding,
+                    name=f"{self.embedding.name}-neg",
+                    init_text=da.neg_init_text,
+                    num_vectors=da.neg_num_vectors,
+                    init_from="",
+                )
+                plans.append(EmbeddingPlan(negative, self.dataset, da.neg_lr_factor, own_images=False))
+            return plans
         if not self.embeddings:
             return [EmbeddingPlan(self.embedding, self.dataset)]
         if self.embedding.name:

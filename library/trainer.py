@@ -14,6 +14,7 @@ import math
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -73,7 +74,7 @@ class _LossWriters:
     def __init__(self, run: RunFolder, main: bool, data: TrainingData, accumulation: int, bar):
         self.csv_log = LossLog(run) if main else None
         self.tensorboard = _tensorboard(run.logs_dir) if main else None
-        self.names, self.bar = run.names, bar
+        self.names, self.bar = run.loss_names, bar
         self.per_epoch = max(1, data.epoch_length // (data.batch_size * accumulation))
         self.recent: collections.deque[float] = collections.deque(maxlen=LOSS_READ_EVERY)
 
@@ -123,6 +124,10 @@ class Trainer:
     saved_step: int | None = None  # the last step whose save was started
     preview_steps: list[int] = field(default_factory=list)
     lock: IO | None = None  # the run folder's lock (RunFolder.lock), closed when the run ends
+    # Called with the number of updates done after every optimizer update (DreamArtist's EMA of the vectors).
+    after_update: list[Callable[[int], None]] = field(default_factory=list)
+    # More embeddings to save beside the set's at every save: () -> {name: blocks} (an EMA copy).
+    extra_saves: list[Callable[[], dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ one optimizer update
     def batch_for(self, micro_step: int) -> list[tuple[list[int], TrainingBatch, torch.Tensor, torch.Tensor]]:
@@ -234,6 +239,8 @@ class Trainer:
         # caught when losses are read (`_flush_losses`), and the vectors from before that update are restored.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for hook in self.after_update:
+            hook(step + 1)
         return total, each
 
     # ------------------------------------------------------------------ the loop
@@ -336,7 +343,7 @@ class Trainer:
         """An embedding of the set after `step` updates; saves of a step are named `NAME-STEP` inside, as
         A1111 names its own."""
         return Embedding(
-            name=name if final else f"{name}-{step}",
+            name=name if final else self.run.step_name(name, step),
             vectors=self.parts.family.file_vectors({k: v.float() for k, v in blocks.items()}),
             step=step,
             checkpoint_hash=self.parts.checkpoint_hash or None,
@@ -361,6 +368,8 @@ class Trainer:
             blocks = {
                 m.name: host_copy({k: v.detach() for k, v in m.blocks.items()}) for m in self.embeddings
             }
+            for extra in self.extra_saves:
+                blocks.update({name: host_copy(b) for name, b in extra().items()})
             state = None
             if not final and optimizer_state and cfg.save.save_optimizer_state:
                 scaler = acc.scaler.state_dict() if acc.scaler is not None else None
@@ -398,14 +407,13 @@ class Trainer:
         refresh the sheet of every preview so far (previews/index.html)."""
         cfg, parts, t = self.config.preview, self.parts, self.config.train
         images = preview_images(
-            cfg, self.embeddings.names, self.sources[0].resolution, resolve_seed(cfg.seed)
+            cfg, [data.name for data in self.sources], self.sources[0].resolution, resolve_seed(cfg.seed)
         )
         # An empty prompt is a line of that embedding's training template, as A1111 previews.
-        templates = {
-            m.name: data.batch(step, 0, 1).prompts[0]
-            for m, data in zip(self.embeddings, self.sources, strict=True)
-        }
+        templates = {data.name: data.batch(step, 0, 1).prompts[0] for data in self.sources}
         images = [replace(i, prompt=i.prompt or templates[i.name]) for i in images]
+        # The objective may add to the negative prompt (DreamArtist: NAME-neg where the prompt has NAME).
+        images = [replace(i, negative=self.objective.preview_negative(i.prompt, i.negative)) for i in images]
         if t.low_memory:
             parts.vae.to(self.accelerator.device)
         pictures = {}
@@ -431,8 +439,9 @@ class Trainer:
             )
         if self.config.save.embed_in_png:
             for member in self.embeddings:
-                card = self.run.previews_dir / f"{member.name}-{step}-embedding.png"
-                first = next(pictures[id(i)] for i in images if i.name == member.name)
+                card = self.run.previews_dir / f"{self.run.step_name(member.name, step)}-embedding.png"
+                shown = self.run.negative_of(member.name) or member.name  # a negative: its positive's picture
+                first = next(pictures[id(i)] for i in images if i.name == shown)
                 blocks = {k: v.detach().cpu() for k, v in member.blocks.items()}
                 save_embedding(
                     self.embedding(member.name, step, blocks, final=False), card, overwrite=True, image=first

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from library import dreamartist
 from library.conditioning import Conditioner
 from library.config import check_model, check_name, dump_config, load_config
 from library.data import TrainingData
@@ -87,14 +88,15 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         if t.clip_grad_mode != "off"
         else None,
     )
-    records = [_scan(plan, t.batch_size) for plan in plans]
-    sizes = {plan.embedding.name: rs[0].resolution for plan, rs in zip(plans, records, strict=True)}
+    learners = [plan for plan in plans if plan.own_images]  # DreamArtist's NAME-neg learns from NAME's images
+    records = [_scan(plan, t.batch_size) for plan in learners]
+    sizes = {plan.embedding.name: rs[0].resolution for plan, rs in zip(learners, records, strict=True)}
     if len(set(sizes.values())) > 1:
         raise UserError(
             f"the embeddings' datasets use different resolutions {sizes}; set one for all of them"
         )
     names = [plan.embedding.name for plan in plans]
-    preview_images(cfg.preview, names, next(iter(sizes.values())), seed=0)  # prompts, sizes, samplers
+    preview_images(cfg.preview, list(sizes), next(iter(sizes.values())), seed=0)  # prompts, sizes, samplers
     # Without a GPU, accelerate treats a multi-process launch (torchrun) as data parallel only when told cpu=True.
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     _use_the_cpu_cores(accelerator)
@@ -104,7 +106,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         point = _resume_point(run, resume, cfg, log)
         global_batch = t.batch_size * accelerator.num_processes
         sources = [
-            _data(plan, found, global_batch, t.seed) for plan, found in zip(plans, records, strict=True)
+            _data(plan, found, global_batch, t.seed) for plan, found in zip(learners, records, strict=True)
         ]
         trainer = _build(cfg, plans, accelerator, sources, run, point, schedules, log)
     except BaseException:
@@ -178,7 +180,7 @@ def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules,
         data.cache_latents(
             parts.vae, device=device, dtype=parts.vae.dtype, batch_size=1 if t.low_memory else 8
         )
-    if t.low_memory:
+    if t.low_memory and not (cfg.dreamartist.enabled and cfg.dreamartist.reconstruction_loss):
         parts.vae.to("cpu")  # back on the GPU only while previews decode
         torch.cuda.empty_cache()
     graphs = None
@@ -191,7 +193,7 @@ def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules,
         graphs = TrainingGraphs(parts.unet, parts.family, None if t.mixed_precision == "no" else precision)
 
     embeddings = EmbeddingSet.of(
-        [(p.embedding.name, _starting(p, parts, point), p.lr_factor) for p in plans], device
+        [(p.embedding.name, _starting(p, parts, point, t.seed), p.lr_factor) for p in plans], device
     )
     conditioner = Conditioner.of(parts, clip_skip=t.clip_skip)
     embeddings.register(conditioner)
@@ -214,21 +216,44 @@ def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules,
         f"training {shapes} on {parts.checkpoint_name} [{parts.family.name}], {images} images, "
         f"{accelerator.num_processes} process(es) on {device}, from step {start_step} -> {run.root}"
     )
-    objective = TextualInversion(parts.noise_scheduler, parts.prediction_type, t.min_snr_gamma)
-    return Trainer(
+    trainer = Trainer(
         cfg, accelerator, parts, sources, conditioner, embeddings, optimizer, run, start_step, *schedules,
-        objective, log, graphs=graphs,
+        _objective(cfg, parts), log, graphs=graphs,
+    )  # fmt: skip
+    if cfg.dreamartist.enabled:
+        dreamartist.attach(trainer, cfg.dreamartist, point)
+    return trainer
+
+
+def _objective(cfg: TrainConfig, parts: SDParts) -> TextualInversion:
+    """Plain textual inversion, or DreamArtist's training CFG when [dreamartist] is enabled."""
+    t, da = cfg.train, cfg.dreamartist
+    if not da.enabled:
+        return TextualInversion(parts.noise_scheduler, parts.prediction_type, t.min_snr_gamma)
+    return dreamartist.DreamArtist(
+        parts.noise_scheduler, parts.prediction_type, t.min_snr_gamma,
+        name=cfg.embedding.name,
+        negative=da.negative,
+        cfg=dreamartist.parse_cfg_scale(da.cfg_scale),
+        vae=parts.vae if da.reconstruction_loss else None,
+        reconstruction_weight=da.reconstruction_weight if da.reconstruction_loss else 0.0,
     )  # fmt: skip
 
 
-def _starting(plan: EmbeddingPlan, parts: SDParts, point: ResumePoint | None) -> dict[str, torch.Tensor]:
-    """An embedding's vectors to start from: the resume point's, a file's, or copies of its init words."""
+def _starting(
+    plan: EmbeddingPlan, parts: SDParts, point: ResumePoint | None, seed: int
+) -> dict[str, torch.Tensor]:
+    """An embedding's vectors to start from: the resume point's, a file's, or copies of its init words
+    (DreamArtist's negative with a tiny offset from its seed, so that it differs from the positive)."""
     embedding = plan.embedding
     if point is not None:
         return blocks_from_file(parts, point.source, point.embeddings[embedding.name])
     if embedding.init_from:
         return blocks_from_file(parts, embedding.init_from)
-    return starting_blocks(parts, embedding.init_text, embedding.num_vectors, embedding.init_rule)
+    blocks = starting_blocks(parts, embedding.init_text, embedding.num_vectors, embedding.init_rule)
+    if not plan.own_images:
+        blocks = dreamartist.offset(blocks, seed)
+    return blocks
 
 
 def _optimizer(t, embeddings: EmbeddingSet, point: ResumePoint | None, run: RunFolder, log):
