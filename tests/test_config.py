@@ -99,8 +99,8 @@ def test_every_preset_loads(preset):
     cls = CONFIG_FOR.get(preset.name, TrainConfig)
     config = load_config(cls, preset)
     assert isinstance(config, cls)
-    if cls is TrainConfig:
-        assert config.embedding.name and config.save.output_dir
+    if cls is TrainConfig:  # one embedding, or a cast of [[embeddings]], each with a name
+        assert all(plan.embedding.name for plan in config.plans()) and config.save.output_dir
 
 
 def test_run_records_carry_their_format_and_newer_ones_are_named(tmp_path):
