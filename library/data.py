@@ -30,7 +30,7 @@ import torch
 from library.buckets import Crop, crop_for
 from library.captions import fill_template, load_template, process_tags
 from library.errors import UserError
-from library.images import alpha_loss_weight, encode_images, image_size
+from library.images import alpha_loss_weight, attention_map_for, attention_weight, encode_images, image_size
 from library.kohya_dataset import ImageRecord
 from library.tables import DatasetConfig as DataSettings  # the [dataset] table of a preset
 
@@ -76,13 +76,21 @@ class TrainingData:
 
     Per-image options (resolution, buckets, flip_aug, tag shuffle/dropout, keep_tokens) come from the
     records, so that dataset-TOML subsets keep their own values; `settings` supplies template,
-    latent_sampling and alpha_loss_weight. `resolution` is the base training size (previews render at it);
+    latent_sampling and alpha_loss_weight; `attention_maps` reads DreamArtist's `<stem>_att` maps as loss
+    weights (times the alpha weight where both are on). `resolution` is the base training size (previews render at it);
     `crops[i]` says where record i's picture is cut (its bucket), known from the start for bucketed records
     and after `cache_latents` for the others.
     """
 
     def __init__(
-        self, records: Sequence[ImageRecord], settings: DataSettings, *, name: str, seed: int, batch_size: int
+        self,
+        records: Sequence[ImageRecord],
+        settings: DataSettings,
+        *,
+        name: str,
+        seed: int,
+        batch_size: int,
+        attention_maps: bool = False,
     ):
         if not records:
             raise UserError("no training images found")
@@ -99,6 +107,13 @@ class TrainingData:
             raise UserError(f"datasets use different resolutions {sizes}; set one resolution for all of them")
         self.records = list(records)
         self.settings, self.name, self.seed, self.batch_size = settings, name, seed, batch_size
+        self.attention_maps = attention_maps  # DreamArtist's <stem>_att maps weight the loss
+        if attention_maps and not any(attention_map_for(record.path) for record in self.records):
+            folders = sorted({str(record.path.parent) for record in self.records})
+            raise UserError(
+                f"dreamartist.attention_maps is on but no training image in {', '.join(folders)} has an "
+                "attention map (<image>_att.png beside <image>.png); add maps or set it to false"
+            )
         self.template_lines = load_template(settings.template)
         self.resolution = sizes[0]
         self.bucketed = any(record.buckets is not None for record in self.records)
@@ -180,6 +195,7 @@ class TrainingData:
                 method=self.settings.latent_sampling,
                 seed=seed,
                 want_alpha=self.settings.alpha_loss_weight,
+                attention_maps=self.attention_maps,
                 progress=report,
             )
             done += len(cache.slots)
@@ -192,6 +208,10 @@ class TrainingData:
                     self.crops[index] = crop_for(cache.original_sizes[position], record.resolution, None)
                 # A uniform alpha (a fully opaque RGBA file) gives no weight (None): it weighs 1 everywhere.
                 weight = None if alpha is None else alpha_loss_weight(alpha, cache.latent_size)
+                grey = cache.attention[position]
+                if grey is not None:  # an image without an attention map weighs 1 (times its alpha)
+                    attention = attention_weight(grey, cache.latent_size)
+                    weight = attention if weight is None else weight * attention
                 self._weights[index] = None if weight is None else weight.to(device)
 
     def batch(self, step: int, start: int, size: int) -> Batch:

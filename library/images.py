@@ -25,6 +25,7 @@ from library.config import as_size
 from library.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ATTENTION_SUFFIX = "_att"  # DreamArtist's per-image attention map: <stem>_att.png beside <stem>.png
 
 # Modes that carry 16-bit grey values; PIL's own convert("RGB") clips them at 255 instead of scaling.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -39,8 +40,41 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The images directly inside `folder` (not recursive, as Kohya), sorted by name for determinism."""
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """The images directly inside `folder` (not recursive, as Kohya), sorted by name for determinism.
+
+    DreamArtist's attention maps (`<stem>_att.<ext>` beside an image `<stem>.<ext>`) are not training
+    images and are left out, as DreamArtist leaves them out.
+    """
+    images = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    stems = {p.stem for p in images}
+    return [
+        p
+        for p in images
+        if not (p.stem.endswith(ATTENTION_SUFFIX) and p.stem.removesuffix(ATTENTION_SUFFIX) in stems)
+    ]
+
+
+def attention_map_for(image: Path) -> Path | None:
+    """DreamArtist's attention map of a training image: `<stem>_att` with the image's own extension, else
+    with any image extension; None when there is none."""
+    suffixes = (image.suffix, *IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS))
+    for suffix in suffixes:
+        candidate = image.with_name(f"{image.stem}{ATTENTION_SUFFIX}{suffix}")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def attention_weight(grey: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """An attention map's grey values `[H, W]` (0-255, at training size) as a loss weight `[1, h, w]`.
+
+    DreamArtist's table: grey 127 (50 %) weighs 1, white 255 weighs 5, linear between; below 127 the weight
+    falls linearly to 0 at black (that part of the picture is not learnt). The map is shrunk to the latent
+    first and mapped after, as DreamArtist does. Not normalised to mean 1 (unlike alpha): the grey says
+    the weight.
+    """
+    small = F.interpolate(grey[None, None].float(), size=latent_size, mode="area")[0]
+    return torch.where(small <= 127, small / 127, 1 + 4 * (small - 127) / 128)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -140,22 +174,37 @@ def _load(path: Path, size: int | tuple[int, int] | Crop) -> tuple[torch.Tensor,
     """(pixels, alpha, the upright image's (width, height))."""
     rgb, alpha = split_rgb_alpha(open_image(path))
     original = (rgb.width, rgb.height)
-    if isinstance(size, Crop):
-        if size.original != original:
-            raise UserError(
-                f"{path}: the image is {original[0]}x{original[1]} now but was {size.original[0]}x"
-                f"{size.original[1]} when the dataset was read; leave the images alone while training starts"
-            )
-        (width, height), box = size.target, size.box()
-    else:
-        width, height = as_size(size)
-        box = cover_crop_box(rgb.width, rgb.height, (width, height))
+    (width, height), box = _cut(path, original, size)
     rgb = rgb.resize((width, height), Image.Resampling.LANCZOS, box=box)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     if alpha is None:
         return pixels, None, original
     alpha = alpha.resize((width, height), Image.Resampling.LANCZOS, box=box)
     return pixels, torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0), original
+
+
+def _cut(path: Path, original: tuple[int, int], size: int | tuple[int, int] | Crop):
+    """((width, height), box in source pixels) of the training picture cut from an image of size `original`."""
+    if isinstance(size, Crop):
+        if size.original != original:
+            raise UserError(
+                f"{path}: the image is {original[0]}x{original[1]} now but was {size.original[0]}x"
+                f"{size.original[1]} when the dataset was read; leave the images alone while training starts"
+            )
+        return size.target, size.box()
+    width, height = as_size(size)
+    return (width, height), cover_crop_box(original[0], original[1], (width, height))
+
+
+def _load_attention(path: Path, image: Path, original: tuple[int, int], size) -> torch.Tensor:
+    """An attention map's grey values [H, W] (0-255), cut exactly as its image is cut; a map of another size
+    than its image is first stretched onto the image."""
+    grey = open_image(path).convert("L")
+    if grey.size != original:
+        grey = grey.resize(original, Image.Resampling.LANCZOS)
+    (width, height), box = _cut(image, original, size)
+    grey = grey.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    return torch.from_numpy(np.asarray(grey, dtype=np.float32).copy())
 
 
 def alpha_loss_weight(alpha: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor | None:
@@ -183,6 +232,7 @@ class LatentCache:
     alphas: list[torch.Tensor | None]  # per record: alpha [H, W] at training size, or None
     latent_size: tuple[int, int]  # (h, w)
     original_sizes: list[tuple[int, int]]  # per record: the upright image's (width, height)
+    attention: list[torch.Tensor | None]  # per record: its attention map's grey [H, W] (0-255), or None
 
 
 @torch.no_grad()
@@ -196,6 +246,7 @@ def encode_images(
     method: str,
     seed: int,
     want_alpha: bool,
+    attention_maps: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> LatentCache:
     """Encode images `(path, (width, height) or Crop, also_flipped)` with the VAE, in batches of `batch_size`;
@@ -203,6 +254,7 @@ def encode_images(
 
     `method` is A1111's latent sampling: "once" caches one sample (its noise comes from a generator
     seeded with `seed`, so it is reproducible), "deterministic" the mean, "random" the mean and std.
+    With `attention_maps`, each image's `<stem>_att` map is read too, cut as its image.
     """
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -212,6 +264,7 @@ def encode_images(
     ]
     alphas: list[torch.Tensor | None] = [None] * len(items)
     originals: list[tuple[int, int]] = [(0, 0)] * len(items)
+    greys: list[torch.Tensor | None] = [None] * len(items)
     means, stds = [], []
     loaded: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # the mirror job reuses the decoded image
     for first in range(0, len(jobs), batch_size):
@@ -223,6 +276,9 @@ def encode_images(
                 image, alpha, originals[index] = _load(Path(path), size)
                 loaded = (index, image)
                 alphas[index] = alpha if want_alpha else None
+                found = attention_maps and attention_map_for(Path(path))
+                if found:
+                    greys[index] = _load_attention(found, Path(path), originals[index], size)
             pixels.append(loaded[1].flip(-1) if flipped else loaded[1])
         dist = vae.encode(torch.stack(pixels).to(device=device, dtype=dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
@@ -246,4 +302,5 @@ def encode_images(
         alphas=alphas,
         latent_size=(mean.shape[-2], mean.shape[-1]),
         original_sizes=originals,
+        attention=greys,
     )

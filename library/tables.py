@@ -260,7 +260,8 @@ class DreamArtistConfig(Table):
     cfg_scale: float | str = 3.0
     reconstruction_loss: bool = False  # L1 of the decoded x̂0 against the image (needs the VAE on the device)
     reconstruction_weight: float = at_least(0, 1.0)
-    attention_maps: bool = False  # DreamArtist's <image>_att.png loss weights: not implemented yet
+    # DreamArtist's per-image attention maps: <image>_att.png, grey 50 % = loss weight 1, white = 5, black = 0
+    attention_maps: bool = False
     # EMA of the vectors after every update; 0 = off (0.97 is DreamArtist's suggestion). "overwrite" = the live
     # vectors become the average every ema_every updates (DreamArtist); "copy" = saved apart as NAME-ema.
     ema_rate: float = field(
@@ -275,10 +276,6 @@ class DreamArtistConfig(Table):
         from library.dreamartist import parse_cfg_scale  # checked now, before anything loads
 
         parse_cfg_scale(self.cfg_scale)
-        if self.attention_maps:
-            raise UserError(
-                "dreamartist.attention_maps is not implemented yet (<image>_att.png weights); set it to false"
-            )
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
     if config.dataset.resolution == 0:  # the model's own size (SDXL 1024), recorded in the run's config.toml
         side = native_resolution(config.model)
         config = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, resolution=side))
-    cfg, t = config, config.train
+    cfg, t, da = config, config.train, config.dreamartist
     plans = cfg.plans()
     for plan in plans:
         check_name(plan.embedding.name, "embedding.name")
@@ -106,7 +106,8 @@ def setup(config: TrainConfig, resume: str | None = None, log=print) -> Trainer:
         point = _resume_point(run, resume, cfg, log)
         global_batch = t.batch_size * accelerator.num_processes
         sources = [
-            _data(plan, found, global_batch, t.seed) for plan, found in zip(learners, records, strict=True)
+            _data(plan, found, global_batch, t.seed, attention_maps=da.enabled and da.attention_maps)
+            for plan, found in zip(learners, records, strict=True)
         ]
         trainer = _build(cfg, plans, accelerator, sources, run, point, schedules, log)
     except BaseException:
@@ -130,7 +131,9 @@ def _scan(plan: EmbeddingPlan, batch_size: int) -> list:
     return scan_images(dataset)
 
 
-def _data(plan: EmbeddingPlan, records: list, global_batch: int, seed: int) -> TrainingData:
+def _data(
+    plan: EmbeddingPlan, records: list, global_batch: int, seed: int, *, attention_maps: bool
+) -> TrainingData:
     distinct = len({record.path for record in records})
     if global_batch > distinct:
         where = plan.dataset.dataset_config or plan.dataset.image_dir
@@ -138,7 +141,14 @@ def _data(plan: EmbeddingPlan, records: list, global_batch: int, seed: int) -> T
             f"{where}: batch of {global_batch} is larger than its {distinct} images; lower train.batch_size "
             "or add images"
         )
-    data = TrainingData(records, plan.dataset, name=plan.embedding.name, seed=seed, batch_size=global_batch)
+    data = TrainingData(
+        records,
+        plan.dataset,
+        name=plan.embedding.name,
+        seed=seed,
+        batch_size=global_batch,
+        attention_maps=attention_maps,
+    )
     data.check_the_name_is_trained()
     return data
 

@@ -448,5 +448,103 @@ def test_the_presets_load_and_the_demo_runs_as_shipped(tmp_path):
     final = run_training(demo, **QUIET)
     assert final.name == "h3x.pt" and final.with_name("h3x-neg.pt").exists()
     assert (tmp_path / "demo" / "embeddings" / "h3x-2-neg.pt").exists()
-    with pytest.raises(UserError, match="attention_maps is not implemented"):
-        load_config(TrainConfig, root / "presets/dreamartist.toml", ["dreamartist.attention_maps=true"])
+    maps = load_config(TrainConfig, root / "presets/dreamartist.toml", ["dreamartist.attention_maps=true"])
+    assert maps.dreamartist.attention_maps
+
+
+# ------------------------------------------------------------------ attention maps (<image>_att.png)
+
+
+def quadrant_map(path: Path, size: int = 32, greys=(0, 127, 191, 255)) -> None:
+    """A grey picture of four quadrants: top-left, top-right, bottom-left, bottom-right."""
+    from PIL import Image
+
+    picture = Image.new("L", (size, size))
+    half = size // 2
+    for (x, y), grey in zip(((0, 0), (half, 0), (0, half), (half, half)), greys, strict=True):
+        picture.paste(grey, (x, y, x + half, y + half))
+    picture.save(path)
+
+
+def test_attention_map_grey_becomes_dreamartists_weights():
+    from library.images import attention_weight
+
+    # DreamArtist's table: 0 % -> 0, 25 % -> 0.5, 50 % -> 1, 75 % -> 3, 100 % -> 5 (127 is its 50 %).
+    grey = torch.tensor([[0.0, 63.5], [127.0, 159.0], [191.0, 255.0]]).repeat_interleave(2, 0)
+    grey = grey.repeat_interleave(2, 1)  # [6, 4]: every value a 2x2 block
+    weight = attention_weight(grey, (3, 2))
+    assert weight.shape == (1, 3, 2)
+    assert torch.allclose(weight[0], torch.tensor([[0.0, 0.5], [1.0, 2.0], [3.0, 5.0]]))
+
+
+def test_att_files_are_not_training_images(tmp_path):
+    from library.kohya_dataset import scan_images
+    from library.tables import DatasetConfig
+
+    images = make_images(tmp_path / "images", count=3)
+    quadrant_map(images / "00_att.png")
+    quadrant_map(images / "01_att.png")
+    quadrant_map(images / "lonely_att.png")  # no lonely.png beside it: an ordinary picture
+    found = sorted(r.path.name for r in scan_images(DatasetConfig(image_dir=str(images))))
+    assert found == ["00.png", "01.png", "02.png", "lonely_att.png"]
+
+
+def test_a_run_with_attention_maps_trains_with_the_weighted_loss(tmp_path):
+    images = make_images(tmp_path / "images", count=4, caption="a square")
+    quadrant_map(images / "00_att.png")
+    trainer = setup(config(tmp_path, "dreamartist.attention_maps=true"), **QUIET)
+    data = trainer.sources[0]
+    h, w = data._latents[(0, False)][0].shape[-2:]
+    expected_map = (
+        torch.tensor([[0.0, 1.0], [3.0, 5.0]]).repeat_interleave(h // 2, 0).repeat_interleave(w // 2, 1)
+    )
+    # The map weighs image 00 quadrant by quadrant; the images without a map weigh 1 everywhere.
+    for step in range(4):
+        batch = data.batch(step, 0, 2)
+        for weight, index in zip(batch.loss_weights, batch.sample_ids, strict=True):
+            want = expected_map if index == 0 else torch.ones(h, w)
+            assert torch.allclose(weight[0].cpu(), want, atol=1e-5), (step, index)
+
+    # One step's loss by hand: DreamArtist's guided MSE, weighted per latent pixel.
+    loss, _ = trainer.loss_for(0)
+    [(_, batch, noise, timesteps)] = trainer.batch_for(0)
+    assert batch.loss_weights is not None
+    parts = trainer.parts
+    noisy = parts.noise_scheduler.add_noise(batch.latents, noise, timesteps)
+    negatives = [p.replace(NAME, f"{NAME}-neg") for p in batch.prompts]
+
+    def predict(prompts):
+        cond = trainer.conditioner.encode(prompts)
+        return UNetCall(parts.unet, parts.family)(noisy, timesteps, *cond.tensors(), None).double()
+
+    eps_neg, eps_pos = predict(negatives), predict(batch.prompts)
+    guided = eps_neg + 3.0 * (eps_pos - eps_neg)
+    expected = (((guided - noise.double()) ** 2) * batch.loss_weights.double()).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+    # and the run trains: both vectors move and are saved.
+    run_training(config(tmp_path, "dreamartist.attention_maps=true", run="trained"), **QUIET)
+    start = vectors(tmp_path / "trained" / "embeddings" / f"{NAME}-0.pt")
+    assert not torch.allclose(vectors(tmp_path / "trained" / f"{NAME}.pt"), start)
+    assert (tmp_path / "trained" / f"{NAME}-neg.pt").is_file()
+
+
+def test_attention_maps_on_without_any_map_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="attention map"):
+        setup(config(tmp_path, "dreamartist.attention_maps=true"), **QUIET)
+
+
+def test_attention_maps_flip_with_their_image(tmp_path):
+    images = make_images(tmp_path / "images", count=4, caption="a square")
+    quadrant_map(images / "00_att.png")
+    trainer = setup(config(tmp_path, "dreamartist.attention_maps=true", "dataset.flip_aug=true"), **QUIET)
+    data = trainer.sources[0]
+    seen = set()
+    for step in range(40):
+        batch = data.batch(step, 0, 2)
+        for weight, index, flipped in zip(batch.loss_weights, batch.sample_ids, batch.flipped, strict=True):
+            if index == 0:
+                top_left = weight[0, 0, 0].item()
+                assert top_left == pytest.approx(1.0 if flipped else 0.0)  # mirrored: the 50 % quadrant
+                seen.add(flipped)
+    assert seen == {False, True}
