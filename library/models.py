@@ -447,10 +447,14 @@ def load_sd(
 
 
 def native_resolution(model) -> int:
-    """The side the model of a `[model]` table was trained at (SD 1.x/2.x 512, SD 2.x-v 768, SDXL 1024),
-    found without loading it: the family if named, else the keys of the file (a safetensors header, a
-    memory-mapped .ckpt) or a diffusers folder's configs. Anything it cannot tell gives 512 (SD 1.x), and a
-    broken file is left to the loader to name."""
+    """The side the model of a `[model]` table was trained at (SD 1.x/2.x 512, SD 2.x-v 768, SDXL 1024, the
+    toy model 64), found without loading it: the family if named, else the keys of the file (a safetensors
+    header, a memory-mapped .ckpt) or a diffusers folder's configs. Anything it cannot tell gives 512 (SD 1.x),
+    and a broken file is left to the loader to name."""
+    if model.checkpoint == "builtin:toy":
+        from library.toy import SIZE
+
+        return SIZE  # the toy world's pictures
     if model.family != "auto":
         return FAMILIES[model.family].resolution
     path = Path(model.checkpoint).expanduser()

@@ -321,6 +321,7 @@ def test_sdxl_trains_at_1024_unless_told_otherwise(tmp_path, monkeypatch):
         family: save_single_file(build_tiny_parts(family), tmp_path / f"{family}.safetensors")
         for family in ("sd1", "sdxl")
     }
+    assert native_resolution(ModelConfig(checkpoint="builtin:toy")) == 64
     assert {f: native_resolution(ModelConfig(checkpoint=str(p))) for f, p in files.items()} == {
         "sd1": 512,
         "sdxl": 1024,
