@@ -26,13 +26,13 @@ SDXL_TIME_WIDTH = 8  # width of each of the six size-id embeddings (256 in SDXL)
 def tiny_unet_config(family: str) -> dict:
     """A two-level UNet in SD's block layout (cross-attention blocks, then a plain block; SDXL: the other
     way round, with two transformer layers in its cross-attention level and the pooled/size embedding)."""
+    shared = dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=32,
+    )  # fmt: skip
     if family == "sdxl":
         return dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
+            shared,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
@@ -42,21 +42,15 @@ def tiny_unet_config(family: str) -> dict:
             addition_embed_type="text_time",
             addition_time_embed_dim=SDXL_TIME_WIDTH,
             projection_class_embeddings_input_dim=SDXL_G_WIDTH + 6 * SDXL_TIME_WIDTH,
-            norm_num_groups=32,
         )
     sd2 = family != "sd1"
     return dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        shared,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=[2, 4] if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=32,
     )
 
 
