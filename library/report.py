@@ -86,8 +86,10 @@ def save_grid(path: Path, plan, cell_images: dict[tuple[int, int, int], Image.Im
 
 
 def write_scores_csv(path: Path, rows: list[dict]) -> Path:
+    """scores.csv; a cast's sweep adds `shows_other` (the other characters an image shows)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, SCORE_COLUMNS)
+    extra = ["shows_other"] if any("shows_other" in row for row in rows) else []
+    writer = csv.DictWriter(buffer, SCORE_COLUMNS + extra)
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write(path, buffer.getvalue())

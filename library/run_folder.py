@@ -363,6 +363,29 @@ class Run:
     def final_file(self, name: str | None = None) -> Path | None:
         return next((p for fmt in SUFFIXES if (p := self.folder.final_file(fmt, name)).is_file()), None)
 
+    @property
+    def cast(self) -> tuple[str, ...]:
+        """The characters of a run trained from [[embeddings]], when it is read whole (empty for one
+        character of it, one embedding or a DreamArtist pair)."""
+        return (
+            self.names if self.config is not None and self.config.embeddings and len(self.names) > 1 else ()
+        )
+
+    def character(self, name: str, *, alone: bool = False) -> Run:
+        """The run seen from one character of its cast: `name` is the primary (the sweep's [name], its
+        steps); the others still resolve in prompts, or are left out with `alone` (an export of `name`)."""
+        names = (name,) if alone else (name, *(n for n in self.names if n != name))
+        return Run(RunFolder(self.folder.root, names), {n: self.files[n] for n in names}, self.config)
+
+    def dataset(self):
+        """The primary embedding's training images ([dataset], or its own [[embeddings]] folder); None
+        without a config."""
+        if self.config is None:
+            return None
+        return next(
+            (p.dataset for p in self.config.plans() if p.embedding.name == self.name), self.config.dataset
+        )
+
     def pattern(self) -> re.Pattern:
         """Any embedding's `NAME` or `NAME-<suffix>` as a whole word, case-insensitive (CLIP lowercases
         prompts); longer names first, so one that continues another (`NAME-neg`) is read whole."""

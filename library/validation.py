@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from library import report, scoring
+from library import leakage, report, scoring
 from library.config import dump_config
 from library.embedding_set import blocks_from_file
 from library.errors import UserError
@@ -66,6 +66,9 @@ def run_sweep(
     if export.isdigit():
         export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
         return None
+    if run.cast:
+        sweep_cast(cfg, run, export=export, overwrite=overwrite, log=log)
+        return None
     started = time.perf_counter()
     sweep = Sweep.setup(cfg, run, log)
     sweep.render(sweep.plans, log)
@@ -110,10 +113,13 @@ class Sweep:
     scored: list = field(default_factory=list)  # (checkpoint label, step, CellScores)
     rows: list[dict] = field(default_factory=list)  # scores.csv
     render_seconds: float = 0.0
+    rivals: list[leakage.Rival] = field(default_factory=list)  # the cast's other characters
+    leaks: list[leakage.Leak] = field(default_factory=list)
 
     @classmethod
-    def setup(cls, cfg: SweepConfig, run: Run, log=print) -> Sweep:
-        """Check the settings and plan every cell (every NAME-N must exist) before any model is loaded."""
+    def setup(cls, cfg: SweepConfig, run: Run, log=print, scorer: scoring.Scorer | None = None) -> Sweep:
+        """Check the settings and plan every cell (every NAME-N must exist) before any model is loaded
+        (`scorer`: one already loaded for scoring.model)."""
         out = (
             Path(cfg.sweep.output_dir).expanduser()
             if cfg.sweep.output_dir
@@ -144,10 +150,8 @@ class Sweep:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sweep = cls(cfg, run, out, axes, plans, device)
         if cfg.scoring.model:
-            sweep.scorer = scoring.load_scorer(cfg.scoring.model, device)
-            sweep.references = scoring.load_references(
-                cfg.scoring.reference_dir, run.config.dataset if run.config else None
-            )
+            sweep.scorer = scorer or scoring.load_scorer(cfg.scoring.model, device)
+            sweep.references = scoring.load_references(cfg.scoring.reference_dir, run.dataset())
             sweep.bar = cfg.scoring.likeness_bar * scoring.reference_likeness(sweep.scorer, sweep.references)
             log(
                 f"scores by {cfg.scoring.model}: {len(sweep.references)} training images, likeness bar {sweep.bar:.3f}"
@@ -162,28 +166,39 @@ class Sweep:
 
     def render(self, plans: list[Plan], log=print) -> None:
         """Render the plans checkpoint by checkpoint; save and score each cell."""
-        by_name = {p.name: p for p in plans}
-        for _, parts, images, seconds in render_by_checkpoint(self.cfg, self.run, plans, self.device, log):
-            self.render_seconds += seconds
-            for (name, index), batch in images.items():
-                p, cell = by_name[name], by_name[name].cells[index]
-                clip_skip = self.run.config.train.clip_skip if self.run.config else 0
-                paths = report.save_cell_images(self.out, p, cell, batch, parts, clip_skip)
-                self.cells[(name, index)] = batch_grid(batch)
-                result = None
-                if self.scorer is not None:
-                    clip_prompt = scoring.adherence_prompt(
-                        cell.prompt, self.run.name, self.cfg.scoring.class_word
+        render_together([(self, p) for p in plans], log)
+
+    def take(self, p: Plan, index: int, batch: list[Image.Image], parts) -> None:
+        """Save and score one rendered cell (and count which of its images show another character)."""
+        cell = p.cells[index]
+        clip_skip = self.run.config.train.clip_skip if self.run.config else 0
+        paths = report.save_cell_images(self.out, p, cell, batch, parts, clip_skip)
+        self.cells[(p.name, index)] = batch_grid(batch)
+        result, shown = None, [[] for _ in batch]
+        if self.scorer is not None:
+            clip_prompt = scoring.adherence_prompt(cell.prompt, self.run.name, self.cfg.scoring.class_word)
+            result = scoring.score_cell(self.scorer, batch, self.references, clip_prompt)
+            if cell.step is not None:
+                self.scored.append((cell.checkpoint_label, cell.step, result))
+                for rival in self.rivals:
+                    flags = rival.shown_in(self.scorer, batch, result.likeness)
+                    self.leaks.append(
+                        leakage.Leak(
+                            self.run.name,
+                            cell.checkpoint_label,
+                            cell.step,
+                            rival.name,
+                            len(flags),
+                            sum(flags),
+                        )
                     )
-                    result = scoring.score_cell(self.scorer, batch, self.references, clip_prompt)
-                    if cell.step is not None:
-                        self.scored.append((cell.checkpoint_label, cell.step, result))
-                self.rows += [
-                    report.score_row(self.out, p, cell, i, path, result) for i, path in enumerate(paths)
-                ]
-            if self.scorer is not None:
-                self.scorer.forget()
-            del parts, images  # let this checkpoint go before the next one loads
+                    for i in (i for i, flag in enumerate(flags) if flag):
+                        shown[i].append(rival.name)
+        rows = [report.score_row(self.out, p, cell, i, path, result) for i, path in enumerate(paths)]
+        if self.rivals:
+            for row, names in zip(rows, shown, strict=True):
+                row["shows_other"] = " ".join(names)
+        self.rows += rows
 
     def recommendation(self) -> tuple[list, Recommendation | None]:
         curves = step_curves(self.scored)
@@ -253,10 +268,87 @@ class Sweep:
         return page, rec
 
 
+def render_together(jobs: list[tuple[Sweep, Plan]], log=print) -> None:
+    """Render the plans of one or more sweeps of a run (a cast's characters) in one pass over the
+    checkpoints, each loaded once; every cell goes to its own sweep."""
+    first = jobs[0][0]
+    plans = [p for _, p in jobs]
+    for _, parts, images, seconds in render_by_checkpoint(first.cfg, first.run, plans, first.device, log):
+        total = max(sum(len(batch) for batch in images.values()), 1)
+        for (k, index), batch in images.items():
+            sweep, p = jobs[k]
+            sweep.take(p, index, batch, parts)
+            sweep.render_seconds += seconds * len(batch) / total  # each sweep's share of the time
+        for scorer in {id(s.scorer): s.scorer for s, _ in jobs if s.scorer is not None}.values():
+            scorer.forget()
+        del parts, images  # let this checkpoint go before the next one loads
+
+
+def sweep_cast(cfg: SweepConfig, run: Run, *, export: str, overwrite: bool, log=print) -> None:
+    """The sweep of a cast (a run trained from [[embeddings]], run.name empty): each character's own sweep
+    in <out>/NAME/, rendered together (each checkpoint loaded once), each character's images checked
+    against every other character's (library/leakage.py), then leakage.csv and cast.html in <out>;
+    `export` "recommended" writes each character's recommended step."""
+    started = time.perf_counter()
+    out = Path(cfg.sweep.output_dir).expanduser() if cfg.sweep.output_dir else run.folder.root / "validation"
+    if (out / "cast.html").exists():
+        raise UserError(f"{out}: already holds a sweep; set sweep.output_dir to a new folder")
+    cfg = replace(cfg, render=replace(cfg.render, seed=resolve_seed(cfg.render.seed)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = scoring.load_scorer(cfg.scoring.model, device) if cfg.scoring.model else None
+    log(f"a cast of {len(run.cast)}: {', '.join(run.cast)}, each swept into {out}/NAME")
+    sweeps = []
+    for name in run.cast:
+        own = replace(
+            cfg, run=replace(cfg.run, name=name), sweep=replace(cfg.sweep, output_dir=str(out / name))
+        )
+        sweeps.append(Sweep.setup(own, run.character(name), log, scorer=scorer))
+    if scorer is not None:
+        for sweep in sweeps:
+            sweep.rivals = [leakage.Rival(o.run.name, o.references, o.bar) for o in sweeps if o is not sweep]
+    render_together([(s, p) for s in sweeps for p in s.plans], log)
+    if cfg.fine.interval.strip().lower() == "auto":
+        for sweep in sweeps:
+            sweep.fine_pass_where_scores_point(log)
+    leaks = [leak for s in sweeps for leak in s.leaks]
+    for sweep in sweeps:
+        _, rec = sweep.recommendation() if scorer is not None else ([], None)
+        if rec is not None and rec.step is not None and sweep.rivals:
+            sweep.notes.append(
+                f"Leakage at step {rec.step}: {leakage.describe(leaks, sweep.run.name, rec.step)} "
+                "(the cast's leakage table is cast.html beside this folder)."
+            )
+    results = {s.run.name: s.write(started, log) for s in sweeps}
+    if scorer is not None:
+        log(f"wrote {leakage.write_leakage_csv(out / 'leakage.csv', leaks)}")
+    page = leakage.write_cast_page(out / "cast.html", run.folder.root, results, leaks)
+    for name, (_, rec) in results.items():
+        if rec is None or rec.step is None:
+            log(f"{name}: no recommended step" + (f" ({rec.reason})" if rec else " (scores are off)"))
+        else:
+            where = f"; leakage there: {leakage.describe(leaks, name, rec.step)}" if leaks else ""
+            log(f"{name}: recommended step {rec.step}{where}")
+    log(f"cast report: {page}")
+    if export == "recommended":
+        missing = [name for name, (_, rec) in results.items() if rec is None or rec.step is None]
+        for name, (_, rec) in results.items():
+            if name not in missing:
+                character = run.character(name, alone=True)
+                export_step(
+                    character, rec.step, cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log
+                )
+        if missing:
+            raise UserError(
+                f"--export recommended: no recommended step for {', '.join(missing)}; export it with "
+                f"run.name=NAME --export STEP"
+            )
+
+
 def render_by_checkpoint(
     cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
-) -> Iterator[tuple[str, object, dict[tuple[str, int], list[Image.Image]], float]]:
-    """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan name, cell index): images}, seconds).
+) -> Iterator[tuple[str, object, dict[tuple[int, int], list[Image.Image]], float]]:
+    """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan position, cell index): images},
+    seconds), the plan position being its place in `plans`.
 
     All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings,
     `sweep.images_per_batch` images per UNet call.
@@ -282,8 +374,8 @@ def render_by_checkpoint(
         parts.place(device, precision)
         conditioner = Conditioner.of(parts, clip_skip=clip_skip)
         jobs = [
-            (p.name, i, cell)
-            for p in plans
+            (k, i, cell)
+            for k, p in enumerate(plans)
             for i, cell in enumerate(p.cells)
             if cell.checkpoint == checkpoint
         ]
@@ -293,7 +385,7 @@ def render_by_checkpoint(
                 blocks = blocks_from_file(parts, file)
                 conditioner.set_embedding(name, {k: v.to(device) for k, v in blocks.items()})
         loaded = time.perf_counter() - started
-        images: dict[tuple[str, int], list[Image.Image]] = {}
+        images: dict[tuple[int, int], list[Image.Image]] = {}
         groups: dict[SamplerSettings, list] = {}
         for job in jobs:
             groups.setdefault(job[2].settings, []).append(job)

@@ -164,9 +164,9 @@ def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
     conditioner.set_embedding(f"{NAME}-40", {"clip_l": vectors})
     cell = coarse.cells[1]
     expected = generate(parts, conditioner, [cell.prompt] * 2, [""] * 2, list(cell.seeds), cell.settings)
-    for got, want in zip(images[("coarse", 1)], expected, strict=True):
+    for got, want in zip(images[(0, 1)], expected, strict=True):
         assert got.tobytes() == want.tobytes()
-    assert images[("coarse", 0)][0].tobytes() != images[("coarse", 1)][0].tobytes()
+    assert images[(0, 0)][0].tobytes() != images[(0, 1)][0].tobytes()
 
 
 # --------------------------------------------------------------------------------------------------
