@@ -5,8 +5,9 @@
 Trains `presets/dreamartist_demo.toml` (the pair h3x / h3x-neg on the demo's blue hexagon) for 150 steps,
 and the same data, steps, lr and seed as plain TI (`dreamartist.enabled=false`), saving every 25 steps. Then
 renders "a photo of a h3x" with the vectors of steps 0, 25, 50, 100 and 150 for `--seeds` seeds (20 steps,
-64 px, DPM++ 2M Karras) at CFG 3 and 7: APT with "h3x-neg" as the negative prompt and with an empty one, TI
-with an empty one. Step 0 is the starting vectors (the init words, the negative's with DreamArtist's small
+64 px, DPM++ 2M Karras) at CFG 3 and 7: APT with the negative prompt its training and previews use ("a photo
+of a h3x-neg": the prompt with h3x-neg for h3x), with "h3x-neg" alone (as the A1111 wiki tells users to
+write it), and with an empty one; TI with an empty one. Step 0 is the starting vectors (the init words, the negative's with DreamArtist's small
 offset), which training saves. The toy world's shape classifier says what each picture shows;
 hit rate = pictures that show a blue hexagon. Prints a Markdown table (README, "DreamArtist APT").
 """
@@ -73,7 +74,7 @@ def hit_rates(run: Path, negative: str, cfg: float, seeds: list[int]) -> dict[in
     for step in STEPS:
         conditioner.set_embedding(NAME, vectors_at(parts, run, NAME, step))
         if negative:
-            conditioner.set_embedding(negative, vectors_at(parts, run, negative, step))
+            conditioner.set_embedding(f"{NAME}-neg", vectors_at(parts, run, f"{NAME}-neg", step))
         prompts, negatives = [f"a photo of a {NAME}"] * len(seeds), [negative] * len(seeds)
         images = generate(parts, conditioner, prompts, negatives, seeds, settings, batch_size=16)
         found[step] = toy.likeness(images, CONCEPT)
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(1000, 1000 + args.seeds))
     apt, ti = train(args.out / "apt", apt=True), train(args.out / "ti", apt=False)
     rows = [
+        ("APT", f'"a photo of a {NAME}-neg"', apt, f"a photo of a {NAME}-neg"),
         ("APT", f'"{NAME}-neg"', apt, f"{NAME}-neg"),
         ("APT", "empty", apt, ""),
         ("plain TI", "empty", ti, ""),
