@@ -24,7 +24,7 @@ KOHYA=$(realpath "$1"); EXAMPLE=$(realpath "$2"); CKPT=$(realpath "$3"); IMAGES=
 OUT_DIR=$5
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd)
 STEPS=${STEPS:-150} RESOLUTION=${RESOLUTION:-512} BATCH=${BATCH:-8} MIXED_PRECISION=${MIXED_PRECISION:-bf16}
-WORKERS=${WORKERS:-8} TOOLS=${TOOLS:-ours kohya diffusers} SITE_ROOT=${SITE_ROOT:-/tmp}
+WORKERS=${WORKERS:-8} TOOLS=${TOOLS:-ours ours_compiled kohya diffusers} SITE_ROOT=${SITE_ROOT:-/tmp}
 WORK=${WORK_DIR:-/tmp/compare-work} RUN_TIMEOUT=${RUN_TIMEOUT:-240} PY=${PYTHON:-python3} DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA_PYTHONPATH:-}
 case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # each tool runs in its own folder
@@ -75,18 +75,20 @@ summarize() {
   local settings="steps=$STEPS resolution=$RESOLUTION batch=$BATCH mixed_precision=$MIXED_PRECISION"
   settings="$settings vectors=$VECTORS token=$TOKEN lr=$LR workers=$WORKERS images=$N_IMAGES kohya_repeats=$REPEATS"
   $PY "$HERE/summarize.py" --work "$WORK" --out "$OUT_DIR" --sites "$SITE_ROOT" --settings "$settings" \
-    --kohya "$KOHYA" --example "$EXAMPLE" --ckpt "$CKPT"
+    --kohya "$KOHYA" --example "$EXAMPLE" --ckpt "$CKPT" \
+    --pairs "ours/kohya ours/diffusers ours_compiled/kohya ours_compiled/diffusers"
 }
 
 for tool in $TOOLS; do
   case $tool in
-  ours)
-    run_tool ours "$SITE_ROOT/site_ours" "$REPO" train_textual_inversion.py --config presets/face.toml \
+  ours | ours_compiled)
+    compiled=false; [ $tool = ours_compiled ] && compiled=true
+    run_tool $tool "$SITE_ROOT/site_ours" "$REPO" train_textual_inversion.py --config presets/face.toml \
       model.checkpoint="$CKPT" model.family=sd1 dataset.image_dir="$WORK/images" dataset.resolution="$RESOLUTION" \
       embedding.name=$TOKEN embedding.init_text=$INIT embedding.num_vectors=$VECTORS \
       train.max_steps="$STEPS" train.batch_size="$BATCH" train.lr=$LR train.optimizer=adamw \
       train.mixed_precision="$MIXED_PRECISION" train.seed=$SEED \
-      save.output_dir="$WORK/out_ours" save.save_every_steps=0 preview.every_steps=0
+      save.output_dir="$WORK/out_$tool" save.save_every_steps=0 preview.every_steps=0 train.compile=$compiled
     ;;
   kohya)
     run_tool kohya "$SITE_ROOT/site_kohya" "$KOHYA" train_textual_inversion.py \
@@ -109,7 +111,7 @@ for tool in $TOOLS; do
       --mixed_precision "$MIXED_PRECISION" --seed $SEED --dataloader_num_workers "$WORKERS" \
       --save_steps $((STEPS + 1)) --checkpointing_steps $((STEPS + 1)) --output_dir "$WORK/out_diffusers"
     ;;
-  *) echo "unknown tool $tool (ours, kohya, diffusers)"; exit 2 ;;
+  *) echo "unknown tool $tool (ours, ours_compiled, kohya, diffusers)"; exit 2 ;;
   esac
 done
 
