@@ -13,7 +13,8 @@ from `low` at t = 0 to `high` at t = T−1 (`ln` linearly in t/(T−1), `cos` = 
 1 − cos(r·π/2)). With the negative switched off the negative prompt is the empty prompt, the unconditional
 of every A1111 render (DreamArtist itself crashes there: it doubles the latents but not the prompts).
 Optional extras: a reconstruction loss (x̂0 from ε̂, decoded by the VAE with gradients, L1 against the
-training image). DreamArtist's per-image attention maps (`<img>_att.png` loss weights) are not implemented yet.
+training image). DreamArtist's per-image attention maps (`<img>_att.png`) weight the loss per latent pixel
+(library/images.py reads them, library/data.py cuts them with their images).
 """
 
 from __future__ import annotations

@@ -421,9 +421,12 @@ class Trainer:
         # of a large model, whose room it would take) and does not mix with torch.compile.
         graphs = t.cuda_graphs and not (t.low_memory or t.compile or parts.family.size_conditioning)
         for settings, group in _by_settings(images).items():
+            # A cast's characters render together (each image from its own seed, so batching changes nothing
+            # but the time), up to 4 at once beyond preview.batch_size; low_memory keeps to batch_size.
+            batch = cfg.batch_size if t.low_memory else min(len(group), max(cfg.batch_size, 4))
             rendered = generate(
                 parts, self.conditioner, [i.prompt for i in group], [i.negative for i in group],
-                [i.seed for i in group], settings, batch_size=cfg.batch_size, graphs=graphs,
+                [i.seed for i in group], settings, batch_size=batch, graphs=graphs,
             )  # fmt: skip
             pictures.update({id(image): picture for image, picture in zip(group, rendered, strict=True)})
         if t.low_memory:

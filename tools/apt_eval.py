@@ -1,6 +1,6 @@
 """DreamArtist APT against plain Textual Inversion, measured on the toy world.
 
-    OMP_NUM_THREADS=1 python tools/apt_eval.py --out output/apt_eval [--seeds 32]
+    OMP_NUM_THREADS=1 python tools/apt_eval.py --out output/apt_eval [--seeds 32] [--lr 0.001]
 
 Trains `presets/dreamartist_demo.toml` (the pair h3x / h3x-neg on the demo's blue hexagon) for 150 steps,
 and the same data, steps, lr and seed as plain TI (`dreamartist.enabled=false`), saving every 25 steps. Then
@@ -28,7 +28,7 @@ STEPS = (0, 25, 50, 100, 150)
 CFGS = (3.0, 7.0)
 
 
-def train(out: Path, apt: bool) -> Path:
+def train(out: Path, apt: bool, lr: float | None = None) -> Path:
     """Train the demo preset (APT, or plain TI with the same data and steps) into `out`; a finished run
     already there is used as it is."""
     if (out / f"{NAME}.pt").is_file():
@@ -43,7 +43,7 @@ def train(out: Path, apt: bool) -> Path:
         f"train.max_steps={max(STEPS)}",
         "save.save_every_steps=25",
         f"dreamartist.enabled={'true' if apt else 'false'}",
-    ]
+    ] + ([f"train.lr={lr}"] if lr else [])
     config = load_config(TrainConfig, ROOT / "presets/dreamartist_demo.toml", overrides)
     dataset = dataclasses.replace(config.dataset, image_dir=str(ROOT / config.dataset.image_dir))
     config = dataclasses.replace(config, dataset=dataset)
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the two runs")
     parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--lr", type=float, help="train.lr of both runs (default: the demo preset's, 0.005)")
     args = parser.parse_args(argv)
     seeds = list(range(1000, 1000 + args.seeds))
-    apt, ti = train(args.out / "apt", apt=True), train(args.out / "ti", apt=False)
+    apt, ti = train(args.out / "apt", apt=True, lr=args.lr), train(args.out / "ti", apt=False, lr=args.lr)
     rows = [
         ("APT", f'"a photo of a {NAME}-neg"', apt, f"a photo of a {NAME}-neg"),
         ("APT", f'"{NAME}-neg"', apt, f"{NAME}-neg"),
