@@ -44,6 +44,7 @@ from library.models import load_parts
 from library.pick import check_pick_config, run_pick
 from library.prompts import check_attention
 from library.sampling import decode_images, resolve_seed, sample_latents
+from library.shards import Shards
 from library.tables import GenerateConfig, GenerateSettings, ModelConfig, SamplerSettings
 
 CONFIG_FILE = "config.toml"
@@ -115,8 +116,14 @@ def _batches(plan: list[PlannedImage]) -> list[list[PlannedImage]]:
 class Renderer:
     """A loaded model with its conditioner and embeddings, rendering one batch at a time."""
 
-    def __init__(self, model: ModelConfig, settings: GenerateSettings, log: Callable[[str], None] = print):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(
+        self,
+        model: ModelConfig,
+        settings: GenerateSettings,
+        log: Callable[[str], None] = print,
+        device: torch.device | None = None,
+    ):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = settings.mixed_precision if self.device.type == "cuda" else "no"
         self.parts = load_parts(model, precision=precision)
         self.parts.place(self.device, precision)
@@ -203,14 +210,18 @@ def load_embeddings(
 # Running
 
 
-def _prepare_folder(folder: Path, key: str) -> None:
+def _prepare_folder(folder: Path, key: str, shards: Shards | None = None) -> None:
+    """Check that `folder` is new or empty (in every process, before any creates it), then create it."""
     if folder.is_file():
         raise UserError(f"{folder} is a file; choose a new folder for {key}")
     if folder.is_dir() and any(folder.iterdir()):
         raise UserError(
             f"{folder} already exists and is not empty; choose a new {key} (nothing is overwritten)"
         )
-    ensure_folder(folder)
+    shards = shards or Shards()
+    shards.wait()
+    if shards.main:
+        ensure_folder(folder)
 
 
 def _recorded_config(manifest: dict, where: str | Path, overrides: list[str] = ()) -> GenerateConfig:
@@ -269,6 +280,7 @@ def _render_plan(
     *,
     keep: set[str] | None = None,
     show_progress: bool = True,
+    overviews: bool = True,
 ) -> None:
     """Render `plan` batch by batch and hand each image to `writer`; with `keep`, only those files.
 
@@ -297,7 +309,7 @@ def _render_plan(
             bar.set_postfix(images=done)
     finally:
         bar.close()
-    writer.finish()
+    writer.finish(overviews=overviews)
 
 
 def run_generate(
@@ -307,12 +319,15 @@ def run_generate(
     review.html; returns the folder.
 
     Everything that can be checked (settings, axes, [pick], the output folder) is checked before the model
-    loads, so a typo fails in a second and writes nothing.
+    loads, so a typo fails in a second and writes nothing. Under a launch of several processes each renders
+    its share of the axis combinations (whole batches, so each image is the one one process renders) and
+    writes its images and their grids; the first process writes the record, the overviews and the flags.
     """
     settings = config.generate
     check_settings(settings)
     axes = parse_axes(settings)
-    seed = resolve_seed(settings.seed)
+    shards = Shards.of_launch()
+    seed = shards.gather([resolve_seed(settings.seed)])[0]  # a random seed: the first process's, for all
     config = replace(config, generate=replace(settings, seed=seed))  # the record reproduces the run
     plan = plan_images(config.generate, seed)
     for image in plan:  # a weight that is not a number fails now, not after the folder is written
@@ -320,22 +335,34 @@ def run_generate(
         check_attention(image.negative_prompt, "generate.negative_prompt")
     folder = Path(settings.output_dir)
     check_pick_config(config.pick)
-    _prepare_folder(folder, "generate.output_dir")
-    renderer = Renderer(config.model, config.generate, log)
+    log = log if shards.main else (lambda *_: None)
+    _prepare_folder(folder, "generate.output_dir", shards)
+    renderer = Renderer(config.model, config.generate, log, device=shards.device())
     model_info = {
         "checkpoint_name": renderer.parts.checkpoint_name,
         "checkpoint_hash": renderer.parts.checkpoint_hash,
     }
-    atomic_write(folder / CONFIG_FILE, dump_config(config))
-    write_manifest(folder, config, axes, model_info, plan)
+    if shards.main:
+        atomic_write(folder / CONFIG_FILE, dump_config(config))
+        write_manifest(folder, config, axes, model_info, plan)
     combos = len(plan) // (settings.batch_count * settings.batch_size)
     log(
         f"rendering {len(plan)} images ({combos} axis combinations x {settings.batch_count} batches x "
         f"{settings.batch_size}), seed {seed}, into {folder}"
+        + (f", {shards.count} processes" if shards.count > 1 else "")
     )
+    shards.wait()  # the folder exists
     writer = RunWriter(folder, config, axes, pick=config.pick, grids=settings.grids)
-    _render_plan(renderer, plan, config.generate, writer, show_progress=show_progress)
-    run_pick(folder, config.pick, log, measured=writer.measured)
+    mine = [image for image in plan if shards.mine(image.combination)]
+    _render_plan(
+        renderer, mine, config.generate, writer, show_progress=show_progress and shards.main, overviews=False
+    )
+    measured = dict(shards.gather(list(writer.measured.items())))
+    firsts = shards.gather(writer.firsts())
+    if shards.main:
+        writer.write_overviews(firsts)
+        run_pick(folder, config.pick, log, measured=measured)
+    shards.wait()
     return folder
 
 

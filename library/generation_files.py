@@ -198,15 +198,30 @@ class RunWriter:
         grid = make_grid(pictures, [], y_labels, margin=self.settings.grid_margin, title=title)
         save_png(grid, self.folder / GRID_DIR / f"{first[0].combination:04d}.png", first[2])
 
-    def finish(self) -> None:
-        """Wait for the workers, then write the X/Y/Z overviews of the first seed."""
+    def finish(self, overviews: bool = True) -> None:
+        """Wait for the workers, then write the X/Y/Z overviews of the first seed (unless they wait for
+        the first images of other processes: `write_overviews`)."""
         try:
             for future in self._futures:
                 future.result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.grids and self.axes:
+        if overviews and self.grids and self.axes:
             self._overviews()
+
+    def firsts(self) -> list[tuple[PlannedImage, str]]:
+        """The first image of each axis combination this writer saved (for the overviews), with its infotext."""
+        return [(planned, infotext) for planned, _, infotext in self._firsts.values()]
+
+    def write_overviews(self, firsts: list[tuple[PlannedImage, str]]) -> None:
+        """The overviews, with the first images other processes saved (read back from their PNGs)."""
+        if not (self.grids and self.axes):
+            return
+        for planned, infotext in firsts:
+            if planned.axis_values not in self._firsts:
+                with Image.open(self.folder / planned.file) as saved:
+                    self._firsts[planned.axis_values] = (planned, saved.convert("RGB"), infotext)
+        self._overviews()
 
     def _overviews(self) -> None:
         """A1111's X/Y/Z plot of the first seed: X = columns, Y = rows, Z = grids side by side; axes after
