@@ -28,6 +28,7 @@ from library.files import atomic_write
 from library.recommendation import BASELINE_STEP, Recommendation, recommend, step_curves
 from library.run_folder import Run, export_step, open_run
 from library.sampling import generate, resolve_seed
+from library.shards import Shards
 from library.sweep import (
     Plan,
     auto_interval,
@@ -66,11 +67,15 @@ def run_sweep(
     if export.isdigit():
         export_step(run, int(export), cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
         return None
+    shards = Shards.of_launch()
+    log = log if shards.main else (lambda *_: None)
+    # One seed for the whole sweep (coarse and fine passes, every process), recorded in its config.toml.
+    cfg = replace(cfg, render=replace(cfg.render, seed=shards.gather([resolve_seed(cfg.render.seed)])[0]))
     if run.cast:
-        sweep_cast(cfg, run, export=export, overwrite=overwrite, log=log)
+        sweep_cast(cfg, run, shards, export=export, overwrite=overwrite, log=log)
         return None
     started = time.perf_counter()
-    sweep = Sweep.setup(cfg, run, log)
+    sweep = Sweep.setup(cfg, run, shards, log)
     sweep.render(sweep.plans, log)
     if cfg.fine.interval.strip().lower() == "auto":
         sweep.fine_pass_where_scores_point(log)
@@ -91,7 +96,9 @@ def run_sweep(
             raise UserError(
                 "--export recommended: the sweep recommends no step; export one with --export STEP"
             )
-        export_step(run, rec.step, cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
+        if shards.main:
+            export_step(run, rec.step, cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log)
+    shards.wait()
     return rec
 
 
@@ -104,12 +111,12 @@ class Sweep:
     out: Path
     axes: tuple
     plans: list[Plan]
-    device: torch.device
+    shards: Shards
     scorer: scoring.Scorer | None = None
     references: list = field(default_factory=list)
     bar: float = 0.0
     notes: list[str] = field(default_factory=list)
-    cells: dict = field(default_factory=dict)  # (plan name, cell index) -> the cell's images as one picture
+    cells: dict = field(default_factory=dict)  # (plan name, cell index) -> its images' files (or one picture)
     scored: list = field(default_factory=list)  # (checkpoint label, step, CellScores)
     rows: list[dict] = field(default_factory=list)  # scores.csv
     render_seconds: float = 0.0
@@ -117,9 +124,11 @@ class Sweep:
     leaks: list[leakage.Leak] = field(default_factory=list)
 
     @classmethod
-    def setup(cls, cfg: SweepConfig, run: Run, log=print, scorer: scoring.Scorer | None = None) -> Sweep:
+    def setup(
+        cls, cfg: SweepConfig, run: Run, shards: Shards, log=print, scorer: scoring.Scorer | None = None
+    ) -> Sweep:
         """Check the settings and plan every cell (every NAME-N must exist) before any model is loaded
-        (`scorer`: one already loaded for scoring.model)."""
+        (`scorer`: one already loaded for scoring.model). `cfg.render.seed` is resolved already."""
         out = (
             Path(cfg.sweep.output_dir).expanduser()
             if cfg.sweep.output_dir
@@ -127,8 +136,6 @@ class Sweep:
         )
         if (out / "report.html").exists() or (out / "cells").exists():
             raise UserError(f"{out}: already holds a sweep; set sweep.output_dir to a new folder")
-        # One random seed for the whole sweep (coarse and fine passes), recorded in the written config.toml.
-        cfg = replace(cfg, render=replace(cfg.render, seed=resolve_seed(cfg.render.seed)))
         prompt = base_prompt(cfg, run)
         axes = tuple(
             parse_axis(a, n, cfg, run, prompt) for n, a in (("x", cfg.x), ("y", cfg.y), ("z", cfg.z))
@@ -147,10 +154,9 @@ class Sweep:
         plans = [plan(cfg, run, axes)] if cfg.fine.coarse else []
         if interval not in ("", "auto"):
             plans.append(fine_plan(cfg, run, axes, parse_interval(interval)))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        sweep = cls(cfg, run, out, axes, plans, device)
+        sweep = cls(cfg, run, out, axes, plans, shards)
         if cfg.scoring.model:
-            sweep.scorer = scorer or scoring.load_scorer(cfg.scoring.model, device)
+            sweep.scorer = scorer or scoring.load_scorer(cfg.scoring.model, shards.device())
             sweep.references = scoring.load_references(cfg.scoring.reference_dir, run.dataset())
             sweep.bar = cfg.scoring.likeness_bar * scoring.reference_likeness(sweep.scorer, sweep.references)
             log(
@@ -161,44 +167,66 @@ class Sweep:
                 "Scores are off (scoring.model is empty): the sweep renders, but recommends no step."
             )
             log("scores are off: set scoring.model to a local CLIP folder to get a recommended step")
-        atomic_write(out / "config.toml", dump_config(cfg))
+        shards.wait()  # every process has checked the folder before the first writes to it
+        if shards.main:
+            atomic_write(out / "config.toml", dump_config(cfg))
         return sweep
 
     def render(self, plans: list[Plan], log=print) -> None:
         """Render the plans checkpoint by checkpoint; save and score each cell."""
         render_together([(self, p) for p in plans], log)
 
-    def take(self, p: Plan, index: int, batch: list[Image.Image], parts) -> None:
-        """Save and score one rendered cell (and count which of its images show another character)."""
+    def take(self, job: int, p: Plan, index: int, batch: list[Image.Image], parts) -> Rendered:
+        """Save and score one cell this process rendered (and say which of its images show another
+        character of the cast)."""
         cell = p.cells[index]
         clip_skip = self.run.config.train.clip_skip if self.run.config else 0
         paths = report.save_cell_images(self.out, p, cell, batch, parts, clip_skip)
         self.cells[(p.name, index)] = batch_grid(batch)
-        result, shown = None, [[] for _ in batch]
+        result, shown = None, [() for _ in batch]
         if self.scorer is not None:
             clip_prompt = scoring.adherence_prompt(cell.prompt, self.run.name, self.cfg.scoring.class_word)
             result = scoring.score_cell(self.scorer, batch, self.references, clip_prompt)
-            if cell.step is not None:
-                self.scored.append((cell.checkpoint_label, cell.step, result))
-                for rival in self.rivals:
-                    flags = rival.shown_in(self.scorer, batch, result.likeness)
-                    self.leaks.append(
-                        leakage.Leak(
-                            self.run.name,
-                            cell.checkpoint_label,
-                            cell.step,
-                            rival.name,
-                            len(flags),
-                            sum(flags),
-                        )
+            if cell.step is not None and self.rivals:
+                flags = [rival.shown_in(self.scorer, batch, result.likeness) for rival in self.rivals]
+                names = [rival.name for rival in self.rivals]
+                shown = [
+                    tuple(n for n, f in zip(names, each, strict=True) if f)
+                    for each in zip(*flags, strict=True)
+                ]
+        return Rendered(job, index, tuple(paths), result, tuple(shown))
+
+    def keep(self, p: Plan, done: Rendered) -> None:
+        """Record a cell that some process rendered: its scores.csv rows, its scores and leakage."""
+        cell = p.cells[done.index]
+        self.cells.setdefault((p.name, done.index), done.paths)
+        if done.result is not None and cell.step is not None:
+            self.scored.append((cell.checkpoint_label, cell.step, done.result))
+            for rival in self.rivals:
+                leaked = sum(rival.name in names for names in done.shown)
+                self.leaks.append(
+                    leakage.Leak(
+                        self.run.name, cell.checkpoint_label, cell.step, rival.name, len(done.shown), leaked
                     )
-                    for i in (i for i, flag in enumerate(flags) if flag):
-                        shown[i].append(rival.name)
-        rows = [report.score_row(self.out, p, cell, i, path, result) for i, path in enumerate(paths)]
+                )
+        rows = [
+            report.score_row(self.out, p, cell, i, path, done.result) for i, path in enumerate(done.paths)
+        ]
         if self.rivals:
-            for row, names in zip(rows, shown, strict=True):
+            for row, names in zip(rows, done.shown, strict=True):
                 row["shows_other"] = " ".join(names)
         self.rows += rows
+
+    def picture(self, key: tuple[str, int]) -> Image.Image:
+        """A cell's images as one picture (read back from their files when another process rendered it)."""
+        found = self.cells[key]
+        if isinstance(found, Image.Image):
+            return found
+        images = []
+        for path in found:
+            with Image.open(path) as saved:
+                images.append(saved.convert("RGB"))
+        return batch_grid(images)
 
     def recommendation(self) -> tuple[list, Recommendation | None]:
         curves = step_curves(self.scored)
@@ -225,8 +253,10 @@ class Sweep:
         self.render(self.plans[-1:], log)
 
     def write(self, started: float, log=print) -> tuple[Path, Recommendation | None]:
-        """The grids, scores.csv and report.html."""
+        """The grids, scores.csv and report.html (the first process writes them)."""
         curves, rec = self.recommendation() if self.scorer is not None else ([], None)
+        if not self.shards.main:
+            return self.out / "report.html", rec
         if self.scorer is not None and rec is None:
             self.notes.append("No cell names a single embedding step, so no step is recommended.")
         if any(c.step == BASELINE_STEP for p in self.plans for c in p.cells):
@@ -236,7 +266,7 @@ class Sweep:
             )
         grids = []
         for p in self.plans:
-            images = {(c.x, c.y, c.z): self.cells[(p.name, i)] for i, c in enumerate(p.cells)}
+            images = {(c.x, c.y, c.z): self.picture((p.name, i)) for i, c in enumerate(p.cells)}
             name = "grid.png" if p.name == "coarse" else f"grid-{p.name}.png"
             grids.append(
                 (
@@ -268,23 +298,40 @@ class Sweep:
         return page, rec
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A cell as the process that rendered it saved and scored it: what every process keeps of it."""
+
+    job: int  # the plan's place in render_together's jobs
+    index: int  # the cell's place in its plan
+    paths: tuple[Path, ...]
+    result: scoring.CellScores | None
+    shown: tuple[tuple[str, ...], ...]  # per image: the other characters of the cast it shows
+
+
 def render_together(jobs: list[tuple[Sweep, Plan]], log=print) -> None:
     """Render the plans of one or more sweeps of a run (a cast's characters) in one pass over the
-    checkpoints, each loaded once; every cell goes to its own sweep."""
+    checkpoints, each loaded once; every cell goes to its own sweep. Under a launch of several processes
+    each renders its share of the cells; every process then keeps every cell's record, in plan order."""
     first = jobs[0][0]
-    plans = [p for _, p in jobs]
-    for _, parts, images, seconds in render_by_checkpoint(first.cfg, first.run, plans, first.device, log):
-        total = max(sum(len(batch) for batch in images.values()), 1)
-        for (k, index), batch in images.items():
-            sweep, p = jobs[k]
-            sweep.take(p, index, batch, parts)
-            sweep.render_seconds += seconds * len(batch) / total  # each sweep's share of the time
+    shards, plans = first.shards, [p for _, p in jobs]
+    for _, parts, images, seconds in render_by_checkpoint(first.cfg, first.run, plans, shards, log):
+        done = [jobs[k][0].take(k, jobs[k][1], index, batch, parts) for (k, index), batch in images.items()]
+        everyone = sorted(shards.gather(done), key=lambda d: (d.job, d.index))
+        seconds = max(shards.gather([seconds]))  # the slowest process's
+        total = max(sum(len(d.paths) for d in everyone), 1)
+        for d in everyone:
+            sweep, p = jobs[d.job]
+            sweep.keep(p, d)
+            sweep.render_seconds += seconds * len(d.paths) / total  # each sweep's share of the time
         for scorer in {id(s.scorer): s.scorer for s, _ in jobs if s.scorer is not None}.values():
             scorer.forget()
         del parts, images  # let this checkpoint go before the next one loads
 
 
-def sweep_cast(cfg: SweepConfig, run: Run, *, export: str, overwrite: bool, log=print) -> None:
+def sweep_cast(
+    cfg: SweepConfig, run: Run, shards: Shards, *, export: str, overwrite: bool, log=print
+) -> None:
     """The sweep of a cast (a run trained from [[embeddings]], run.name empty): each character's own sweep
     in <out>/NAME/, rendered together (each checkpoint loaded once), each character's images checked
     against every other character's (library/leakage.py), then leakage.csv and cast.html in <out>;
@@ -293,16 +340,14 @@ def sweep_cast(cfg: SweepConfig, run: Run, *, export: str, overwrite: bool, log=
     out = Path(cfg.sweep.output_dir).expanduser() if cfg.sweep.output_dir else run.folder.root / "validation"
     if (out / "cast.html").exists():
         raise UserError(f"{out}: already holds a sweep; set sweep.output_dir to a new folder")
-    cfg = replace(cfg, render=replace(cfg.render, seed=resolve_seed(cfg.render.seed)))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scorer = scoring.load_scorer(cfg.scoring.model, device) if cfg.scoring.model else None
+    scorer = scoring.load_scorer(cfg.scoring.model, shards.device()) if cfg.scoring.model else None
     log(f"a cast of {len(run.cast)}: {', '.join(run.cast)}, each swept into {out}/NAME")
     sweeps = []
     for name in run.cast:
         own = replace(
             cfg, run=replace(cfg.run, name=name), sweep=replace(cfg.sweep, output_dir=str(out / name))
         )
-        sweeps.append(Sweep.setup(own, run.character(name), log, scorer=scorer))
+        sweeps.append(Sweep.setup(own, run.character(name), shards, log, scorer=scorer))
     if scorer is not None:
         for sweep in sweeps:
             sweep.rivals = [leakage.Rival(o.run.name, o.references, o.bar) for o in sweeps if o is not sweep]
@@ -319,7 +364,24 @@ def sweep_cast(cfg: SweepConfig, run: Run, *, export: str, overwrite: bool, log=
                 "(the cast's leakage table is cast.html beside this folder)."
             )
     results = {s.run.name: s.write(started, log) for s in sweeps}
-    if scorer is not None:
+    missing = [name for name, (_, rec) in results.items() if rec is None or rec.step is None]
+    try:
+        if shards.main:
+            _cast_outputs(cfg, run, out, results, leaks, scorer is not None, export, overwrite, log)
+    finally:
+        shards.wait()  # the others wait for the first process's files (also when it failed)
+    if export == "recommended" and missing:
+        raise UserError(
+            f"--export recommended: no recommended step for {', '.join(missing)}; export it with "
+            f"run.name=NAME --export STEP"
+        )
+
+
+def _cast_outputs(
+    cfg, run: Run, out: Path, results: dict, leaks: list, scored: bool, export: str, overwrite: bool, log
+) -> None:
+    """leakage.csv, cast.html, a line per character, and the exports of `--export recommended`."""
+    if scored:
         log(f"wrote {leakage.write_leakage_csv(out / 'leakage.csv', leaks)}")
     page = leakage.write_cast_page(out / "cast.html", run.folder.root, results, leaks)
     for name, (_, rec) in results.items():
@@ -330,32 +392,30 @@ def sweep_cast(cfg: SweepConfig, run: Run, *, export: str, overwrite: bool, log=
             log(f"{name}: recommended step {rec.step}{where}")
     log(f"cast report: {page}")
     if export == "recommended":
-        missing = [name for name, (_, rec) in results.items() if rec is None or rec.step is None]
         for name, (_, rec) in results.items():
-            if name not in missing:
+            if rec is not None and rec.step is not None:
                 character = run.character(name, alone=True)
                 export_step(
                     character, rec.step, cfg.export.folder, cfg.export.formats, overwrite=overwrite, log=log
                 )
-        if missing:
-            raise UserError(
-                f"--export recommended: no recommended step for {', '.join(missing)}; export it with "
-                f"run.name=NAME --export STEP"
-            )
 
 
 def render_by_checkpoint(
-    cfg: SweepConfig, run: Run, plans: list[Plan], device: torch.device, log=print
+    cfg: SweepConfig, run: Run, plans: list[Plan], shards: Shards | None = None, log=print
 ) -> Iterator[tuple[str, object, dict[tuple[int, int], list[Image.Image]], float]]:
     """Per checkpoint (loaded one at a time): (checkpoint, parts, {(plan position, cell index): images},
     seconds), the plan position being its place in `plans`.
 
-    All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings,
-    `sweep.images_per_batch` images per UNet call.
+    All cells of all plans that use the checkpoint are rendered together, grouped by sampler settings, in
+    UNet batches of whole cells (up to `sweep.images_per_batch` images; a larger cell alone, in several).
+    Under a launch of several processes each renders its share of those batches, and every cell is
+    rendered in the batch it has in one process.
     """
     from library.conditioning import Conditioner
     from library.models import load_parts
 
+    shards = shards or Shards()
+    device = shards.device()
     precision = cfg.sweep.mixed_precision if device.type == "cuda" else "no"
     trained = run.config  # render as the run trained: its CLIP skip, and its family for its own checkpoint
     clip_skip = trained.train.clip_skip if trained else 0
@@ -389,14 +449,24 @@ def render_by_checkpoint(
         groups: dict[SamplerSettings, list] = {}
         for job in jobs:
             groups.setdefault(job[2].settings, []).append(job)
+        size = cfg.sweep.images_per_batch
+        units = [unit for group in groups.values() for unit in _whole_cells(group, size)]
+        mine = [unit for n, unit in enumerate(units) if shards.mine(n)]
         total = sum(len(job[2].seeds) for job in jobs)
         log(f"{label}: loaded in {loaded:.1f} s; rendering {total} images")
         render_started = time.perf_counter()
-        with tqdm(total=total, desc=label, unit=" images", file=sys.stderr, bar_format=_PROGRESS) as progress:
-            for settings, group in groups.items():
-                flat = [(job, seed) for job in group for seed in job[2].seeds]
+        share = sum(len(job[2].seeds) for unit in mine for job in unit)
+        with tqdm(
+            total=share,
+            desc=label,
+            unit=" images",
+            file=sys.stderr,
+            bar_format=_PROGRESS,
+            disable=not shards.main,
+        ) as progress:
+            for unit in mine:
+                flat = [(job, seed) for job in unit for seed in job[2].seeds]
                 # One UNet batch per call (as generate would batch them anyway), so the bar moves per batch.
-                size = cfg.sweep.images_per_batch
                 for start in range(0, len(flat), size):
                     batch = flat[start : start + size]
                     out = generate(
@@ -405,7 +475,7 @@ def render_by_checkpoint(
                         [j[2].prompt for j, _ in batch],
                         [j[2].negative for j, _ in batch],
                         [seed for _, seed in batch],
-                        settings,
+                        batch[0][0][2].settings,
                         batch_size=size,
                     )
                     for (job, _), image in zip(batch, out, strict=True):
@@ -413,11 +483,26 @@ def render_by_checkpoint(
                     progress.update(len(batch))
         seconds = time.perf_counter() - render_started
         count = sum(len(v) for v in images.values())
-        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
+        each = f" (this process's share of {shards.count})" if shards.count > 1 else ""
+        log(f"{label}: {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s){each}")
         yield checkpoint, parts, images, seconds
         del parts, conditioner
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _whole_cells(jobs: list, size: int) -> list[list]:
+    """Consecutive cells packed into UNet batches of at most `size` images without splitting a cell (a
+    cell of more images than `size` is a batch unit of its own)."""
+    units, current, count = [], [], 0
+    for job in jobs:
+        n = len(job[2].seeds)
+        if current and count + n > size:
+            units.append(current)
+            current, count = [], 0
+        current.append(job)
+        count += n
+    return units + [current] if current else units
 
 
 def batch_grid(images: list[Image.Image]) -> Image.Image:

@@ -31,7 +31,11 @@ CAST = {"h3xa": "yellow hexagon", "tr1a": "green triangle", "p0rp": "yellow hexa
 
 @pytest.fixture(scope="module")
 def cast_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("cast") / "run"
+    return make_cast_run(tmp_path_factory.mktemp("cast") / "run")
+
+
+def make_cast_run(run: Path) -> Path:
+    """The run folder of the module docstring: config.toml and embeddings/NAME-0, NAME-25 of each character."""
     (run / "embeddings").mkdir(parents=True)
     entries = "".join(
         f'[[embeddings]]\nname = "{name}"\nimage_dir = "{(ROOT / "dataset_layouts/cast" / name).as_posix()}"\n\n'

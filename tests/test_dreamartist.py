@@ -415,9 +415,7 @@ def test_the_sweep_renders_and_exports_the_pair_together(tmp_path):
         cells = plan(cfg, run, axes).cells
         assert [c.step for c in cells][-2:] == [2, 4]
         assert cells[-1].prompt == f"a photo of {NAME}-4" and cells[-1].negative == f"{NAME}-4-neg, blurry"
-    ((_, _, images, _),) = list(
-        render_by_checkpoint(cfg, run, [plan(cfg, run, axes)], torch.device("cpu"), log=print)
-    )
+    ((_, _, images, _),) = list(render_by_checkpoint(cfg, run, [plan(cfg, run, axes)], log=print))
     assert len(images) == 2
     # --export writes both, named as A1111 users load them
     paths = export_step(run, 4, tmp_path / "webui", ("pt",), log=lambda *_: None)

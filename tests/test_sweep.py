@@ -150,9 +150,7 @@ def test_cells_render_with_their_own_steps_vectors(tmp_path, capsys):
     coarse = plan(cfg, run, axes_of(cfg, run))
     assert [c.step for c in coarse.cells] == [20, 40, 60]
     lines = []
-    ((_, _, images, _),) = list(
-        render_by_checkpoint(cfg, run, [coarse], torch.device("cpu"), log=lines.append)
-    )
+    ((_, _, images, _),) = list(render_by_checkpoint(cfg, run, [coarse], log=lines.append))
     # A line as the checkpoint loads, a progress bar of the images on stderr, nothing printed to stdout.
     assert lines[0] == "builtin:tiny: loading builtin:tiny" and "rendering 6 images" in lines[1]
     captured = capsys.readouterr()
