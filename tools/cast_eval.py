@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seeds = list(range(1000, 1000 + args.seeds))
     together = train(args.out / "together", list(CAST))
-    print("| character | trained | " + " | ".join(f"step {s}" for s in STEPS) + " | leakage, steps 25-100 |")
+    print(
+        "| character | trained | "
+        + " | ".join(f"step {s}" for s in STEPS)
+        + " | leakage at steps 25 / 50 / 75 / 100 |"
+    )
     print("| --- | --- | " + " | ".join("---" for _ in STEPS) + " | --- |")
     for name, concept in CAST.items():
         alone = train(args.out / f"alone-{name}", [name])
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             # Step 0 is the untrained word "shape", any shape in any colour: its other-character pictures are chance.
             leaks = [sum(v for other, v in found[s].items() if other != name) for s in STEPS[1:]]
             print(
-                f"| {name} ({concept}) | {label} | {hits} | {min(leaks):.0%}-{max(leaks):.0%} |", flush=True
+                f"| {name} ({concept}) | {label} | {hits} | {' / '.join(f'{v:.0%}' for v in leaks)} |",
+                flush=True,
             )
     return 0
 
