@@ -389,8 +389,8 @@ def test_the_sweep_renders_and_exports_the_pair_together(tmp_path):
 
     from library.run_folder import export_step, open_run
     from library.sweep import parse_axis, plan
+    from library.sweep_rendering import render_by_checkpoint
     from library.tables import SweepConfig
-    from library.validation import render_by_checkpoint
 
     ROOT = Path(__file__).resolve().parent.parent
     run_training(config(tmp_path, checkpoint="builtin:tiny"), **QUIET)

@@ -17,8 +17,8 @@ from library.recommendation import StepScores, recommend
 from library.report import save_grid, write_report
 from library.run_folder import export_step, open_run
 from library.sweep import Axis, auto_interval, expand_numbers, fine_plan, parse_axis, plan
+from library.sweep_rendering import render_by_checkpoint
 from library.tables import SweepConfig, TrainConfig
-from library.validation import render_by_checkpoint
 from sweep_validate import main
 from tests.helpers import make_images, tiny_checkpoint
 
