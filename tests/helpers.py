@@ -65,3 +65,35 @@ class OneEncoder(Conditioner):
     def encode_pair(self, prompts, negatives):
         cond, uncond = super().encode_pair(prompts, negatives)
         return cond.context, uncond.context
+
+
+def interrupt_after(monkeypatch, stop_at: int) -> None:
+    """Make training raise SIGINT (what Ctrl-C does) once update `stop_at` is done."""
+    import signal
+
+    from library.trainer import Trainer
+
+    real_step = Trainer.step
+
+    def step(self, index, lr, clip):
+        loss = real_step(self, index, lr, clip)
+        if index + 1 == stop_at:
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+def poison_unet_after(monkeypatch, trainer, calls: int) -> None:
+    """Make the trainer's UNet answer NaN from its call `calls + 1` on."""
+    real = trainer.parts.unet.forward
+    made = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        made["n"] += 1
+        out = real(*args, **kwargs)
+        if made["n"] > calls:
+            out.sample.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer.parts.unet, "forward", poisoned)

@@ -17,7 +17,7 @@ from library.embeddings import load_embedding
 from library.errors import UserError
 from library.tables import TrainConfig
 from library.training import TrainingStopped, run_training, setup
-from tests.helpers import make_images, tiny_checkpoint
+from tests.helpers import interrupt_after, make_images, poison_unet_after, tiny_checkpoint
 
 QUIET = dict(log=lambda *_: None)
 NAME = "p41r"
@@ -257,17 +257,7 @@ def test_the_negatives_lr_weight_survives_every_schedule_change(tmp_path, monkey
 def test_nan_stops_with_the_last_good_save_of_both(tmp_path, monkeypatch):
     """Fault: NaN losses. Here the loop stops and keeps the last good vectors of both embeddings."""
     trainer = setup(config(tmp_path, "train.max_steps=6", "save.save_every_steps=0"), **QUIET)
-    real = trainer.parts.unet.forward
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        if calls["n"] > 3:
-            out.sample.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(trainer.parts.unet, "forward", poisoned)
+    poison_unet_after(monkeypatch, trainer, calls=3)
     with pytest.raises(TrainingStopped, match="loss became nan at step 4"):
         trainer.train()
     embeddings = tmp_path / "run" / "embeddings"
@@ -286,22 +276,11 @@ def test_two_runs_give_identical_vectors(tmp_path):
 
 
 def test_an_interrupted_pair_resumes_to_the_same_vectors(tmp_path, monkeypatch):
-    import signal
-
-    from library.trainer import Trainer
 
     settings = ("train.max_steps=6", "train.lr='0.003:3, 0.001'", "dreamartist.neg_lr_factor=0.5")
     straight = run_training(config(tmp_path / "a", *settings), **QUIET)
     cfg = config(tmp_path / "b", *settings)
-    real_step = Trainer.step
-
-    def step(self, index, lr, clip):
-        result = real_step(self, index, lr, clip)
-        if index + 1 == 3:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Trainer, "step", step)
+    interrupt_after(monkeypatch, 3)
     with pytest.raises(TrainingStopped, match="interrupted after 3 steps"):
         run_training(cfg, **QUIET)
     monkeypatch.undo()
@@ -338,9 +317,6 @@ def test_ema_overwrite_makes_the_live_vectors_the_average(tmp_path):
 
 
 def test_ema_copy_is_saved_beside_the_live_vectors_and_resumes(tmp_path, monkeypatch):
-    import signal
-
-    from library.trainer import Trainer
 
     settings = ("dreamartist.ema_rate=0.5", "dreamartist.ema_mode=copy", "train.max_steps=4")
     final = run_training(config(tmp_path / "a", *settings), **QUIET)
@@ -353,15 +329,7 @@ def test_ema_copy_is_saved_beside_the_live_vectors_and_resumes(tmp_path, monkeyp
     assert vectors(run / f"{NAME}-ema-neg.pt").shape == (6, 64)
     # the EMA copy resumes with the pair
     cfg = config(tmp_path / "b", *settings)
-    real_step = Trainer.step
-
-    def step(self, index, lr, clip):
-        result = real_step(self, index, lr, clip)
-        if index + 1 == 2:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Trainer, "step", step)
+    interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingStopped):
         run_training(cfg, **QUIET)
     monkeypatch.undo()

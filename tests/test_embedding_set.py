@@ -4,7 +4,6 @@ each saved, previewed and resumed, each trained as it would be alone."""
 from __future__ import annotations
 
 import csv
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,8 @@ from library.config import load_config
 from library.embeddings import load_embedding
 from library.errors import UserError
 from library.tables import TrainConfig
-from library.training import Trainer, TrainingStopped, run_training, setup
-from tests.helpers import make_images
+from library.training import TrainingStopped, run_training, setup
+from tests.helpers import interrupt_after, make_images
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda *_: None)
@@ -125,15 +124,7 @@ def test_lr_factor_scales_one_embeddings_steps(tmp_path):
 def test_an_interrupted_cast_resumes_to_the_same_vectors(tmp_path, monkeypatch):
     straight = run_training(cast(tmp_path / "a", "train.max_steps=6"), **QUIET).parent
     cfg = cast(tmp_path / "b", "train.max_steps=6")
-    real_step = Trainer.step
-
-    def step(self, index, lr, clip):
-        result = real_step(self, index, lr, clip)
-        if index + 1 == 3:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Trainer, "step", step)
+    interrupt_after(monkeypatch, 3)
     with pytest.raises(TrainingStopped, match="interrupted after 3 steps"):
         run_training(cfg, **QUIET)
     monkeypatch.undo()

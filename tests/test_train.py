@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,8 @@ from library.embeddings import load_embedding
 from library.errors import UserError
 from library.infotext import parse_infotext
 from library.tables import TrainConfig
-from library.training import Trainer, TrainingStopped, run_training, setup
-from tests.helpers import make_images, tiny_checkpoint
+from library.training import TrainingStopped, run_training, setup
+from tests.helpers import interrupt_after, make_images, poison_unet_after, tiny_checkpoint
 from train_textual_inversion import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,18 +88,6 @@ def test_only_the_new_vectors_change(tmp_path):
     assert len(params) == 1 and params[0] is vectors
 
 
-def _interrupt_after(monkeypatch, stop_at: int):
-    real_step = Trainer.step
-
-    def step(self, index, lr, clip):
-        loss = real_step(self, index, lr, clip)
-        if index + 1 == stop_at:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
-        return loss
-
-    monkeypatch.setattr(Trainer, "step", step)
-
-
 def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path, monkeypatch):
     settings = (
         "train.max_steps=6",
@@ -116,7 +103,7 @@ def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path, monkeypatch
     straight = run_training(config(tmp_path / "a", *settings), log=lambda *_: None)
 
     cfg = config(tmp_path / "b", *settings)
-    _interrupt_after(monkeypatch, 3)
+    interrupt_after(monkeypatch, 3)
     with pytest.raises(TrainingStopped, match="interrupted after 3 steps"):
         run_training(cfg, log=lambda *_: None)
     monkeypatch.undo()
@@ -139,17 +126,7 @@ def test_resume_from_a_step_file_continues_the_schedule(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, monkeypatch):
     trainer = setup(config(tmp_path, "train.max_steps=6", "save.save_every_steps=0"), log=lambda *_: None)
-    real = trainer.parts.unet.forward
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        if calls["n"] > 3:
-            out.sample.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(trainer.parts.unet, "forward", poisoned)
+    poison_unet_after(monkeypatch, trainer, calls=3)
     with pytest.raises(TrainingStopped, match="loss became nan at step 4"):
         trainer.train()
     kept = load_embedding(tmp_path / "run" / "embeddings" / "d3mo-3.pt")
@@ -220,7 +197,7 @@ def test_other_optimizers_resume_exactly(tmp_path, optimizer, monkeypatch):
     )
     straight = load_embedding(run_training(config(tmp_path / "a", *settings), log=lambda *_: None)).vectors
     cfg = config(tmp_path / "b", *settings)
-    _interrupt_after(monkeypatch, 2)
+    interrupt_after(monkeypatch, 2)
     with pytest.raises(TrainingStopped):
         run_training(cfg, log=lambda *_: None)
     monkeypatch.undo()
