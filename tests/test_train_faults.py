@@ -15,8 +15,8 @@ from library.errors import UserError
 from library.infotext import parse_infotext
 from library.training import Trainer, TrainingStopped, run_training, setup
 from tests.a1111 import a1111_check_pt, a1111_reads
-from tests.helpers import make_images, one_error_line
-from tests.test_train import _interrupt_after, config
+from tests.helpers import interrupt_after, make_images, one_error_line
+from tests.test_train import config
 from train_textual_inversion import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_nan_stop_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_on_a_save_step_says_how_to_continue(tmp_path, monkeypatch, capsys):
-    _interrupt_after(monkeypatch, 3)
+    interrupt_after(monkeypatch, 3)
     assert main(args(tmp_path, "save.save_every_steps=1", "train.max_steps=6")) == 130
     line = one_error_line(capsys.readouterr().err)
     assert "interrupted after 3 steps" in line and f"--resume {tmp_path / 'run'}" in line
@@ -117,7 +117,7 @@ def test_a_save_cut_short_by_a_kill_is_redone_on_resume(tmp_path, monkeypatch):
     settings = ("train.max_steps=6", "save.save_every_steps=2")
     straight = load_embedding(run_training(config(tmp_path / "a", *settings), **QUIET)).vectors
     cfg = config(tmp_path / "b", *settings)
-    _interrupt_after(monkeypatch, 4)
+    interrupt_after(monkeypatch, 4)
     with pytest.raises(TrainingStopped):
         run_training(cfg, **QUIET)
     monkeypatch.undo()
