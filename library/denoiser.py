@@ -55,19 +55,18 @@ def _inputs(latents, timesteps, cond: Conditioning, time_ids) -> tuple:
 class TrainingGraphs:
     """The UNet's forward and backward replayed as CUDA graphs, one pair per batch shape.
 
-    The graphs are captured (under autocast without its weight cache, as capture requires) at the first
-    step of a shape; gradients reach the text encoders as from the eager UNet. Batches of new shapes (a
-    prompt over 75 tokens, another aspect-ratio bucket) past `MAX_SHAPES` run eagerly. Each shape is captured
-    on its own wrapper of the UNet: capture replaces the forward of the module it is given. Each graph keeps
-    its own memory: SDXL at 1024² with two buckets does not fit a 24 GB card (measured), one does.
+    The graphs are captured at the first step of a shape; gradients reach the text encoders as from the
+    eager UNet. Batches of new shapes (a prompt over 75 tokens, another aspect-ratio bucket) past
+    `MAX_SHAPES` run eagerly. Each shape is captured on its own wrapper of the UNet: capture replaces the
+    forward of the module it is given. Each graph keeps its own memory: SDXL at 1024² with two buckets does
+    not fit a 24 GB card (measured), one does.
     """
 
     MAX_SHAPES = 2
 
-    def __init__(self, unet, family: Family, autocast_dtype: torch.dtype | None) -> None:
+    def __init__(self, unet, family: Family) -> None:
         self.unet, self.family = unet, family
         self.module = UNetCall(unet, family)  # the eager UNet, for shapes past MAX_SHAPES
-        self.autocast_dtype = autocast_dtype
         self.graphs: dict[tuple, callable] = {}
 
     def __call__(self, latents, timesteps, cond: Conditioning, time_ids=None) -> torch.Tensor:
@@ -77,16 +76,12 @@ class TrainingGraphs:
         if graphed is None and len(self.graphs) < self.MAX_SHAPES:
             # The conditioning carries the gradient (to the trained vectors); latents and times do not.
             samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
-            with torch.autocast(
-                "cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
-                cache_enabled=False,
-            ):  # fmt: skip
-                graphed = torch.cuda.make_graphed_callables(UNetCall(self.unet, self.family), samples)
+            # Capture warms up on a side stream, which cannot reuse the blocks cached for this one (the
+            # latent caching's, the text encoder's): hand those back first, or the device holds both.
+            torch.cuda.empty_cache()
+            graphed = torch.cuda.make_graphed_callables(UNetCall(self.unet, self.family), samples)
             self.graphs[key] = graphed
-        if graphed is None:
-            with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                return self.module(*inputs)
-        return graphed(*inputs)
+        return self.module(*inputs) if graphed is None else graphed(*inputs)
 
 
 class _GraphedForward:

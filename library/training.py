@@ -31,7 +31,7 @@ from library.kohya_dataset import dataset_config_batch_size, scan_images
 from library.models import load_parts, native_resolution
 from library.objectives import TextualInversion
 from library.optim import build_optimizer, state_fits
-from library.parts import PRECISIONS, SDParts
+from library.parts import SDParts
 from library.previews import preview_images
 from library.run_folder import ResumePoint, RunFolder, check_no_later_saves, find_resume_point, trim_loss_log
 from library.schedules import build_schedule
@@ -199,8 +199,7 @@ def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules,
         # Compiled kernels are cached in ~/.cache/ti-toolkit/torchinductor (library/__init__.py) for later runs.
         parts.unet.compile(mode="reduce-overhead" if use_graphs else None)
     elif use_graphs:
-        precision = PRECISIONS[t.mixed_precision]
-        graphs = TrainingGraphs(parts.unet, parts.family, None if t.mixed_precision == "no" else precision)
+        graphs = TrainingGraphs(parts.unet, parts.family)
 
     embeddings = EmbeddingSet.of(
         [(p.embedding.name, _starting(p, parts, point, t.seed), p.lr_factor) for p in plans], device

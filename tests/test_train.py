@@ -292,3 +292,30 @@ def test_compile_switch_compiles_the_unet_instead_of_graphing_it(tmp_path):
     )
     assert trainer.graphs is None  # on CUDA compile brings its own graphs ("reduce-overhead")
     assert hasattr(trainer.parts.unet, "_compiled_call_impl") and trainer.parts.unet._compiled_call_impl
+
+
+def test_a_half_precision_unet_runs_in_its_own_dtype_not_under_autocast(tmp_path):
+    """Autocast would run the UNet's norms in float32 and convert activations there and back (on the H200
+    that cost 9 ms of a 73 ms step and 2 GB): the bf16 UNet runs outside autocast, every norm computing and
+    returning bf16, while the text encoder keeps autocast and the vectors still learn."""
+    trainer = setup(
+        config(tmp_path, "model.checkpoint=builtin:tiny", "train.mixed_precision=bf16"), log=lambda *a: None
+    )
+    device = trainer.accelerator.device.type
+    seen, autocast = set(), {}
+    unet, encoder = trainer.parts.unet, trainer.parts.text_encoder
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add((i[0].dtype, o.dtype))) for m in norms]
+    for name, module in (("unet", unet), ("text encoder", encoder)):
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda m, i, name=name: autocast.update({name: torch.is_autocast_enabled(device)})
+            )
+        )
+    before = trainer.embeddings.parameters[0].detach().clone()
+    trainer.step(0, 1e-2, None)
+    for hook in hooks:
+        hook.remove()
+    assert autocast == {"unet": False, "text encoder": True}
+    assert norms and seen == {(torch.bfloat16, torch.bfloat16)}
+    assert not torch.equal(trainer.embeddings.parameters[0], before)

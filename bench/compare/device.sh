@@ -21,8 +21,8 @@ for i in range(8):
     Image.fromarray(rng.integers(0, 255, (640, 560, 3), dtype=np.uint8)).save(f'/tmp/compare-images/{i}.png')
 "
 echo "set-up done in $(( $(date +%s) - start )) s"
-# The device call ends at 600 s: each run's limit shrinks so that the whole job ends by 580 s.
-DEADLINE=$(( start + 580 )) WORK_DIR=$WORK bash bench/compare/run_compare.sh .bench/src/sd-scripts .bench/src/textual_inversion \
+# The device call ends at 600 s: each run's limit shrinks so that the whole job ends by 580 s (DEADLINE_S).
+DEADLINE=$(( start + ${DEADLINE_S:-580} )) WORK_DIR=$WORK bash bench/compare/run_compare.sh .bench/src/sd-scripts .bench/src/textual_inversion \
   /tmp/sd15-random.safetensors /tmp/compare-images "$RESULTS"
 rc=$?
 (cd "$WORK" && ls -lR out_* > outputs.txt 2>&1; tar czf "$RESULTS/raw.tgz" runs.txt ./*.steps ./*.mem convert.log outputs.txt 2> /dev/null)

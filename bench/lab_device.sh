@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# bench/step_lab.py's experiments in one device call, from the repo root, carrying .whl (diffusers etc.):
+#   bash bench/lab_device.sh [STAGES...]   stages: train regional regional-warm full full-warm render recipe generate
+# (SDPA_BACKENDS="flash cudnn" adds those to train; GEN_SET="generate.batch_size=8 ..." overrides generate)
+# Results: $OUT/lab/lab.jsonl, profile-*.txt, one log per stage. Each stage has its own time limit.
+set -uo pipefail
+OUT=${OUT:-/tmp/lab-out}/lab; mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+start=$(date +%s); SDPA_BACKENDS=${SDPA_BACKENDS:-} GEN_SET=${GEN_SET:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
+python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warning | tail -2
+export PYTHONPATH=/tmp/site:.
+CKPT=/tmp/sd15-random.safetensors
+[ -f $CKPT ] || python3 bench/make_sd15.py $CKPT 0 2>&1 | tail -1
+python3 -c "
+from PIL import Image; import numpy as np, os
+rng = np.random.default_rng(0); os.makedirs('/tmp/face', exist_ok=True)
+for i in range(8):
+    Image.fromarray(rng.integers(0, 255, (640, 560, 3), dtype=np.uint8)).save(f'/tmp/face/{i}.png')
+"
+echo "set-up $(( $(date +%s) - start )) s"
+lab() { local name=$1 limit=$2; shift 2; local t=$(date +%s)
+  timeout $limit python3 bench/step_lab.py "$@" --checkpoint $CKPT --images /tmp/face --out "$OUT" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $(( $(date +%s) - t )) s"; grep '^{' "$OUT/$name.log" | cut -c1-400; grep -iE "error|Traceback" "$OUT/$name.log" | tail -3; }
+for stage in "${@:-train regional regional-warm render full full-warm}"; do for s in $stage; do
+  case $s in
+  train) lab train 150 train --sdpa-backends $SDPA_BACKENDS ;;
+  regional) lab regional 200 compile --how regional --profile ;;
+  regional-warm) lab regional-warm 120 compile --how regional ;;
+  full) lab full 220 compile --how full ;;
+  full-warm) lab full-warm 120 compile --how full ;;
+  render) lab render 120 render ;;
+  recipe) for n in 1 2; do  # the face recipe as users run it: the first on a fresh machine, then warm
+      t=$(date +%s%N); python3 -c "import library.training" 2>/dev/null; i=$(( ($(date +%s%N) - t) / 1000000 ))
+      rm -rf /tmp/recipe; t=$(date +%s%N)
+      timeout 150 python3 train_textual_inversion.py --config presets/face.toml model.checkpoint=$CKPT \
+        dataset.image_dir=/tmp/face save.output_dir=/tmp/recipe > "$OUT/recipe-$n.log" 2>&1
+      echo "recipe $n rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms (import library.training alone: $i ms) :: $(grep -E 'steps in|saved .* after|rror' "$OUT/recipe-$n.log" | tr '\n' ' ' | cut -c1-300)"
+    done ;;
+  generate) FACES=$(python3 -c "import cv2; print('' if hasattr(cv2, 'CascadeClassifier') else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
+    rm -rf /tmp/gen; t=$(date +%s%N)
+    timeout 150 python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$CKPT \
+      generate.output_dir=/tmp/gen $FACES $GEN_SET > "$OUT/generate.log" 2>&1
+    echo "generate 288 rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms, $(ls /tmp/gen/*.png 2>/dev/null | wc -l) PNGs :: $(grep -v 'it/s\]' "$OUT/generate.log" | tail -2 | tr '\n' ' ' | cut -c1-300)" ;;
+  esac
+done; done
+echo "total $(( $(date +%s) - start )) s"
