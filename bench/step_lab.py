@@ -4,15 +4,15 @@
     python bench/step_lab.py compile --checkpoint CKPT --images DIR --out OUT --how regional|full
     python bench/step_lab.py render  --checkpoint CKPT --out OUT
 
-`train` loads presets/face.toml's run (batch 8, bf16, 2 vectors, cached latents) once and times 30 steps
-of each variant after 5 warm-up steps: the default (CUDA graphs), the UNet under bf16 autocast (as before
-2026-12-02), channels-last weights, and the SDPA backends `--sdpa-backends` names (flash, efficient,
-cudnn); it records the device's used memory as nvidia-smi shows it (sampled every 20 ms) beside PyTorch's
-own count, and profiles the default's and the autocast variant's steps (kernels by kind, share of GPU time). `compile`
-times the step with the UNet compiled (`regional`: each ResNet and transformer block; `full`: the whole
-UNet) under our CUDA graphs, from process start to the first step done, so that running it twice shows the
-kernel cache at work. `render` times the sampler (DPM++ 2M Karras, 30 steps, CFG 7, fp16, 512²) at several
-batch sizes. Every case prints one JSON line and appends it to OUT/lab.jsonl.
+`train` loads presets/face.toml's run (batch 8, bf16, 2 vectors, cached latents) once and times 30 steps of
+each variant after 5 warm-up steps: the default (CUDA graphs), the UNet under bf16 autocast (as before
+2026-12-02), channels-last weights, and the SDPA backends `--sdpa-backends` names (flash, efficient, cudnn);
+it records the device's used memory as nvidia-smi shows it (sampled every 20 ms) beside PyTorch's own count,
+and profiles the default's and the autocast variant's steps (kernels by kind, share of GPU time). `compile`
+times the step with the UNet compiled (`regional`: each ResNet and transformer block; `full`: the whole UNet)
+under our CUDA graphs, from process start to the first step done, so that running it twice shows the kernel
+cache at work. `render` times the sampler (DPM++ 2M Karras, 30 steps, CFG 7, fp16, 512²) at several batch
+sizes. Every case prints one JSON line and appends it to OUT/lab.jsonl.
 """
 
 from __future__ import annotations
