@@ -108,13 +108,11 @@ def timed_steps(trainer, first: int, warmup: int = 5, steps: int = 30) -> tuple[
 
 def sdpa(backend: str) -> None:
     """Leave PyTorch's choice ("default") or allow only one SDPA backend."""
-    b = torch.backends.cuda
-    if backend == "default":
-        b.enable_flash_sdp(True), b.enable_mem_efficient_sdp(True), b.enable_math_sdp(True)
-        b.enable_cudnn_sdp(True)
-        return
-    b.enable_flash_sdp(backend == "flash"), b.enable_mem_efficient_sdp(backend == "efficient")
-    b.enable_cudnn_sdp(backend == "cudnn"), b.enable_math_sdp(False)
+    b, every = torch.backends.cuda, backend == "default"
+    b.enable_flash_sdp(every or backend == "flash")
+    b.enable_mem_efficient_sdp(every or backend == "efficient")
+    b.enable_cudnn_sdp(every or backend == "cudnn")
+    b.enable_math_sdp(every)
 
 
 def profile(trainer, first: int, name: str, out: Path, steps: int = 3) -> dict:

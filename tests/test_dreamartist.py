@@ -276,7 +276,6 @@ def test_two_runs_give_identical_vectors(tmp_path):
 
 
 def test_an_interrupted_pair_resumes_to_the_same_vectors(tmp_path, monkeypatch):
-
     settings = ("train.max_steps=6", "train.lr='0.003:3, 0.001'", "dreamartist.neg_lr_factor=0.5")
     straight = run_training(config(tmp_path / "a", *settings), **QUIET)
     cfg = config(tmp_path / "b", *settings)
@@ -317,7 +316,6 @@ def test_ema_overwrite_makes_the_live_vectors_the_average(tmp_path):
 
 
 def test_ema_copy_is_saved_beside_the_live_vectors_and_resumes(tmp_path, monkeypatch):
-
     settings = ("dreamartist.ema_rate=0.5", "dreamartist.ema_mode=copy", "train.max_steps=4")
     final = run_training(config(tmp_path / "a", *settings), **QUIET)
     run = tmp_path / "a" / "run"
