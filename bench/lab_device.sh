@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/step_lab.py's experiments in one device call, from the repo root, carrying .whl (diffusers etc.):
 #   bash bench/lab_device.sh [STAGES...]   stages: train regional regional-warm full full-warm render recipe generate
+#                                          imports first recipe-profile capped
 # (SDPA_BACKENDS="flash cudnn" adds those to train; GEN_SET="generate.batch_size=8 ..." overrides generate)
 # Results: $OUT/lab/lab.jsonl, profile-*.txt, one log per stage. Each stage has its own time limit.
 set -uo pipefail
@@ -10,6 +11,10 @@ start=$(date +%s); SDPA_BACKENDS=${SDPA_BACKENDS:-} GEN_SET=${GEN_SET:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
 python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warning | tail -2
 export PYTHONPATH=/tmp/site:.
+# Bytecode, as a user's pip install leaves it (the machine's site-packages keeps none): see compare/device.sh.
+export PYTHONPYCACHEPREFIX=/tmp/pycache
+python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" /tmp/site \
+  library bench ./*.py > /dev/null 2>&1
 CKPT=/tmp/sd15-random.safetensors
 [ -f $CKPT ] || python3 bench/make_sd15.py $CKPT 0 2>&1 | tail -1
 python3 -c "
@@ -29,7 +34,7 @@ for stage in "${@:-train regional regional-warm render full full-warm}"; do for 
   regional-warm) lab regional-warm 120 compile --how regional ;;
   full) lab full 220 compile --how full ;;
   full-warm) lab full-warm 120 compile --how full ;;
-  render) lab render 120 render ;;
+  render) lab render 120 render --batches ${RENDER_BATCHES:-4 8 16} ;;
   recipe) for n in 1 2; do  # the face recipe as users run it, twice (imports already warmed by the probe)
       t=$(date +%s%N); python3 -c "import library.training" 2>/dev/null; i=$(( ($(date +%s%N) - t) / 1000000 ))
       rm -rf /tmp/recipe; t=$(date +%s%N)
@@ -37,6 +42,25 @@ for stage in "${@:-train regional regional-warm render full full-warm}"; do for 
         dataset.image_dir=/tmp/face save.output_dir=/tmp/recipe > "$OUT/recipe-$n.log" 2>&1
       echo "recipe $n rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms (import library.training alone: $i ms) :: $(grep -E 'steps in|saved .* after|rror' "$OUT/recipe-$n.log" | tr '\n' ' ' | cut -c1-300)"
     done ;;
+  imports) python3 -X importtime -c "import library.training" 2> "$OUT/importtime.txt"
+    for m in torch "torch; torch.cuda.init()" torch._dynamo bitsandbytes diffusers.models.unets.unet_2d_condition \
+        library.training; do
+      t=$(date +%s%N); python3 -c "import $m" >/dev/null 2>&1; echo "import $m: $(( ($(date +%s%N) - t) / 1000000 )) ms"
+    done
+    sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -25 | cut -c1-150 ;;
+  first) for case in "graphs default" "side default"; do set -- $case
+      lab first-$1-$2 120 first --order $1 --sdpa $2; done ;;
+  recipe-profile) rm -rf /tmp/recipe; t=$(date +%s%N)
+    timeout 200 python3 -m cProfile -o "$OUT/recipe.prof" train_textual_inversion.py --config presets/face.toml \
+      model.checkpoint=$CKPT dataset.image_dir=/tmp/face save.output_dir=/tmp/recipe > "$OUT/recipe-profile.log" 2>&1
+    echo "recipe under cProfile rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms"
+    python3 -c "import pstats; pstats.Stats('$OUT/recipe.prof').sort_stats('cumulative').print_stats(45)" \
+      | grep -v "^$" | cut -c1-160 | tail -48 ;;
+  capped) rm -rf /tmp/capped; t=$(date +%s%N)  # the default face run as on a 12 GB card
+    timeout 150 python3 bench/capped.py 12 train_textual_inversion.py --config presets/face.toml \
+      model.checkpoint=$CKPT dataset.image_dir=/tmp/face save.output_dir=/tmp/capped train.batch_size=8 \
+      train.max_steps=30 > "$OUT/capped.log" 2>&1
+    echo "capped 12 GiB rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms :: $(grep -E 'card|steps in|rror' "$OUT/capped.log" | tr '\n' ' ' | cut -c1-300)" ;;
   generate) FACES=$(python3 -c "import cv2; print('' if hasattr(cv2, 'CascadeClassifier') else 'pick.faces=false')" 2>/dev/null || echo pick.faces=false)
     rm -rf /tmp/gen; t=$(date +%s%N)
     timeout 150 python3 generate_dataset.py generate --config presets/generate_character.toml model.checkpoint=$CKPT \

@@ -3,6 +3,7 @@
     python bench/step_lab.py train   --checkpoint CKPT --images DIR --out OUT   # one process, no compiling
     python bench/step_lab.py compile --checkpoint CKPT --images DIR --out OUT --how regional|full
     python bench/step_lab.py render  --checkpoint CKPT --out OUT
+    python bench/step_lab.py first   --checkpoint CKPT --images DIR --out OUT [--order side]
 
 `train` loads presets/face.toml's run (batch 8, bf16, 2 vectors, cached latents) once and times 30 steps of
 each variant after 5 warm-up steps: the default (CUDA graphs), the UNet under bf16 autocast (as before
@@ -12,7 +13,8 @@ and profiles the default's and the autocast variant's steps (kernels by kind, sh
 times the step with the UNet compiled (`regional`: each ResNet and transformer block; `full`: the whole UNet)
 under our CUDA graphs, from process start to the first step done, so that running it twice shows the kernel
 cache at work. `render` times the sampler (DPM++ 2M Karras, 30 steps, CFG 7, fp16, 512²) at several batch
-sizes. Every case prints one JSON line and appends it to OUT/lab.jsonl.
+sizes. `first` times a fresh process's set-up and first three steps (eager, capture, replay), with
+`--order side` after one eager step on a side stream (where a capture's warm-up runs). Every case prints one JSON line and appends it to OUT/lab.jsonl.
 """
 
 from __future__ import annotations
@@ -244,6 +246,33 @@ def train_compiled(args, out: Path) -> None:
         record(out, profile(trainer, step, f"compile-{args.how}", out))
 
 
+def first_steps(args, out: Path) -> None:
+    sdpa(args.sdpa)
+    start = time.time() - psutil.Process().create_time()
+    t0 = time.perf_counter()
+    trainer = trainer_for(args)
+    torch.cuda.synchronize()
+    result = {"case": f"first-{args.order}-sdpa-{args.sdpa}", "process_start_to_setup_s": round(start, 2),
+              "setup_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    graphs = trainer.graphs
+    if args.order == "side":  # a first eager step on another stream than the default one
+        trainer.graphs = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            trainer.step(100, 0.002, None)
+        torch.cuda.synchronize()
+        result["side_stream_eager_s"] = round(time.perf_counter() - t0, 3)
+        trainer.graphs = graphs
+    for i in range(3):  # the trainer's own: eager at a shape's first step, capture at its second, replay
+        t0 = time.perf_counter()
+        trainer.step(i, 0.002, None)
+        torch.cuda.synchronize()
+        result[f"step{i + 1}_s"] = round(time.perf_counter() - t0, 3)
+    record(out, result)
+
+
 def render(args, out: Path) -> None:
     from library.conditioning import Conditioner
     from library.models import load_parts
@@ -278,11 +307,44 @@ def render(args, out: Path) -> None:
                 "allocated_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             },
         )
+    decodes(parts.vae, latents[:8], out)
+
+
+def decodes(vae, latents, out: Path) -> None:
+    """The VAE's decode of 8 images, 1, 2, 4 or 8 at a time (library.sampling.DECODE_PIXELS), float32 or bf16."""
+    from library import sampling
+
+    default = sampling.DECODE_PIXELS
+    for at_once, dtype in ((1, torch.float32), (2, torch.float32), (4, torch.float32), (8, torch.float32),
+                           (1, torch.bfloat16), (8, torch.bfloat16)):  # fmt: skip
+        sampling.DECODE_PIXELS = at_once * 512 * 512
+        vae.to(dtype)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sampling.decode_images(vae, latents)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        record(
+            out,
+            {
+                "case": f"decode-{at_once}-at-once-{str(dtype).removeprefix('torch.')}",
+                "ms_per_image": round(1000 * min(times[1:]) / len(latents), 1),
+                "peak_above_start_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+            },
+        )
+    sampling.DECODE_PIXELS = default
+    vae.to(torch.float32)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["train", "compile", "render"])
+    parser.add_argument("what", choices=["train", "compile", "render", "first"])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--images", default="")
     parser.add_argument("--out", required=True)
@@ -291,10 +353,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sdpa-backends", nargs="*", default=[])
     parser.add_argument("--batches", type=int, nargs="*", default=[4, 8, 16])
+    parser.add_argument("--order", choices=["graphs", "side"], default="graphs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    {"train": train_variants, "compile": train_compiled, "render": render}[args.what](args, out)
+    {"train": train_variants, "compile": train_compiled, "render": render, "first": first_steps}[args.what](
+        args, out
+    )
 
 
 if __name__ == "__main__":

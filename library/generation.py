@@ -102,11 +102,30 @@ def plan_images(settings: GenerateSettings, seed: int) -> list[PlannedImage]:
     return plan
 
 
-def _batches(plan: list[PlannedImage]) -> list[list[PlannedImage]]:
-    groups: dict[tuple[int, int], list[PlannedImage]] = {}
+# Auto generate.gpu_batch_size: at most GPU_PIXELS, and half the free GPU memory at GIB_PER_512 an image of
+# 512² (SD1.5, fp16, CUDA graphs, on an H200: 6.3 GiB at 4 images, 10.4 at 16; 4.85 images/s at 4, 5.63 at 16).
+GPU_PIXELS = 16 * 512 * 512
+GIB_PER_512 = 0.35
+
+
+def gpu_batch_size(settings: GenerateSettings, device: torch.device) -> int:
+    """generate.gpu_batch_size, or the auto number for this size (and, on a GPU, its free memory)."""
+    if settings.gpu_batch_size:
+        return settings.gpu_batch_size
+    pixels = settings.width * settings.height
+    fits = GPU_PIXELS // pixels
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = min(fits, int(free / 2 / (GIB_PER_512 * 2**30 * pixels / 512**2)))
+    return max(1, min(fits, settings.batch_count * settings.batch_size))
+
+
+def _batches(plan: list[PlannedImage], size: int) -> list[list[PlannedImage]]:
+    """The GPU batches: each combination's images in order, `size` at a time."""
+    combinations: dict[int, list[PlannedImage]] = {}
     for image in plan:
-        groups.setdefault((image.combination, image.batch), []).append(image)
-    return list(groups.values())
+        combinations.setdefault(image.combination, []).append(image)
+    return [images[i : i + size] for images in combinations.values() for i in range(0, len(images), size)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,10 +162,9 @@ class Renderer:
         self,
         batch: list[PlannedImage],
         settings: SamplerSettings,
-        batch_size: int,
         progress: Callable[[int, int], None],
     ):
-        """Render one batch (one prompt pair, consecutive seeds); out of GPU memory is a UserError."""
+        """Render one GPU batch (one prompt pair, consecutive seeds); out of GPU memory is a UserError."""
         try:
             with torch.inference_mode():
                 cond, uncond = self.conditioner.encode_pair(
@@ -157,11 +175,9 @@ class Renderer:
             return decode_images(self.parts.vae, latents)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            smaller = max(1, batch_size // 2)
             raise UserError(
-                f"out of GPU memory at generate.batch_size = {batch_size} "
-                f"({settings.width}x{settings.height}); try generate.batch_size={smaller} "
-                "(and a larger generate.batch_count for the same number of images)"
+                f"out of GPU memory denoising {len(batch)} images at once ({settings.width}x{settings.height}); "
+                f"try generate.gpu_batch_size={max(1, len(batch) // 2)} (the same images, fewer at a time)"
             ) from None
 
 
@@ -287,14 +303,14 @@ def _render_plan(
     The progress bar counts sampling steps of all batches, so its ETA is right from the first batch on.
     """
     sample = check_settings(settings)
-    batches = _batches(plan)
+    batches = _batches(plan, settings.gpu_batch_size or settings.batch_size)  # 0: recorded before the key
     bar = tqdm(total=len(batches) * sample.steps, unit="step", disable=not show_progress, dynamic_ncols=True)
     done = 0
     try:
         for batch in batches:
             base = bar.n
             images = renderer.render(
-                batch, sample, settings.batch_size, lambda step, _, base=base: bar.update(base + step - bar.n)
+                batch, sample, lambda step, _, base=base: bar.update(base + step - bar.n)
             )
             for planned, image in zip(batch, images, strict=True):
                 if keep is None or planned.file in keep:
@@ -338,6 +354,8 @@ def run_generate(
     log = log if shards.main else (lambda *_: None)
     _prepare_folder(folder, "generate.output_dir", shards)
     renderer = Renderer(config.model, config.generate, log, device=shards.device())
+    gpu_batch = min(shards.gather([gpu_batch_size(settings, shards.device())]))  # one number for all
+    config = replace(config, generate=replace(config.generate, gpu_batch_size=gpu_batch))  # recorded
     model_info = {
         "checkpoint_name": renderer.parts.checkpoint_name,
         "checkpoint_hash": renderer.parts.checkpoint_hash,
@@ -348,7 +366,7 @@ def run_generate(
     combos = len(plan) // (settings.batch_count * settings.batch_size)
     log(
         f"rendering {len(plan)} images ({combos} axis combinations x {settings.batch_count} batches x "
-        f"{settings.batch_size}), seed {seed}, into {folder}"
+        f"{settings.batch_size}; {gpu_batch} at a time), seed {seed}, into {folder}"
         + (f", {shards.count} processes" if shards.count > 1 else "")
     )
     shards.wait()  # the folder exists
@@ -377,7 +395,7 @@ def reproduce(
 ) -> Path:
     """Render the images of a manifest again (all, or only `files`) into a new folder.
 
-    Each image is rendered in the same batch as before (its batch-mates are rendered and discarded), so
+    Each image is rendered in the same GPU batch as before (its batch-mates are rendered and discarded), so
     on the same machine and model the pixels are identical. `overrides` may change only [model] keys.
     """
     if not output_dir:
@@ -390,7 +408,8 @@ def reproduce(
     unknown = wanted - {image.file for image in plan}
     if unknown:
         raise UserError(f"{manifest_path}: no image named {sorted(unknown)[0]!r} in the manifest")
-    batches = [b for b in _batches(plan) if any(image.file in wanted for image in b)]
+    size = config.generate.gpu_batch_size or config.generate.batch_size  # 0: recorded before the key
+    batches = [b for b in _batches(plan, size) if any(image.file in wanted for image in b)]
     folder = Path(output_dir)
     _prepare_folder(folder, "--output folder")
     renderer = Renderer(config.model, config.generate, log)

@@ -197,19 +197,24 @@ def _on(cond: Conditioning, device) -> Conditioning:
     return Conditioning(cond.context.to(device), None if cond.pooled is None else cond.pooled.to(device))
 
 
+# Images the VAE decodes at once: 8 at 512², 2 at 1024² (its activations grow with the pixels).
+DECODE_PIXELS = 8 * 512 * 512
+
+
 def decode_images(vae, latents: torch.Tensor) -> list[Image.Image]:
-    """Decode latents to RGB images, one at a time (memory stays flat; batch-mates cannot interact)."""
+    """Decode latents to RGB images, a few at a time (DECODE_PIXELS; the VAE's norms are per image, so
+    batch-mates cannot interact)."""
     scale = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     device = next(vae.parameters()).device
+    pixels_each = latents.shape[-2] * latents.shape[-1] * vae_scale_factor(vae) ** 2
     images = []
     with torch.inference_mode():
-        for latent in latents:
-            z = (latent[None].float() / scale + shift).to(device=device, dtype=vae.dtype)
-            pixels = vae.decode(z).sample[0].float()
-            pixels = ((pixels + 1) / 2).clamp(0, 1)
-            array = (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-            images.append(Image.fromarray(np.ascontiguousarray(array), mode="RGB"))
+        for chunk in latents.split(max(1, DECODE_PIXELS // pixels_each)):
+            z = (chunk.float() / scale + shift).to(device=device, dtype=vae.dtype)
+            pixels = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+            arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            images.extend(Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arrays)
     return images
 
 

@@ -480,8 +480,9 @@ class GenerateSettings(SamplingConfig):
     """[generate]: txt2img as A1111 does it, with any number of Prompt S/R axes (FACTS §4).
 
     `prompt` and `negative_prompt` take A1111's syntax: (word:1.2), [word], BREAK, prompts over 75 tokens,
-    embeddings by file stem. `batch_size` images are denoised together on the GPU (lower it if memory runs
-    out); `seed` -1 is drawn once and recorded, and image i of every combination uses seed + i.
+    embeddings by file stem. `batch_size` is A1111's (a grid row per batch); `gpu_batch_size` images of one
+    combination are denoised together; `seed` -1 is drawn once and recorded, and image i of every
+    combination uses seed + i, whatever the batches.
     """
 
     seed: int = at_least(-1, -1)
@@ -492,6 +493,9 @@ class GenerateSettings(SamplingConfig):
     # axes give one overview per combination of their values. Every combination gets all the images.
     axes: tuple[str, ...] = ()
     batch_count: int = at_least(1, 1)  # batches per axis combination
+    # Images of one combination denoised together (each has its own seed: the same images in any grouping):
+    # 0 = as many as fit 16 at 512² (4 at 1024²) and half the GPU's free memory; the run records its number.
+    gpu_batch_size: int = at_least(0, 0)
     # 0 = the model's own text-encoder layer (SD 1.x: the last; SDXL: the penultimate); n = the n-th from
     # the end, as A1111's "CLIP skip" and ComfyUI's "CLIP Set Last Layer" -n
     clip_skip: int = at_least(0, 0)

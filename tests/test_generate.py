@@ -339,7 +339,40 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, checkpoint, monkeypatc
     code = main(["generate", "--config", str(PRESET), f"model.checkpoint={checkpoint}",
                  f"generate.output_dir={tmp_path / 'out'}", "generate.batch_size=8"])  # fmt: skip
     assert code == 2
-    assert "try generate.batch_size=4" in capsys.readouterr().err
+    # On the CPU, 512² images of batch_size 8 are denoised 16 at a time (auto): half of that is suggested.
+    assert "denoising 16 images at once (512x512); try generate.gpu_batch_size=8" in capsys.readouterr().err
+
+
+def test_gpu_batches_group_the_a1111_batches_and_are_recorded(tmp_path, checkpoint, monkeypatch):
+    rendered = []
+    real = generation.sample_latents
+
+    def sample(parts, cond, uncond, seeds, settings, **kwargs):
+        rendered.append(list(seeds))
+        return real(parts, cond, uncond, seeds, settings, **kwargs)
+
+    monkeypatch.setattr(generation, "sample_latents", sample)
+    run = ('generate.axes=["an extreme closeup, a closeup"]', "generate.batch_count=3", "generate.batch_size=2",
+           "generate.seed=100")  # fmt: skip
+    assert generation.gpu_batch_size(small(tmp_path, checkpoint, *run).generate, torch.device("cpu")) == 6
+    out = generation.run_generate(small(tmp_path, checkpoint, *run, "generate.gpu_batch_size=4"), **QUIET)
+    # Each combination's 6 images (3 batches of 2) in GPU batches of 4 and 2, never mixing combinations.
+    assert rendered == [[100, 101, 102, 103], [104, 105], [100, 101, 102, 103], [104, 105]]
+    assert load_config(GenerateConfig, out / "config.toml").generate.gpu_batch_size == 4
+    # Auto: the whole combination at once at this size; the number used is recorded.
+    rendered.clear()
+    auto = generation.run_generate(small(tmp_path / "auto", checkpoint, *run), **QUIET)
+    assert rendered == [[100, 101, 102, 103, 104, 105]] * 2
+    assert load_config(GenerateConfig, auto / "config.toml").generate.gpu_batch_size == 6
+    # The grids keep A1111's batches (rows) whatever the GPU batches; the images match across groupings.
+    assert Image.open(out / "grids" / "0000.png").size == Image.open(auto / "grids" / "0000.png").size
+    for path in sorted(out.glob("*.png")):
+        assert np.abs(pixels(path).astype(int) - pixels(auto / path.name).astype(int)).max() <= 2
+    # A reproduction renders each wanted image inside its recorded GPU batch.
+    rendered.clear()
+    one = sorted(p.name for p in out.glob("*.png"))[4]  # seed 104: the second GPU batch
+    generation.reproduce(out, tmp_path / "one", files=[one], **QUIET)
+    assert rendered == [[104, 105]] and np.array_equal(pixels(out / one), pixels(tmp_path / "one" / one))
 
 
 # --------------------------------------------------------------------------------------------------
