@@ -13,8 +13,10 @@ and profiles the default's and the autocast variant's steps (kernels by kind, sh
 times the step with the UNet compiled (`regional`: each ResNet and transformer block; `full`: the whole UNet)
 under our CUDA graphs, from process start to the first step done, so that running it twice shows the kernel
 cache at work. `render` times the sampler (DPM++ 2M Karras, 30 steps, CFG 7, fp16, 512²) at several batch
-sizes. `first` times a fresh process's set-up and first three steps (eager, capture, replay), with
-`--order side` after one eager step on a side stream (where a capture's warm-up runs). Every case prints one JSON line and appends it to OUT/lab.jsonl.
+sizes. `first` times a fresh process's set-up and first three steps (capture, replay), with `--order side`
+after one eager step on a side stream first. Measured 2026-12-02: the first process to use the GPU on a
+freshly started machine takes 13.5-14.4 s for its first step, whatever comes first (capture, eager step);
+the next processes 1.9-2.4 s (an eager step 1.9 s, the capture after it 0.6 s). Every case prints one JSON line and appends it to OUT/lab.jsonl.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ def first_steps(args, out: Path) -> None:
         torch.cuda.synchronize()
         result["side_stream_eager_s"] = round(time.perf_counter() - t0, 3)
         trainer.graphs = graphs
-    for i in range(3):  # the trainer's own: eager at a shape's first step, capture at its second, replay
+    for i in range(3):  # as the trainer runs them
         t0 = time.perf_counter()
         trainer.step(i, 0.002, None)
         torch.cuda.synchronize()

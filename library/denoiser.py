@@ -5,9 +5,7 @@ A TI step and a sampler step are bound by kernel launches, not arithmetic, at th
 replaying a captured CUDA graph launches the UNet's thousands of kernels at once. Training replays the
 forward and the backward (`TrainingGraphs`, through `make_graphed_callables`); sampling replays the forward
 (`predict` with `graphs=True`). Both capture one graph per input shape, a few at most, and fall back to the
-eager UNet beyond that. A shape's first call runs eagerly and its second is captured: in a fresh process,
-capturing at the first training step took 13.5 s on an H200 (SD1.5, batch 8), an eager step and then the
-capture 2.5 s.
+eager UNet beyond that.
 
 SDXL's UNet also takes the pooled vector and six size ids per image: (original height, width, crop top,
 left, target height, width) — the training picture's own, or, when rendering, the picture's size uncropped.
@@ -57,8 +55,8 @@ def _inputs(latents, timesteps, cond: Conditioning, time_ids) -> tuple:
 class TrainingGraphs:
     """The UNet's forward and backward replayed as CUDA graphs, one pair per batch shape.
 
-    The graphs are captured at the second step of a shape (its first runs eagerly); gradients reach the text
-    encoders as from the eager UNet. Batches of new shapes (a prompt over 75 tokens, another aspect-ratio bucket) past
+    The graphs are captured at the first step of a shape; gradients reach the text encoders as from the
+    eager UNet. Batches of new shapes (a prompt over 75 tokens, another aspect-ratio bucket) past
     `MAX_SHAPES` run eagerly. Each shape is captured on its own wrapper of the UNet: capture replaces the
     forward of the module it is given. Each graph keeps its own memory: SDXL at 1024² with two buckets does
     not fit a 24 GB card (measured), one does.
@@ -68,17 +66,14 @@ class TrainingGraphs:
 
     def __init__(self, unet, family: Family) -> None:
         self.unet, self.family = unet, family
-        self.module = UNetCall(unet, family)  # eager: a shape's first step, and shapes past MAX_SHAPES
+        self.module = UNetCall(unet, family)  # the eager UNet, for shapes past MAX_SHAPES
         self.graphs: dict[tuple, callable] = {}
-        self.seen: set[tuple] = set()
 
     def __call__(self, latents, timesteps, cond: Conditioning, time_ids=None) -> torch.Tensor:
         inputs = _inputs(latents, timesteps, cond, time_ids)
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         graphed = self.graphs.get(key)
-        if graphed is None and key not in self.seen:  # a shape's first step runs eagerly (see the top)
-            self.seen.add(key)
-        elif graphed is None and len(self.graphs) < self.MAX_SHAPES:
+        if graphed is None and len(self.graphs) < self.MAX_SHAPES:
             # The conditioning carries the gradient (to the trained vectors); latents and times do not.
             samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
             # Capture warms up on a side stream, which cannot reuse the blocks cached for this one (the
@@ -112,7 +107,6 @@ class _GraphedForward:
 
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> {input shapes: _GraphedForward}
-_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> the input shapes called once
 _MAX_GRAPHS = 3  # per UNet; each holds its own activation memory
 
 
@@ -125,10 +119,8 @@ def predict(unet, family: Family, latents, t, cond: Conditioning, time_ids=None,
         # The weights' address too: a graph replays the memory it was captured on (a moved UNet is recaptured).
         weights = next(unet.parameters()).data_ptr()
         key = (weights, *((tuple(x.shape), x.dtype) for x in inputs))
-        cache, seen = _GRAPHS.setdefault(unet, {}), _SEEN.setdefault(unet, set())
-        if key not in seen:  # as in training: a shape's first call runs eagerly, the second captures
-            seen.add(key)
-        elif key not in cache and len(cache) < _MAX_GRAPHS:
+        cache = _GRAPHS.setdefault(unet, {})
+        if key not in cache and len(cache) < _MAX_GRAPHS:
             cache[key] = _GraphedForward(module, inputs)
         if key in cache:
             return cache[key](inputs)

@@ -82,6 +82,12 @@ class SDParts:
         return {key: enc.get_input_embeddings().embedding_dim for key, enc in self.text_encoders.items()}
 
     @property
+    def unet_dtype(self) -> torch.dtype:
+        """The UNet's dtype, read off its first weight. diffusers' `unet.dtype` walks every module: called once
+        a training step and once a sampling step, it took 3.9 s of the profiled face recipe (H200, 802 calls)."""
+        return next(self.unet.parameters()).dtype
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 

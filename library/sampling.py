@@ -126,7 +126,7 @@ def _guided_prediction(
     parts, latents, t, cond: Conditioning, uncond: Conditioning, cfg_scale: float, time_ids, graphs: bool
 ) -> torch.Tensor:
     """The UNet's output under classifier-free guidance, in float32."""
-    family, unet, dtype = parts.family, parts.unet, parts.unet.dtype
+    family, unet, dtype = parts.family, parts.unet, parts.unet_dtype
     if cfg_scale == 1:
         # uncond + 1 * (cond - uncond) is cond: skip the unconditional half.
         return predict(unet, family, latents.to(dtype), t, cond.to(dtype), time_ids, graphs).float()
@@ -169,7 +169,7 @@ def sample_latents(
     cond, uncond = cond.expand(len(seeds)), uncond.expand(len(seeds))
     time_ids = None
     if parts.family.size_conditioning:
-        time_ids = render_size_ids(settings.height, settings.width, len(seeds), device).to(unet.dtype)
+        time_ids = render_size_ids(settings.height, settings.width, len(seeds), device).to(parts.unet_dtype)
 
     scheduler = build_scheduler(settings.sampler, dict(parts.noise_scheduler.config))
     scheduler.set_timesteps(settings.steps, device=device)

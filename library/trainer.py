@@ -193,7 +193,7 @@ class Trainer:
         epsilon = parts.prediction_type == "epsilon"
         target = noise if epsilon else scheduler.get_velocity(batch.latents, noise, timesteps)
         sets = self.objective.prompt_sets(batch)
-        dtype = parts.unet.dtype
+        dtype = parts.unet_dtype
         time_ids = batch.size_ids
         if len(sets) > 1:  # every prompt set asks about the same noisy latents, in one UNet call
             noisy, timesteps = noisy.repeat(len(sets), 1, 1, 1), timesteps.repeat(len(sets))

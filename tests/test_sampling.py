@@ -157,6 +157,7 @@ def test_half_precision_unet_samples_close_to_float32(tiny_sd1):
     cond, uncond = PlainEncoder(tiny_sd1).encode_pair(["a cat"], ["blurry"])
     full = sample_latents(tiny_sd1, cond, uncond, [4], SMALL)
     bf16 = dataclasses.replace(tiny_sd1, unet=copy.deepcopy(tiny_sd1.unet).to(torch.bfloat16))
+    assert (tiny_sd1.unet_dtype, bf16.unet_dtype) == (tiny_sd1.unet.dtype, bf16.unet.dtype)  # the quick read
     half = sample_latents(bf16, cond.to(torch.bfloat16), uncond.to(torch.bfloat16), [4], SMALL)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert (half - full).abs().mean() < 0.1 * full.abs().mean()
