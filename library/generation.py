@@ -117,7 +117,11 @@ def gpu_batch_size(settings: GenerateSettings, device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         fits = min(fits, int(free / 2 / (GIB_PER_512 * 2**30 * pixels / 512**2)))
-    return max(1, min(fits, settings.batch_count * settings.batch_size))
+    images = settings.batch_count * settings.batch_size  # of a combination
+    fits = max(1, min(fits, images))
+    # Batches of one size where that costs at most half of them: each size is a CUDA graph of its own memory.
+    even = max(d for d in range(1, fits + 1) if images % d == 0)
+    return even if 2 * even >= fits else fits
 
 
 def _batches(plan: list[PlannedImage], size: int) -> list[list[PlannedImage]]:

@@ -8,6 +8,7 @@ library/toy.py (the built-in ones); everything else takes an `SDParts`.
 from __future__ import annotations
 
 import copy
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class SDParts:
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
     checkpoint_name: str  # file stem (or folder name), as A1111 shows it
-    checkpoint_hash: str  # A1111 short hash: first 10 hex of the file's SHA-256 ("" if unknown)
+    hashing: str | Future[str]  # the checkpoint hash, or its computation under way (`checkpoint_hash`)
 
     @classmethod
     def of(
@@ -50,7 +51,7 @@ class SDParts:
         vae,
         *,
         name: str,
-        checkpoint_hash: str = "",
+        checkpoint_hash: str | Future[str] = "",
         tokenizer=None,
     ) -> SDParts:
         """Parts from built modules (text encoders in the family's order), with the family's tokenizer and
@@ -64,8 +65,15 @@ class SDParts:
             vae=vae,
             noise_scheduler=DDPMScheduler(**described.scheduler_config),
             checkpoint_name=name,
-            checkpoint_hash=checkpoint_hash,
+            hashing=checkpoint_hash,
         )
+
+    @property
+    def checkpoint_hash(self) -> str:
+        """A1111's short hash: the first 10 hex digits of the file's SHA-256 ("" if unknown)."""
+        if isinstance(self.hashing, Future):
+            self.hashing = self.hashing.result()
+        return self.hashing
 
     @property
     def text_encoder(self) -> torch.nn.Module:

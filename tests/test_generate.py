@@ -354,7 +354,13 @@ def test_gpu_batches_group_the_a1111_batches_and_are_recorded(tmp_path, checkpoi
     monkeypatch.setattr(generation, "sample_latents", sample)
     run = ('generate.axes=["an extreme closeup, a closeup"]', "generate.batch_count=3", "generate.batch_size=2",
            "generate.seed=100")  # fmt: skip
-    assert generation.gpu_batch_size(small(tmp_path, checkpoint, *run).generate, torch.device("cpu")) == 6
+    cpu = torch.device("cpu")
+    assert generation.gpu_batch_size(small(tmp_path, checkpoint, *run).generate, cpu) == 6
+    # Auto at 512²: up to 16, in GPU batches of one size (20 images: 2 x 10, not 16 + 4) unless that halves it.
+    for count, size, expected in ((8, 4, 16), (5, 4, 10), (17, 1, 16), (1, 2, 2)):
+        auto = small(tmp_path, checkpoint, "generate.width=512", "generate.height=512",
+                     f"generate.batch_count={count}", f"generate.batch_size={size}").generate  # fmt: skip
+        assert generation.gpu_batch_size(auto, cpu) == expected, (count, size)
     out = generation.run_generate(small(tmp_path, checkpoint, *run, "generate.gpu_batch_size=4"), **QUIET)
     # Each combination's 6 images (3 batches of 2) in GPU batches of 4 and 2, never mixing combinations.
     assert rendered == [[100, 101, 102, 103], [104, 105], [100, 101, 102, 103], [104, 105]]
