@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/step_lab.py's experiments in one device call, from the repo root, carrying .whl (diffusers etc.):
+# bench/step_lab.py's experiments in one device call, from the repo root, carrying .whl (diffusers etc.) or
+# after bench/compare/device.sh with SITE=/tmp/site_ours:
 #   bash bench/lab_device.sh [STAGES...]   stages: train regional regional-warm full full-warm render recipe generate
 #                                          imports first recipe-profile capped
 # (SDPA_BACKENDS="flash cudnn" adds those to train; GEN_SET="generate.batch_size=8 ..." overrides generate)
@@ -9,11 +10,12 @@ OUT=${OUT:-/tmp/lab-out}/lab; mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 start=$(date +%s); SDPA_BACKENDS=${SDPA_BACKENDS:-} GEN_SET=${GEN_SET:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
-python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v -i warning | tail -2
-export PYTHONPATH=/tmp/site:.
+SITE=${SITE:-/tmp/site}  # SITE=/tmp/site_ours after bench/compare/device.sh in the same call: no .whl needed
+[ -d .whl ] && python3 -m pip install -q --no-deps --target "$SITE" .whl/*.whl 2>&1 | grep -v -i warning | tail -2
+export PYTHONPATH=$SITE:.
 # Bytecode, as a user's pip install leaves it (the machine's site-packages keeps none): see compare/device.sh.
 export PYTHONPYCACHEPREFIX=/tmp/pycache
-python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" /tmp/site \
+python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$SITE" \
   library bench ./*.py > /dev/null 2>&1
 CKPT=/tmp/sd15-random.safetensors
 [ -f $CKPT ] || python3 bench/make_sd15.py $CKPT 0 2>&1 | tail -1
@@ -35,7 +37,7 @@ for stage in "${@:-train regional regional-warm render full full-warm}"; do for 
   full) lab full 220 compile --how full ;;
   full-warm) lab full-warm 120 compile --how full ;;
   render) lab render 120 render --batches ${RENDER_BATCHES:-4 8 16} ;;
-  recipe) for n in 1 2; do  # the face recipe as users run it, twice (imports already warmed by the probe)
+  recipe) for n in $(seq ${RECIPE_RUNS:-2}); do  # the face recipe as users run it (twice by default)
       t=$(date +%s%N); python3 -c "import library.training" 2>/dev/null; i=$(( ($(date +%s%N) - t) / 1000000 ))
       rm -rf /tmp/recipe; t=$(date +%s%N)
       timeout 150 python3 train_textual_inversion.py --config presets/face.toml model.checkpoint=$CKPT \
