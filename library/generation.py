@@ -179,9 +179,14 @@ class Renderer:
             return decode_images(self.parts.vae, latents)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
+            size = f"({settings.width}x{settings.height})"
+            if len(batch) == 1:
+                raise UserError(
+                    f"out of GPU memory denoising one image {size}; try a smaller generate.width and height"
+                ) from None
             raise UserError(
-                f"out of GPU memory denoising {len(batch)} images at once ({settings.width}x{settings.height}); "
-                f"try generate.gpu_batch_size={max(1, len(batch) // 2)} (the same images, fewer at a time)"
+                f"out of GPU memory denoising {len(batch)} images at once {size}; "
+                f"try generate.gpu_batch_size={len(batch) // 2} (the same images, fewer at a time)"
             ) from None
 
 

@@ -207,12 +207,12 @@ def decode_images(vae, latents: torch.Tensor) -> list[Image.Image]:
     batch-mates cannot interact)."""
     scale = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    device = next(vae.parameters()).device
+    weight = next(vae.parameters())  # its device and dtype (diffusers' `vae.dtype` walks every module)
     pixels_each = latents.shape[-2] * latents.shape[-1] * vae_scale_factor(vae) ** 2
     images = []
     with torch.inference_mode():
         for chunk in latents.split(max(1, DECODE_PIXELS // pixels_each)):
-            z = (chunk.float() / scale + shift).to(device=device, dtype=vae.dtype)
+            z = (chunk.float() / scale + shift).to(device=weight.device, dtype=weight.dtype)
             pixels = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
             arrays = (pixels.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
             images.extend(Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arrays)

@@ -341,6 +341,9 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, checkpoint, monkeypatc
     assert code == 2
     # On the CPU, 512² images of batch_size 8 are denoised 16 at a time (auto): half of that is suggested.
     assert "denoising 16 images at once (512x512); try generate.gpu_batch_size=8" in capsys.readouterr().err
+    code = main(["generate", "--config", str(PRESET), f"model.checkpoint={checkpoint}",
+                 f"generate.output_dir={tmp_path / 'one'}", "generate.gpu_batch_size=1"])  # fmt: skip
+    assert code == 2 and "one image (512x512); try a smaller generate.width" in capsys.readouterr().err
 
 
 def test_gpu_batches_group_the_a1111_batches_and_are_recorded(tmp_path, checkpoint, monkeypatch):
