@@ -124,8 +124,10 @@ def gpu_batch_size(settings: GenerateSettings, device: torch.device) -> int:
     return even if 2 * even >= fits else fits
 
 
-def _batches(plan: list[PlannedImage], size: int) -> list[list[PlannedImage]]:
-    """The GPU batches: each combination's images in order, `size` at a time."""
+def _batches(plan: list[PlannedImage], settings: GenerateSettings) -> list[list[PlannedImage]]:
+    """The GPU batches: each combination's images in order, gpu_batch_size at a time (a run recorded before
+    that key, 0, was rendered batch_size at a time)."""
+    size = settings.gpu_batch_size or settings.batch_size
     combinations: dict[int, list[PlannedImage]] = {}
     for image in plan:
         combinations.setdefault(image.combination, []).append(image)
@@ -312,7 +314,7 @@ def _render_plan(
     The progress bar counts sampling steps of all batches, so its ETA is right from the first batch on.
     """
     sample = check_settings(settings)
-    batches = _batches(plan, settings.gpu_batch_size or settings.batch_size)  # 0: recorded before the key
+    batches = _batches(plan, settings)
     bar = tqdm(total=len(batches) * sample.steps, unit="step", disable=not show_progress, dynamic_ncols=True)
     done = 0
     try:
@@ -417,8 +419,7 @@ def reproduce(
     unknown = wanted - {image.file for image in plan}
     if unknown:
         raise UserError(f"{manifest_path}: no image named {sorted(unknown)[0]!r} in the manifest")
-    size = config.generate.gpu_batch_size or config.generate.batch_size  # 0: recorded before the key
-    batches = [b for b in _batches(plan, size) if any(image.file in wanted for image in b)]
+    batches = [b for b in _batches(plan, config.generate) if any(image.file in wanted for image in b)]
     folder = Path(output_dir)
     _prepare_folder(folder, "--output folder")
     renderer = Renderer(config.model, config.generate, log)
