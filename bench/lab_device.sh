@@ -40,9 +40,11 @@ for stage in "${@:-train regional regional-warm render full full-warm}"; do for 
   recipe) for n in $(seq ${RECIPE_RUNS:-2}); do  # the face recipe as users run it (twice by default)
       t=$(date +%s%N); python3 -c "import library.training" 2>/dev/null; i=$(( ($(date +%s%N) - t) / 1000000 ))
       rm -rf /tmp/recipe; t=$(date +%s%N)
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/recipe-$n.mem" & mem=$!
       timeout 150 python3 train_textual_inversion.py --config presets/face.toml model.checkpoint=$CKPT \
         dataset.image_dir=/tmp/face save.output_dir=/tmp/recipe > "$OUT/recipe-$n.log" 2>&1
-      echo "recipe $n rc=$? wall=$(( ($(date +%s%N) - t) / 1000000 )) ms (import library.training alone: $i ms) :: $(grep -E 'steps in|saved .* after|rror' "$OUT/recipe-$n.log" | tr '\n' ' ' | cut -c1-300)"
+      rc=$?; kill $mem; peak=$(sort -n "$OUT/recipe-$n.mem" | tail -1)
+      echo "recipe $n rc=$rc wall=$(( ($(date +%s%N) - t) / 1000000 )) ms, peak $peak MiB (import library.training alone: $i ms) :: $(grep -E 'steps in|saved .* after|rror' "$OUT/recipe-$n.log" | tr '\n' ' ' | cut -c1-300)"
     done ;;
   imports) python3 -X importtime -c "import library.training" 2> "$OUT/importtime.txt"
     for m in torch "torch; torch.cuda.init()" torch._dynamo bitsandbytes diffusers.models.unets.unet_2d_condition \

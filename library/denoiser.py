@@ -52,6 +52,24 @@ def _inputs(latents, timesteps, cond: Conditioning, time_ids) -> tuple:
     return (latents, timesteps, cond.context, *extra)
 
 
+def _warm_up(module, inputs: tuple, *, backward: bool) -> None:
+    """Run `module` (and its backward to the inputs that want gradients) twice on a side stream before a
+    capture, so that lazy kernel loading and library workspaces happen here and not in the graph; then hand
+    the memory back to the driver. A capture allocates from the graph's own pool, which cannot reuse blocks
+    cached for a stream (the warm-up's, the latent caching's): kept, they would sit beside the graph's pool
+    for the whole run, and the device would hold the UNet's activations twice."""
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for _ in range(2):
+            out = module(*inputs)
+            if backward:
+                wanted = tuple(x for x in inputs if x.requires_grad)
+                torch.autograd.grad(out, wanted, grad_outputs=torch.ones_like(out))
+            del out
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 class TrainingGraphs:
     """The UNet's forward and backward replayed as CUDA graphs, one pair per batch shape.
 
@@ -76,10 +94,9 @@ class TrainingGraphs:
         if graphed is None and len(self.graphs) < self.MAX_SHAPES:
             # The conditioning carries the gradient (to the trained vectors); latents and times do not.
             samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
-            # Capture warms up on a side stream, which cannot reuse the blocks cached for this one (the
-            # latent caching's, the text encoder's): hand those back first, or the device holds both.
-            torch.cuda.empty_cache()
-            graphed = torch.cuda.make_graphed_callables(UNetCall(self.unet, self.family), samples)
+            module = UNetCall(self.unet, self.family)
+            _warm_up(module, samples, backward=True)
+            graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=0)
             self.graphs[key] = graphed
         return self.module(*inputs) if graphed is None else graphed(*inputs)
 
@@ -89,12 +106,7 @@ class _GraphedForward:
 
     def __init__(self, module: UNetCall, inputs: tuple) -> None:
         self.inputs = tuple(x.clone() for x in inputs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: lazy kernel loading and library workspaces happen here
-            for _ in range(2):
-                module(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
+        _warm_up(module, self.inputs, backward=False)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = module(*self.inputs)

@@ -14,7 +14,7 @@ run_tool() {
   local mem_pid="" base=""
   if have_gpu; then
     base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/$name.mem" 2> /dev/null &
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/$name.mem" 2> /dev/null &
     mem_pid=$!
   fi
   echo "== $name: (cd $cwd && PYTHONPATH=$HERE/hook:$site${EXTRA:+:$EXTRA} $PY ${LAUNCH[*]} $*)" > "$OUT_DIR/$name.log"

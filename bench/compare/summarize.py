@@ -11,6 +11,7 @@ Standard library only, so it runs with any python3.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import subprocess
@@ -88,12 +89,29 @@ def summarize_tool(work: Path, out: Path, row: list[str], settings: dict, warmup
         result["steady_samples_per_s"] = round(rate * batch, 2)
         result["steady_window"] = f"steps {na + 1}..{nb}"
         result["loop_s"] = round(steps[-1][0] - steps[0][0], 2)  # steps 2..N
-    mem = work / f"{name}.mem"
-    samples = [int(x) for x in mem.read_text().split() if x.isdigit()] if mem.exists() else []
+    samples = memory_samples(work / f"{name}.mem")
     if samples:
-        result["peak_gpu_mib"] = max(samples)
+        result["peak_gpu_mib"] = max(mib for _, mib in samples)
         result["gpu_mib_before"] = int(base) if base.isdigit() else None
+        if steps:  # the set-up (loading, latent caching, capture) against the steps that follow it
+            stepping = [mib for when, mib in samples if when is not None and when >= steps[0][0]]
+            result["peak_gpu_mib_stepping"] = max(stepping) if stepping else None
     return result
+
+
+def memory_samples(path: Path) -> list[tuple[float | None, int]]:
+    """(unix time or None, MiB) per line of nvidia-smi's "timestamp, memory.used" (or a bare MiB) log."""
+    samples = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        *stamp, mib = [part.strip() for part in line.split(",")]
+        if not mib.isdigit():
+            continue
+        try:
+            when = datetime.datetime.strptime(stamp[0], "%Y/%m/%d %H:%M:%S.%f").timestamp() if stamp else None
+        except ValueError:
+            when = None
+        samples.append((when, int(mib)))
+    return samples
 
 
 def site_versions(sites: Path, names) -> dict:
@@ -140,6 +158,7 @@ def table(tools: dict, ratios: dict) -> str:
         ("wall, launch to exit (s)", "wall_s"),
         ("first step done at (s)", "first_step_done_s"),
         ("peak GPU memory (MiB)", "peak_gpu_mib"),
+        ("  after the first step (MiB)", "peak_gpu_mib_stepping"),
     ]
     names = list(tools)
     lines = [f"{'':28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{pair:>18}" for pair in ratios)]
@@ -171,7 +190,13 @@ def main() -> None:
     runs = [line.split() for line in (work / "runs.txt").read_text().splitlines() if line.strip()]
     tools = {row[0]: summarize_tool(work, out, row, settings, args.warmup_steps) for row in runs}
     ratios = {}
-    keys = ("steady_steps_per_s", "wall_s", "first_step_done_s", "peak_gpu_mib")  # samples/s: as steps/s
+    keys = (
+        "steady_steps_per_s",
+        "wall_s",
+        "first_step_done_s",
+        "peak_gpu_mib",
+        "peak_gpu_mib_stepping",
+    )  # samples/s: as steps/s
     for pair in args.pairs.split():
         a, b = pair.split("/")
         if a in tools and b in tools:
@@ -192,7 +217,8 @@ def main() -> None:
         "notes": (
             f"steady = steps after the first {args.warmup_steps} (or all but the first when fewer ran), timed from "
             "each tool's tqdm updates; wall = accelerate launch to exit; peak GPU memory = max of nvidia-smi "
-            "memory.used sampled every 200 ms (whole device, CUDA context included)."
+            'memory.used sampled every 200 ms (whole device, CUDA context included); "after the first step" is '
+            "that peak from the first step's end on, without the set-up (loading, latent caching, capture)."
         ),
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
