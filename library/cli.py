@@ -59,7 +59,7 @@ def run_script(body: Callable[[], object]) -> int:
             raise  # a bug: its traceback is what a report needs
         print(
             "error: out of memory: lower the batch size (train.batch_size, generate.batch_size, "
-            "sweep.images_per_batch) or the resolution, or set train.low_memory=true",
+            "sweep.images_per_batch) or the resolution, or set train.cuda_graphs=false or train.low_memory=true",
             file=sys.stderr,
         )
         return 2

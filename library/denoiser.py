@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from library.conditioning import Conditioning
+from library.errors import UserError
 from library.families import Family
 
 
@@ -96,8 +97,16 @@ class TrainingGraphs:
             # The conditioning carries the gradient (to the trained vectors); latents and times do not.
             samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
             module = UNetCall(self.unet, self.family)
-            _warm_up(module, samples, backward=True)
-            graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=0)
+            try:
+                _warm_up(module, samples, backward=True)
+                graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=0)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(
+                    f"out of memory capturing the CUDA graphs of a batch of {tuple(latents.shape)} latents "
+                    f"(graph {len(self.graphs) + 1}; each picture shape keeps its own graph's memory): set "
+                    "train.cuda_graphs=false (eager: less memory, slower; SDXL on a 16 GB card), or "
+                    "train.low_memory=true"
+                ) from None
             self.graphs[key] = graphed
         return self.module(*inputs) if graphed is None else graphed(*inputs)
 

@@ -268,3 +268,22 @@ def test_a_kohya_dataset_tomls_batch_size_is_not_ignored(tmp_path, capsys):
     assert main(args(tmp_path, f"dataset.dataset_config={dataset}", "train.batch_size=4")) == 2
     assert "batch_size = 2, but train.batch_size = 4" in one_error_line(capsys.readouterr().err)
     assert main(args(tmp_path, f"dataset.dataset_config={dataset}", "train.batch_size=2")) == 0
+
+
+def test_out_of_memory_while_capturing_names_the_switches(monkeypatch):
+    """A card too small for the CUDA graphs (SDXL's presets use them) gets the settings that need less."""
+    from library import denoiser
+    from library.conditioning import Conditioning
+    from library.tiny import build_tiny_parts
+
+    def no_room(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(denoiser, "_warm_up", no_room)
+    parts = build_tiny_parts("sd1", seed=0)
+    graphs = denoiser.TrainingGraphs(parts.unet, parts.family)
+    width = parts.unet.config.cross_attention_dim
+    cond = Conditioning(torch.zeros(2, 77, width, requires_grad=True))
+    with pytest.raises(UserError, match=r"train\.cuda_graphs=false .*train\.low_memory=true") as error:
+        graphs(torch.zeros(2, 4, 8, 8), torch.tensor([10, 20]), cond)
+    assert "(2, 4, 8, 8)" in str(error.value) and not graphs.graphs
