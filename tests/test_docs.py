@@ -82,7 +82,9 @@ def world(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     here = tmp_path / "user"
     here.mkdir()
     for item in ROOT.iterdir():
-        if item.name == ".venv" or (item.name != "output" and not item.name.startswith(".")):
+        if item.name == "docs":  # a copy: a documented command writes its figure there (docs/toy_samples.png)
+            shutil.copytree(item, here / item.name)
+        elif item.name == ".venv" or (item.name != "output" and not item.name.startswith(".")):
             (here / item.name).symlink_to(item)
     models = here / "models"
     models.mkdir()
