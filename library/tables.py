@@ -493,7 +493,8 @@ class GenerateSettings(SamplingConfig):
     # axes give one overview per combination of their values. Every combination gets all the images.
     axes: tuple[str, ...] = ()
     batch_count: int = at_least(1, 1)  # batches per axis combination
-    # Images of one combination denoised together (each has its own seed: the same images in any grouping):
+    # Images of one combination denoised together (each has its own seed: any grouping gives the same images,
+    # up to the last bits of GPU arithmetic; --reproduce keeps the recorded number).
     # 0 = as many as fit 16 at 512² (4 at 1024²) and half the GPU's free memory; the run records its number.
     gpu_batch_size: int = at_least(0, 0)
     # 0 = the model's own text-encoder layer (SD 1.x: the last; SDXL: the penultimate); n = the n-th from
