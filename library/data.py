@@ -36,6 +36,9 @@ from library.tables import DatasetConfig as DataSettings  # the [dataset] table 
 
 # Sub-streams of the seed, so that permutations, per-sample draws and cached draws never share numbers.
 _STREAM_EPOCH, _STREAM_SAMPLE, _STREAM_CACHE = 1, 2, 3
+# Latent caching encodes at most this many pixels at once: 8 pictures at 512², 2 at 1024². SDXL's VAE took
+# about 6 GiB more (float32) for 8 pictures at 1024² at once, more than a 16 GB card has to spare.
+VAE_BATCH_PIXELS = 8 * 512 * 512
 
 
 @dataclass
@@ -175,7 +178,8 @@ class TrainingData:
 
         The VAE must already sit on `device` in `dtype`. Latents are scaled by the VAE's scaling_factor and
         stored in float32 on `device`. `progress(done, total)` is called after each VAE batch. Images are
-        encoded bucket by bucket (one picture size per VAE batch).
+        encoded bucket by bucket (one picture size per VAE batch), at most `batch_size` and at most
+        `VAE_BATCH_PIXELS` pixels at once.
         """
         total = sum(1 + record.flip_aug for record in self.records)
         done = 0
@@ -186,12 +190,13 @@ class TrainingData:
             records = [self.records[i] for i in indices]
             cuts = [self.crops[i] or record.resolution for i, record in zip(indices, records, strict=True)]
             report = progress and functools.partial(_progress_from, progress, done, total)
+            at_once = max(1, min(batch_size, VAE_BATCH_PIXELS // (target[0] * target[1])))
             cache = encode_images(
                 [(record.path, cut, record.flip_aug) for record, cut in zip(records, cuts, strict=True)],
                 vae,
                 device=device,
                 dtype=dtype,
-                batch_size=batch_size,
+                batch_size=at_once,
                 method=self.settings.latent_sampling,
                 seed=seed,
                 want_alpha=self.settings.alpha_loss_weight,

@@ -237,21 +237,27 @@ def read_torch(path: Path, what: str, fix: str, *, allowed: tuple = ()) -> Any:
         raise UserError(f"{path}: not a readable {what} ({_torch_load_problem(error)}); {fix}") from None
 
 
-def read_safetensors(path: Path, what: str, fix: str) -> tuple[dict, dict[str, str]]:
-    """The tensors and metadata of a `.safetensors` file; a damaged one is a UserError."""
+def read_safetensors(path: Path, what: str, fix: str, *, aligned: bool = True) -> tuple[dict, dict[str, str]]:
+    """The tensors and metadata of a `.safetensors` file; a damaged one is a UserError. `aligned=False` leaves
+    them where they lie in the file's buffer, for a reader that copies them anyway."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = {key: _aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            if aligned:
+                tensors = {key: _aligned(tensor) for key, tensor in tensors.items()}
             return tensors, dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: not a readable .safetensors {what} ({_first_line(error)}); {fix}") from None
 
 
-def read_weights(path: str | os.PathLike, what: str, fix: str) -> tuple[dict, dict[str, str]]:
+def read_weights(
+    path: str | os.PathLike, what: str, fix: str, *, aligned: bool = True
+) -> tuple[dict, dict[str, str]]:
     """The tensors and metadata of a weights file: `.safetensors`, or a torch pickle read weights-only (a
-    nested `"state_dict"` unwrapped, its `"metadata"` kept). The format is told from the first bytes."""
+    nested `"state_dict"` unwrapped, its `"metadata"` kept). The format is told from the first bytes.
+    `aligned`: as `read_safetensors`."""
     import torch
 
     path = Path(path)
@@ -264,7 +270,7 @@ def read_weights(path: str | os.PathLike, what: str, fix: str) -> tuple[dict, di
     # safetensors: an 8-byte header length, then the JSON header, which must start with "{" (the format's
     # rule); torch: a zip archive or a bare pickle. Anything else is a broken download or another file.
     if head[8:9] == b"{":
-        return read_safetensors(path, "file", fix)
+        return read_safetensors(path, "file", fix, aligned=aligned)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise UserError(
             f"{path}: neither a .safetensors nor a torch {what} (it starts with {head[:8]!r}); {fix}"

@@ -150,8 +150,7 @@ class Renderer:
     ):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = settings.mixed_precision if self.device.type == "cuda" else "no"
-        self.parts = load_parts(model, precision=precision)
-        self.parts.place(self.device, precision)
+        self.parts = load_parts(model, precision=precision, device=self.device)
         self.conditioner = Conditioner.of(self.parts, clip_skip=settings.clip_skip)
         self.embedding_hashes = load_embeddings(self.conditioner, self.parts, settings.embeddings, log)
 

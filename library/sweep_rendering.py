@@ -56,8 +56,7 @@ def render_by_checkpoint(
         model = ModelConfig(
             checkpoint=checkpoint, vae=cfg.model.vae, family=family, config_dir=cfg.model.config_dir
         )
-        parts = load_parts(model, precision=precision)
-        parts.place(device, precision)
+        parts = load_parts(model, precision=precision, device=device)
         conditioner = Conditioner.of(parts, clip_skip=clip_skip)
         jobs = [
             (k, i, cell)

@@ -178,9 +178,8 @@ def _resume_point(run: RunFolder, resume: str | None, cfg: TrainConfig, log) -> 
 def _build(cfg: TrainConfig, plans, accelerator, sources, run, point, schedules, log) -> Trainer:
     """Load the model onto the device, cache the latents, and set up the embeddings and the optimizer."""
     t = cfg.train
-    parts = load_parts(cfg.model, precision=t.mixed_precision)
     device = accelerator.device
-    parts.place(device, t.mixed_precision)
+    parts = load_parts(cfg.model, precision=t.mixed_precision, device=device)
     if t.gradient_checkpointing or t.low_memory:
         parts.unet.enable_gradient_checkpointing()
     if t.gradient_checkpointing:

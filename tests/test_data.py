@@ -506,6 +506,26 @@ def test_latent_sampling_once_is_one_fixed_sample(tmp_path, vae):
     assert float(((first[0] - mean) / std).abs().max()) < 6  # ...drawn from this image's distribution
 
 
+def test_latent_caching_encodes_a_bounded_number_of_pixels_at_once(tmp_path, vae, monkeypatch):
+    """Large pictures go to the VAE a few at a time (SDXL at 1024²: 2, not 8), with the same latents."""
+    for i in range(5):
+        save(tmp_path / "img" / f"{i}.png", (40 * i, 90, 200 - 30 * i))
+    records = scan(tmp_path / "img")
+    whole = make_data(records, batch_size=1, vae=vae, latent_sampling="once")  # 5 at once (batch_size=16)
+    monkeypatch.setattr("library.data.VAE_BATCH_PIXELS", 2 * 16 * 16)
+    sizes = []
+    monkeypatch.setattr(vae, "encode", lambda x, encode=vae.encode: sizes.append(len(x)) or encode(x))
+    calls = []
+    few = make_data(records, batch_size=1, latent_sampling="once")
+    few.cache_latents(vae, device="cpu", dtype=torch.float32, progress=lambda *done: calls.append(done))
+    assert sizes == [2, 2, 1] and calls == [(2, 5), (4, 5), (5, 5)]
+    drawn = [(few.batch(step, 0, 1), whole.batch(step, 0, 1)) for step in range(10)]
+    assert {a.sample_ids[0] for a, _ in drawn} == set(range(5))  # every picture compared
+    for a, b in drawn:
+        assert a.sample_ids == b.sample_ids
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=0)
+
+
 def test_latent_sampling_random_draws_fresh_samples_around_the_mean(tmp_path, vae):
     records = _one_image(tmp_path)
     mean, std = _vae_encoding(vae, records[0].path)
