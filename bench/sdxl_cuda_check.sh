@@ -39,6 +39,9 @@ case "${1:-all}" in
          PREVIEW=0 capped eager-square 24 train.max_steps=30 train.cuda_graphs=false dataset.image_dir=/tmp/sdxl-square
          PREVIEW=4 capped graphs-square 24 train.max_steps=4 dataset.image_dir=/tmp/sdxl-square ;;
   mixed) PREVIEW=4 capped graphs-mixed 24 train.max_steps=4 ;;
+  cards) square  # the preset with 8 square pictures: eager on a 16 GiB card, CUDA graphs on a 24 GiB one
+         PREVIEW=4 capped eager-square-16 16 train.max_steps=4 train.cuda_graphs=false dataset.image_dir=/tmp/sdxl-square
+         PREVIEW=4 capped graphs-square 24 train.max_steps=4 dataset.image_dir=/tmp/sdxl-square ;;
   all) capped low_memory 12 train.low_memory=true train.max_steps=2
        capped default 24 train.max_steps=2 ;;
   speed) PREVIEW=6 capped graphs 24 train.max_steps=6

@@ -134,3 +134,26 @@ def test_sampling_from_cuda_graphs_gives_the_same_images(sampler, model):
     graphed = generate(parts, conditioner, prompts, [""] * 5, seeds, settings, graphs=True, **run)
     for a, b in zip(eager, graphed, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_loading_onto_the_gpu_gives_the_weights_loading_on_the_cpu_gives(tmp_path, precision):
+    """A single file's weights cast on the GPU are bitwise the ones cast on the CPU and moved."""
+    from types import SimpleNamespace
+
+    from library.convert import save_single_file
+    from library.models import load_parts
+    from library.tiny import build_tiny_parts
+
+    for family in ("sd1", "sdxl"):
+        path = save_single_file(build_tiny_parts(family, seed=0), tmp_path / f"{family}.safetensors")
+        table = SimpleNamespace(checkpoint=str(path), family="auto", vae="", config_dir="")
+        on_cpu, on_gpu = (
+            load_parts(table, precision=precision),
+            load_parts(table, precision=precision, device="cuda"),
+        )
+        on_cpu.place("cuda", precision)
+        for want, have in zip(on_cpu.modules, on_gpu.modules, strict=True):
+            a, b = want.state_dict(), have.state_dict()
+            assert a.keys() == b.keys() and all(b[k].is_cuda for k in b)
+            assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

@@ -190,6 +190,19 @@ def test_load_parts_reads_a_model_config_table(tiny, tmp_path):
     assert parts.family.name == "sd1" and parts.unet.dtype == torch.bfloat16
 
 
+def test_load_parts_puts_a_single_files_weights_on_the_device_it_is_given(tiny, tmp_path):
+    """Each weight goes to the device as it is in the file and is cast there (here the meta device: no
+    memory, so nothing can have stayed behind on the CPU); under fp16 the VAE is float32 (--no-half-vae)."""
+    path = save_single_file(tiny["sd1"], tmp_path / "cfg.safetensors")
+    table = SimpleNamespace(checkpoint=str(path), family="auto", vae="", config_dir="")
+    parts = load_parts(table, precision="fp16", device="meta")
+    for name, module in (("unet", parts.unet), ("text encoder", parts.text_encoder), ("vae", parts.vae)):
+        tensors = [*module.parameters(), *module.buffers()]
+        assert {t.device.type for t in tensors} == {"meta"}, name
+    assert {p.dtype for p in parts.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in parts.vae.parameters()} == {torch.float32}
+
+
 # --------------------------------------------------------------------------------------------------
 # Family detection
 
