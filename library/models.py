@@ -343,21 +343,20 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     chosen = _single_file_family(path, family, layout, metadata)
     configs = _single_file_configs(path, sd, chosen or "sd2", layout, config_dir, metadata)
 
-    # Telling SD2 epsilon from v takes one run of the UNet in float32, as A1111 does.
+    # Telling SD2 epsilon from v takes one run of the UNet in float32 on the CPU, as A1111 does.
     unet_state = _derive(path, convert.unet_from_ldm, sd, configs["unet"])
-    unet_dtype = torch.float32 if chosen is None else dtype
+    test_first = chosen is None
     unet = _build(
         lambda: UNet2DConditionModel.from_config(configs["unet"]),
         unet_state,
         "UNet",
         path,
-        unet_dtype,
-        device,
+        torch.float32 if test_first else dtype,
+        "cpu" if test_first else device,
     )
-    if chosen is None:
+    if test_first:
         chosen = "sd2-v" if is_v_prediction(unet) else "sd2"
-        if dtype != torch.float32:
-            unet.to(dtype)
+        unet.to(device, dtype)
         if not config_dir and convert.ARCH_KEY not in metadata:  # 768-px v-models have 96x96 latents
             unet.register_to_config(sample_size=_base_configs(chosen, None)["unet"]["sample_size"])
 
