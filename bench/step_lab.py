@@ -281,8 +281,7 @@ def render(args, out: Path) -> None:
     from library.sampling import decode_images, sample_latents
     from library.tables import ModelConfig, SamplerSettings
 
-    parts = load_parts(ModelConfig(checkpoint=args.checkpoint, family="sd1"), precision="fp16")
-    parts.place("cuda", "fp16")
+    parts = load_parts(ModelConfig(checkpoint=args.checkpoint, family="sd1"), precision="fp16", device="cuda")
     conditioner = Conditioner.of(parts)
     settings = SamplerSettings(steps=30, cfg_scale=7.0, width=512, height=512, sampler="DPM++ 2M Karras")
     prompt = "a photo of a 30 year old woman, an extreme closeup, front shot, short wavy auburn hair"

@@ -9,3 +9,9 @@ class UserError(Exception):
 
     The message names the file or key and says how to fix it, in one line.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), for a one-line error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]

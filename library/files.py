@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 
 Writer = Callable[[Path], None]  # writes the whole file at the path it is given
 
@@ -249,7 +249,7 @@ def read_safetensors(path: Path, what: str, fix: str, *, aligned: bool = True) -
                 tensors = {key: _aligned(tensor) for key, tensor in tensors.items()}
             return tensors, dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: not a readable .safetensors {what} ({_first_line(error)}); {fix}") from None
+        raise UserError(f"{path}: not a readable .safetensors {what} ({first_line(error)}); {fix}") from None
 
 
 def read_weights(
@@ -289,11 +289,6 @@ def _aligned(tensor):
     """A copy when the tensor sits at an odd address inside the file's buffer: CPU kernels take other
     code paths on unaligned memory (slower, and not bitwise equal to the same weights aligned)."""
     return tensor.clone() if tensor.data_ptr() % 64 else tensor
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _torch_load_problem(error: BaseException) -> str:

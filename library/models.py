@@ -2,30 +2,36 @@
 
 Single-file checkpoints in the original (CompVis/A1111) layout and diffusers folders are both read
 without touching the network: configs and tokenizers ship in `library/assets`. Models are built on the
-meta device and take the file's tensors directly, so nothing is randomly initialised first.
+meta device and take the file's tensors directly, each cast on the device it runs on, so nothing is randomly
+initialised first. Which model a file holds (family, text-encoder layout, resolution) is told by
+library/model_kind.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import pickle
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 
 import accelerate
-import safetensors
 import torch
-import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.initialization import no_init_weights
 
 from library import convert
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.families import FAMILIES
 from library.files import read_weights
+from library.model_kind import (
+    VAE_ROOTS,
+    folder_family,
+    read_json,
+    refuse_foreign,
+    single_file_family,
+    text_layout,
+)
 from library.parts import PRECISIONS, SDParts, load_tokenizer
 
 
@@ -38,9 +44,7 @@ def tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
         # bare Exception for a vocabulary it cannot read; anything else is a bug and keeps its traceback.
         if not (type(e) is Exception or isinstance(e, OSError | ValueError | KeyError | TypeError)):
             raise
-        raise UserError(
-            f"{folder}: cannot load the tokenizer ({_first_line(e)}); restore its files"
-        ) from None
+        raise UserError(f"{folder}: cannot load the tokenizer ({first_line(e)}); restore its files") from None
 
 
 def a1111_short_hash(path) -> str:
@@ -73,97 +77,6 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return read_weights(path, "checkpoint", "download it again or use a .safetensors copy", aligned=False)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
-# --------------------------------------------------------------------------------------------------
-# What a single file holds
-
-
-def _refuse_foreign(path: Path, sd: dict) -> None:
-    """Name what the file is when it is not an SD 1.x / 2.x / XL text-to-image checkpoint."""
-    keys = list(sd)
-
-    def has(part: str) -> bool:
-        return any(part in k for k in keys)
-
-    sdxl = has("conditioner.embedders.")
-    what = None
-    if not keys:
-        what = "holds no tensors (an embedding or an optimizer state?); pass a model checkpoint"
-    elif has("conditioner.embedders.0.model."):
-        what = "is an SDXL refiner (bigG text encoder only); pass an SDXL base-architecture checkpoint"
-    elif "v_pred" in sd:  # the marker NoobAI-XL's v-prediction files carry (ComfyUI and Forge read it)
-        what = "is an SDXL v-prediction model; only epsilon-prediction SDXL models are supported"
-    elif has("joint_blocks."):
-        what = "is an SD3 checkpoint; only SD 1.x, 2.x and XL models are supported"
-    elif has("double_blocks."):
-        what = "is a Flux checkpoint; only SD 1.x, 2.x and XL models are supported"
-    elif has("lora_") or has(".lora_down.") or has(".lora_A."):
-        what = "is a LoRA, not a model; pass the base checkpoint it was trained on"
-    elif "emb_params" in sd or "string_to_param" in sd:
-        what = "is a textual-inversion embedding, not a model checkpoint"
-    elif all(k.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv") for k in keys):
-        what = "is a VAE file; pass it as the VAE beside a full SD checkpoint"
-    elif f"{convert.UNET_PREFIX}input_blocks.0.0.weight" not in sd:
-        what = "is not a Stable Diffusion 1.x/2.x/XL checkpoint (no model.diffusion_model.* UNet weights)"
-    elif has(f"{convert.UNET_PREFIX}label_emb.") and not sdxl:
-        what = "is an SD2 unCLIP or upscaler model; use a text-to-image SD 1.x/2.x checkpoint"
-    else:
-        channels = sd[f"{convert.UNET_PREFIX}input_blocks.0.0.weight"].shape[1]
-        if channels != 4:
-            kind = {9: "an inpainting", 8: "an InstructPix2Pix"}.get(channels, f"a {channels}-channel")
-            what = f"is {kind} model; train embeddings on the matching base (text-to-image) model"
-    if what:
-        raise UserError(f"{path}: {what}")
-
-
-# What each text-encoder layout of a single file is, and the families that fit it.
-_LAYOUTS = {
-    "sd1": ("an SD 1.x checkpoint (CLIP ViT-L text encoder)", ("sd1",)),
-    "sd2": ("an SD 2.x checkpoint (OpenCLIP ViT-H text encoder)", ("sd2", "sd2-v")),
-    "sdxl": ("an SDXL checkpoint (CLIP ViT-L and OpenCLIP bigG text encoders)", ("sdxl",)),
-}
-
-
-def _text_layout(path: Path, sd: dict) -> str:
-    """ "sd1" for a CLIP ViT-L text encoder, "sd2" for OpenCLIP ViT-H, "sdxl" for both of SDXL's."""
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        for prefix, name in (
-            (convert.SDXL_CLIP_PREFIX, "CLIP ViT-L"),
-            (convert.SDXL_OPENCLIP_PREFIX, "OpenCLIP bigG"),
-        ):
-            if not any(k.startswith(prefix) for k in sd):
-                raise UserError(
-                    f"{path}: is an SDXL checkpoint without its {name} text encoder ({prefix}*); "
-                    "pass a complete SDXL checkpoint"
-                )
-        return "sdxl"
-    if f"{convert.CLIP_PREFIX}embeddings.token_embedding.weight" in sd:
-        return "sd1"
-    if f"{convert.OPENCLIP_PREFIX}token_embedding.weight" in sd:
-        return "sd2"
-    raise UserError(
-        f"{path}: has no text encoder weights (cond_stage_model.*); pass a complete SD checkpoint"
-    )
-
-
-def _prediction_hint(path: Path, metadata: dict) -> str | None:
-    """SD2 family from a config A1111 reads beside the file (`<name>.yaml`) or from ModelSpec metadata."""
-    beside = path.with_suffix(".yaml")
-    if beside.is_file():
-        try:
-            config = yaml.safe_load(beside.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{beside}: not valid YAML ({_first_line(e)}); fix or remove it") from None
-        params = (config.get("model") or {}).get("params") or {}
-        return "sd2-v" if params.get("parameterization") == "v" else "sd2"
-    spec = metadata.get("modelspec.prediction_type")
-    return {"v": "sd2-v", "epsilon": "sd2"}.get(spec)
-
-
 @torch.no_grad()
 def is_v_prediction(unet: UNet2DConditionModel) -> bool:
     """A1111's test for SD2 v-prediction weights (`is_using_v_parameterization_for_sd2`).
@@ -180,19 +93,6 @@ def is_v_prediction(unet: UNet2DConditionModel) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Building models from a single file
 
-_VAE_ROOTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
-
-
-def _read_json(file: Path) -> dict:
-    """A JSON config of a model folder; broken JSON (a hand edit, a cut download) is a UserError."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: not valid JSON ({e}); restore the file from the model's download") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file}: not a JSON object of settings; restore the file from the model's download")
-    return config
-
 
 def _base_configs(family: str, config_dir) -> dict[str, dict]:
     folder = Path(config_dir) if config_dir else FAMILIES[family].config_dir
@@ -203,7 +103,7 @@ def _base_configs(family: str, config_dir) -> dict[str, dict]:
         if not file.is_file():
             holds = ", ".join(f"{name}/" for name in ("unet", "vae", *encoders))
             raise UserError(f"{file}: missing; a config folder holds {holds} config.json files")
-        configs[part] = _read_json(file)
+        configs[part] = read_json(file)
     return configs
 
 
@@ -247,7 +147,7 @@ def _vae_part(sd: dict) -> dict:
     """VAE tensors without their prefix: `first_stage_model.` in checkpoints, none or `vae.` in VAE files."""
     for prefix in (convert.VAE_PREFIX, "vae.", ""):
         part = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        part = {k: v for k, v in part.items() if k.split(".")[0] in _VAE_ROOTS}
+        part = {k: v for k, v in part.items() if k.split(".")[0] in VAE_ROOTS}
         if part:
             return part
     return {}
@@ -278,20 +178,6 @@ def _load_vae(vae, base: dict, derive: bool, dtype: torch.dtype, device) -> Auto
     if not vae_sd:
         raise UserError(f"{path}: holds no VAE weights (encoder.*, decoder.*); pass a VAE file or folder")
     return _build_vae(path, vae_sd, base, metadata if derive else None, dtype, device)
-
-
-def _single_file_family(path: Path, family: str, layout: str, metadata: dict) -> str | None:
-    """The family the caller asked for or a config/metadata names; None when only the UNet can tell."""
-    if family != "auto":
-        if family not in FAMILIES:
-            raise UserError(f"{path}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
-        what, fits = _LAYOUTS[layout]
-        if family not in fits:
-            raise UserError(f"{path}: family={family} does not fit {what}; use auto or {' or '.join(fits)}")
-        return family
-    if layout == "sd2":
-        return _prediction_hint(path, metadata)
-    return layout
 
 
 def _single_file_configs(path: Path, sd: dict, family: str, layout: str, config_dir, metadata: dict) -> dict:
@@ -338,9 +224,9 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     digest = hash_in_background(path)
     sd, metadata = read_state_dict(path)
     sd = convert.fix_legacy_clip_keys(sd)
-    _refuse_foreign(path, sd)
-    layout = _text_layout(path, sd)
-    chosen = _single_file_family(path, family, layout, metadata)
+    refuse_foreign(path, sd)
+    layout = text_layout(path, sd)
+    chosen = single_file_family(path, family, layout, metadata)
     configs = _single_file_configs(path, sd, chosen or "sd2", layout, config_dir, metadata)
 
     # Telling SD2 epsilon from v takes one run of the UNet in float32 on the CPU, as A1111 does.
@@ -390,39 +276,13 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype):
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # TypeError: a config value of the
         # wrong type (`"layers_per_block": "x"`) fails inside the model's constructor
-        raise UserError(f"{folder}: cannot load the {cls.__name__} ({_first_line(e)})") from None
+        raise UserError(f"{folder}: cannot load the {cls.__name__} ({first_line(e)})") from None
     if missing := sorted(info.get("missing_keys") or ()):  # transformers would start them from random values
         raise UserError(
             f"{folder}: cannot load the {cls.__name__} ({len(missing)} of its weights missing, e.g. {missing[0]}); "
             "restore the model's files"
         )
     return model.eval().requires_grad_(False)
-
-
-def _folder_family(folder: Path, family: str, text_config: dict) -> str:
-    """SDXL from its second text encoder; else SD1 or SD2 from the text encoder (768 or 1024 wide; else
-    CLIP's quick_gelu marks SD1), and epsilon or v from the scheduler's prediction_type."""
-    width = text_config.get("hidden_size")
-    sd1 = width == 768 or (width != 1024 and text_config.get("hidden_act") == "quick_gelu")
-    sdxl = (folder / "text_encoder_2").is_dir()
-    if family != "auto":
-        if family not in FAMILIES:
-            raise UserError(f"{folder}: unknown family {family!r}; use auto, {', '.join(FAMILIES)}")
-        if sdxl != (family == "sdxl"):
-            what = (
-                "this SDXL model (text_encoder_2/)" if sdxl else "this SD 1.x/2.x model (no text_encoder_2/)"
-            )
-            raise UserError(f"{folder}: family={family} does not fit {what}; use auto")
-        if not sdxl and (family == "sd1") != sd1:
-            raise UserError(f"{folder}: family={family} does not fit its {width}-wide text encoder")
-        return family
-    if sdxl:
-        return "sdxl"
-    if sd1:
-        return "sd1"
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = _read_json(scheduler).get("prediction_type") if scheduler.is_file() else None
-    return "sd2-v" if prediction == "v_prediction" else "sd2"
 
 
 def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype) -> SDParts:
@@ -436,7 +296,7 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
             raise UserError(
                 f"{folder}: not a diffusers SD folder (no {part}/config.json); pass the folder with model_index.json"
             )
-    chosen = _folder_family(folder, family, _read_json(folder / "text_encoder" / "config.json"))
+    chosen = folder_family(folder, family, read_json(folder / "text_encoder" / "config.json"))
     tokenizer_dir = folder / "tokenizer"
     if not sdxl and (tokenizer_dir / "tokenizer_config.json").is_file():
         tokenizer = tokenizer_from_folder(tokenizer_dir)
@@ -486,40 +346,6 @@ def load_sd(
     if path.is_dir():
         return _load_folder(path, family, vae, config_dir, dtype)
     return _load_single_file(path, family, vae, config_dir, dtype, device)
-
-
-def native_resolution(model) -> int:
-    """The side the model of a `[model]` table was trained at (SD 1.x/2.x 512, SD 2.x-v 768, SDXL 1024, the
-    toy model 64), found without loading it: the family if named, else the keys of the file (a safetensors
-    header, a memory-mapped .ckpt) or a diffusers folder's configs. Anything it cannot tell gives 512 (SD 1.x),
-    and a broken file is left to the loader to name."""
-    if model.checkpoint == "builtin:toy":
-        from library.toy import SIZE
-
-        return SIZE  # the toy world's pictures
-    if model.family != "auto":
-        return FAMILIES[model.family].resolution
-    path = Path(model.checkpoint).expanduser()
-    if model.checkpoint.startswith("builtin:") or not path.exists():
-        return FAMILIES["sd1"].resolution
-    try:
-        if path.is_dir():
-            text_config = _read_json(path / "text_encoder" / "config.json")
-            return FAMILIES[_folder_family(path, "auto", text_config)].resolution
-        if path.suffix.lower() == ".safetensors":
-            with safetensors.safe_open(str(path), "pt") as file:
-                keys, metadata = list(file.keys()), file.metadata() or {}
-        else:
-            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            data = data.get("state_dict", data) if isinstance(data, dict) else {}
-            keys, metadata = [key for key in data if isinstance(key, str)], {}
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, safetensors.SafetensorError):
-        return FAMILIES["sd1"].resolution  # the loader names what is wrong with the file
-    if any(key.startswith("conditioner.embedders.") for key in keys):
-        return FAMILIES["sdxl"].resolution
-    if any(key.startswith(convert.OPENCLIP_PREFIX) for key in keys):
-        return FAMILIES[_prediction_hint(path, metadata) or "sd2"].resolution
-    return FAMILIES["sd1"].resolution
 
 
 def load_parts(model, *, precision: str = "no", device: torch.device | str = "cpu") -> SDParts:

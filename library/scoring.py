@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from library.errors import UserError
+from library.errors import UserError, first_line
 from library.files import read_weights
 from library.prompts import BREAK, parse_prompt_attention
 
@@ -189,11 +189,6 @@ def load_clip_scorer(path: str | Path, device="cpu") -> CLIPScorer:
     return CLIPScorer(model, tokenizer, image_size=image_size, mean=mean, std=std, device=device)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_weights(path, "weights file", "give a CLIP folder or its .safetensors weights")[0]
 
@@ -205,7 +200,7 @@ def _clip_config(folder: Path):
         return CLIPConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as error:  # transformers wraps broken JSON in an OSError
         raise UserError(
-            f"{folder / 'config.json'}: cannot read the CLIP config ({_first_line(error)})"
+            f"{folder / 'config.json'}: cannot read the CLIP config ({first_line(error)})"
         ) from None
 
 
@@ -263,9 +258,7 @@ def _preprocessing(folder: Path, image_size: int) -> tuple[int, tuple, tuple]:
         crop = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
         return crop, tuple(settings.get("image_mean", CLIP_MEAN)), tuple(settings.get("image_std", CLIP_STD))
     except (ValueError, TypeError, AttributeError) as error:  # broken JSON, or values of the wrong kind
-        raise UserError(
-            f"{file}: not valid JSON CLIP preprocessing settings ({_first_line(error)})"
-        ) from None
+        raise UserError(f"{file}: not valid JSON CLIP preprocessing settings ({first_line(error)})") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from library.embeddings import name_warnings
 from library.errors import UserError
 from library.files import atomic_write
 from library.kohya_dataset import dataset_config_batch_size, scan_images
-from library.models import load_parts, native_resolution
+from library.model_kind import native_resolution
+from library.models import load_parts
 from library.objectives import TextualInversion
 from library.optim import build_optimizer, state_fits
 from library.parts import SDParts

@@ -314,7 +314,7 @@ def test_sdxl_trains_at_1024_unless_told_otherwise(tmp_path, monkeypatch):
     the tiny VAE takes minutes on 1024-pixel pictures on a CPU.)"""
     from library.convert import save_single_file
     from library.data import TrainingData
-    from library.models import native_resolution
+    from library.model_kind import native_resolution
     from library.tables import ModelConfig
 
     files = {
