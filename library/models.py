@@ -138,7 +138,7 @@ def _build(make, state: dict, what: str, path: Path, dtype: torch.dtype, device)
 def _placed(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
     """`tensor` in `dtype` on `device`, contiguous; on the CPU at an aligned address, as a file's tensors
     often are not (CPU kernels take other code paths on unaligned memory: slower, and not bitwise equal)."""
-    placed = tensor.to(device)  # as it is: PyTorch casts a blocking copy to the GPU on the CPU, before it
+    placed = tensor.to(device)  # first as it is: PyTorch casts a blocking copy to the GPU on the CPU
     placed = placed.to(dtype).contiguous()
     return placed.clone() if placed.device.type == "cpu" and placed.data_ptr() % 64 else placed
 
