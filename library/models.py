@@ -32,7 +32,7 @@ from library.model_kind import (
     single_file_family,
     text_layout,
 )
-from library.parts import PRECISIONS, SDParts, load_tokenizer
+from library.parts import PRECISIONS, SDParts, load_tokenizer, vae_dtype
 
 
 def tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
@@ -249,9 +249,11 @@ def _load_single_file(path: Path, family: str, vae, config_dir, dtype: torch.dty
     text_encoders = _text_encoders(path, sd, layout, configs, dtype, device)
     vae_base = _base_configs(chosen, config_dir)["vae"]
     if vae is not None:
-        vae_model = _load_vae(vae, vae_base, not config_dir, dtype, device)
+        vae_model = _load_vae(vae, vae_base, not config_dir, vae_dtype(dtype), device)
     elif vae_sd := _vae_part(sd):
-        vae_model = _build_vae(path, vae_sd, vae_base, None if config_dir else metadata, dtype, device)
+        vae_model = _build_vae(
+            path, vae_sd, vae_base, None if config_dir else metadata, vae_dtype(dtype), device
+        )
     else:
         raise UserError(f"{path}: holds no VAE (first_stage_model.*); pass a separate VAE file")
     return SDParts.of(chosen, text_encoders, unet, vae_model, name=path.stem, checkpoint_hash=digest)
@@ -303,9 +305,9 @@ def _load_folder(folder: Path, family: str, vae, config_dir, dtype: torch.dtype)
     else:  # SDXL's two tokenizers are CLIP's, padded two ways: the family's own, as the conditioner pads
         tokenizer = load_tokenizer(chosen)
     if vae is not None:
-        vae_model = _load_vae(vae, _base_configs(chosen, None)["vae"], True, dtype, "cpu")
+        vae_model = _load_vae(vae, _base_configs(chosen, None)["vae"], True, vae_dtype(dtype), "cpu")
     else:
-        vae_model = _from_pretrained(AutoencoderKL, folder / "vae", dtype)
+        vae_model = _from_pretrained(AutoencoderKL, folder / "vae", vae_dtype(dtype))
     text_encoders = [_from_pretrained(CLIPTextModel, folder / "text_encoder", dtype)]
     if sdxl:
         text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype))
@@ -339,8 +341,9 @@ def load_sd(
         file or folder).
     config_dir: a diffusers-style folder of unet/vae/text_encoder(_2) config.json used as is, instead of the
         shipped configs with sizes read from the weights (SDXL, Pony, Illustrious, NoobAI share one).
-    dtype, device: the dtype of the loaded weights and where they go (a single file's weights go straight
-        there; a folder's are read on the CPU). Models come back in eval mode with gradients off.
+    dtype, device: the dtype of the loaded weights (the VAE's is `vae_dtype(dtype)`: float32 under fp16) and
+        where they go (a single file's weights go straight there; a folder's are read on the CPU). Models come
+        back in eval mode with gradients off.
     """
     path = Path(path)
     if path.is_dir():
@@ -359,8 +362,6 @@ def load_parts(model, *, precision: str = "no", device: torch.device | str = "cp
         from library.tiny import build_tiny_parts
 
         parts = build_tiny_parts("sd1" if model.family == "auto" else model.family, seed=0)
-        for module in parts.modules:
-            module.to(dtype)
     else:
         checkpoint, config_dir = model.checkpoint, model.config_dir or None
         if checkpoint == "builtin:toy":

@@ -21,6 +21,12 @@ from library.families import ASSETS, Family, family
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype beside frozen weights of `dtype`: SD's VAE overflows in fp16 (black pictures), so under
+    fp16 it stays float32, as A1111's --no-half-vae."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def load_tokenizer(name: str) -> CLIPTokenizer:
     """The real CLIP tokenizer of a family's first text encoder, from the folder shipped with the project.
     The family's encoders share CLIP's vocabulary; each pads its own way (`TextEncoderSpec.pad_id`)."""
@@ -100,13 +106,13 @@ class SDParts:
         return self.noise_scheduler.config.prediction_type
 
     def place(self, device, precision: str, *, vae: bool = True) -> None:
-        """Move the frozen models to `device` in the dtype of `precision`. SD's VAE overflows in fp16 (black
-        pictures), so under fp16 it stays float32, as A1111's --no-half-vae; `vae=False` leaves it where it is."""
+        """Move the frozen models to `device` in the dtype of `precision`, the VAE in `vae_dtype`'s (float32
+        under fp16); `vae=False` leaves it where it is."""
         dtype = PRECISIONS[precision]
         for module in (*self.text_encoders.values(), self.unet):
             module.to(device, dtype)
         if vae:
-            self.vae.to(device, torch.float32 if dtype == torch.float16 else dtype)
+            self.vae.to(device, vae_dtype(dtype))
 
     def pipeline(self):
         """These parts as a diffusers `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) sharing the

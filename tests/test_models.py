@@ -190,6 +190,21 @@ def test_load_parts_reads_a_model_config_table(tiny, tmp_path):
     assert parts.family.name == "sd1" and parts.unet.dtype == torch.bfloat16
 
 
+def test_under_fp16_a_float32_vae_keeps_its_weights(tiny, tmp_path):
+    """--no-half-vae: under fp16 the VAE runs in float32 with the file's own float32 weights, never rounded to
+    fp16 on the way (a checkpoint's, or a separate VAE file such as vae-ft-mse-840000, which is float32)."""
+    path = save_single_file(tiny["sd1"], tmp_path / "m.safetensors", dtype=torch.float32)
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in _a1111_vae_dict(tiny["sd1"].vae).items()}, vae_file)
+    want = tiny["sd1"].vae.state_dict()
+    for vae in ("", str(vae_file)):
+        table = SimpleNamespace(checkpoint=str(path), family="auto", vae=vae, config_dir="")
+        parts = load_parts(table, precision="fp16")
+        assert parts.unet.dtype == torch.float16
+        got = parts.vae.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), vae
+
+
 def test_load_parts_puts_a_single_files_weights_on_the_device_it_is_given(tiny, tmp_path):
     """Each weight goes to the device as it is in the file and is cast there (here the meta device: no
     memory, so nothing can have stayed behind on the CPU); under fp16 the VAE is float32 (--no-half-vae)."""
